@@ -1,0 +1,48 @@
+"""Test set-up. TRITON_INTERPRET must be set before any kernel module is imported (Triton reads it when a
+kernel is decorated), so it is set here, at the top of the first module pytest imports."""
+import os
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tests never touch the user's real cache or tune behind their back.
+for _k in list(os.environ):
+    if _k.startswith("TORCHTUNE_OPS_"):
+        del os.environ[_k]
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if _HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def device():
+    """The device the kernel tests run on: the GPU when there is one, else CPU through the interpreter."""
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own empty cache directory."""
+    monkeypatch.setenv("TORCHTUNE_OPS_CACHE_DIR", str(tmp_path / "cache"))
+    from torchtune_ops import settings
+
+    settings.reload()
+    yield
+    settings.reload()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
