@@ -19,3 +19,70 @@ HAS_TENSOR_DESCRIPTOR: bool = hasattr(tl, "make_tensor_descriptor")
 
 # The interpreter multiplies bf16 tl.dot operands as raw bits; kernels upcast operands when this is set.
 UPCAST_BF16_DOT: bool = INTERPRET
+
+
+# --- convolution: PyTorch float32 precision for conv (tf32 vs ieee) ---
+import contextlib  # noqa: E402
+from typing import Iterator  # noqa: E402
+
+
+def conv_fp32_precision() -> str:
+    """PyTorch's float32 precision for convolutions now: "tf32" or "ieee".
+
+    torch >= 2.9 has ``torch.backends.cudnn.conv.fp32_precision`` ("none" inherits from
+    ``torch.backends.cudnn.fp32_precision``, then ``torch.backends.fp32_precision``; all "none" means
+    IEEE). Reading the legacy ``torch.backends.cudnn.allow_tf32`` raises there once the new API was used,
+    so it is only the fallback for older torch.
+    """
+    import torch
+
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        for p in (conv.fp32_precision, getattr(torch.backends.cudnn, "fp32_precision", "none"),
+                  getattr(torch.backends, "fp32_precision", "none")):
+            if p != "none":
+                return "tf32" if p == "tf32" else "ieee"
+        return "ieee"
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+@contextlib.contextmanager
+def conv_fp32_precision_set(precision: str) -> Iterator[None]:
+    """Run a block with PyTorch's convolution float32 precision set to ``precision`` ("tf32"/"ieee")."""
+    import torch
+
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        old = conv.fp32_precision
+        conv.fp32_precision = precision
+        try:
+            yield
+        finally:
+            conv.fp32_precision = old
+    else:
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = old
+
+
+def _torch_scratch(size: int, alignment: int, stream) -> "object":
+    import torch
+
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors (tl.make_tensor_descriptor) need global scratch memory from the
+    allocator set with triton.set_allocator. The allocator lives in a ContextVar (per thread) from
+    Triton 3.4 on, in a module global before; set a PyTorch one where none is set. Cheap enough to
+    call before every launch that uses descriptors."""
+    from triton.runtime import _allocation
+
+    holder = getattr(_allocation, "_allocator", None)
+    current = holder.get() if hasattr(holder, "get") else holder
+    null = getattr(_allocation, "NullAllocator", None)
+    if current is None or (null is not None and isinstance(current, null)):
+        triton.set_allocator(_torch_scratch)
