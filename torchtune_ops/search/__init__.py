@@ -1,0 +1,19 @@
+"""Generic search: find a good configuration of a constrained space with few measurements.
+
+    from torchtune_ops.search import Space, tune
+    space = Space({"BLOCK_M": [32, 64, 128], "num_warps": [4, 8]}, constraint=lambda cfg: ...)
+    result = tune(space, objective, max_trials=50, seed=0)
+    result.best_config, result.best_value, result.trials
+
+Knows nothing of Triton or torch. numpy only at import; Optuna is imported only when ``tune(study=...)``
+records into an Optuna study. See docs/search.md.
+"""
+from __future__ import annotations
+
+from ..errors import InvalidConfig
+from .engine import Progress, Trial, TuneResult, tune
+from .space import Space
+from .strategies import RandomStrategy, Strategy, TPEStrategy
+
+__all__ = ["Space", "tune", "TuneResult", "Trial", "Progress", "InvalidConfig", "Strategy", "TPEStrategy",
+           "RandomStrategy"]

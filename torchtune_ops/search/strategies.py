@@ -1,0 +1,175 @@
+"""Search strategies: which valid, unmeasured candidate to measure next.
+
+A strategy sees the candidates as a (C, D) matrix of choice indices (see ``Space``) and a boolean mask of the
+ones still available; it never sees the objective. ``tune()`` owns the budget, the initial configurations,
+failures and bookkeeping. Every strategy passes the shared suite in tests/test_search.py.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from .space import Space
+from .tpe import KernelRows, axis_kernels, split_good
+
+
+class Strategy(Protocol):
+    """What ``tune()`` asks of a strategy. Deterministic given the generator passed to ``start``."""
+
+    def start(self, space: Space, candidates: np.ndarray, prior: Sequence[tuple[np.ndarray, float]],
+              rng: np.random.Generator) -> None:
+        """Called once. ``prior``: (choice indices, value) pairs measured on a related problem."""
+
+    def add_candidates(self, points: np.ndarray) -> None:
+        """New candidates (m, D) appended after the existing ones (sampled spaces grow around good configs)."""
+
+    def observe(self, candidate: int, value: float) -> None:
+        """A measurement of candidate row ``candidate`` (math.inf when it failed)."""
+
+    def propose(self, available: np.ndarray) -> int:
+        """The row of the next candidate to measure; ``available`` is a non-empty boolean mask."""
+
+
+class RandomStrategy:
+    """Uniform random search without replacement (the baseline)."""
+
+    def start(self, space, candidates, prior, rng):
+        self.rng = rng
+
+    def add_candidates(self, points):
+        pass
+
+    def observe(self, candidate, value):
+        pass
+
+    def propose(self, available):
+        return int(self.rng.choice(np.flatnonzero(available)))
+
+
+class TPEStrategy:
+    """Multivariate TPE over the enumerated candidates, with a local-search mix and prior warm-start.
+
+    Args:
+        n_startup: proposals drawn uniformly at random before the model is used (initial configurations
+            count toward it). Default 8; with a prior, ``n_startup_prior`` (default 1) instead.
+        gamma: fraction of the finite measurements in the good group. Default 0.15.
+        max_good: most configurations in the good group. Default 20.
+        bandwidth: ordinal kernel width as a fraction of the number of choices. Default 0.1.
+        min_bandwidth: smallest ordinal kernel width, in rank steps. Default 0.5.
+        eps: categorical kernel mass on the other choices. Default 0.2.
+        prior_weight: how many pseudo-observations a prior counts for in each group. Default 4.
+        prior_gamma: fraction of the prior in its good group. Default 0.1.
+        n_ei_candidates: when set, the proposal is the best l/g among this many candidates sampled from
+            l(x) (Optuna's scheme); None (default) takes the best l/g of all available candidates.
+        local_every: every this many model proposals, search only among the one-parameter neighbours of
+            the best configuration so far (exploitation). 0 turns it off. Default 3.
+    """
+
+    def __init__(self, *, n_startup: int = 8, n_startup_prior: int = 1, gamma: float = 0.15,
+                 max_good: int = 20, bandwidth: float = 0.1, min_bandwidth: float = 0.5, eps: float = 0.2,
+                 prior_weight: float = 4.0, prior_gamma: float = 0.1, n_ei_candidates: int | None = None,
+                 local_every: int = 3):
+        self.n_startup = n_startup
+        self.n_startup_prior = n_startup_prior
+        self.gamma = gamma
+        self.max_good = max_good
+        self.bandwidth = bandwidth
+        self.min_bandwidth = min_bandwidth
+        self.eps = eps
+        self.prior_weight = prior_weight
+        self.prior_gamma = prior_gamma
+        self.n_ei_candidates = n_ei_candidates
+        self.local_every = local_every
+
+    def start(self, space, candidates, prior, rng):
+        self.rng = rng
+        self.rows = KernelRows(axis_kernels(space, bandwidth=self.bandwidth, min_bandwidth=self.min_bandwidth,
+                                            eps=self.eps), candidates)
+        self.uniform = 1.0 / math.prod(space.sizes)
+        self.values: list[float] = []
+        self.cands: list[int] = []
+        self.n_model = 0
+        self.prior_index = np.zeros((0, candidates.shape[1]), dtype=np.int64)
+        self.prior_good = self.prior_bad = None
+        if prior:
+            index = np.asarray([p[0] for p in prior], dtype=np.int64)
+            values = np.asarray([p[1] for p in prior], dtype=float)
+            good = split_good(values, self.prior_gamma, max_good=max(1, len(values)))
+            bad_rows = np.flatnonzero(~good)
+            if len(bad_rows) > 256:  # a sample of the bad group is enough for its density
+                bad_rows = np.sort(rng.choice(bad_rows, 256, replace=False))
+            self.prior_good_index, self.prior_bad_index = index[good], index[bad_rows]
+            self._prior_densities()
+
+    def _prior_densities(self):
+        if len(self.prior_good_index):
+            self.prior_good = self.rows.mean_density(self.prior_good_index)
+        if len(self.prior_bad_index):
+            self.prior_bad = self.rows.mean_density(self.prior_bad_index)
+
+    def add_candidates(self, points):
+        self.rows.add_candidates(points)
+        if self.prior_good is not None or self.prior_bad is not None:
+            self._prior_densities()
+
+    def observe(self, candidate, value):
+        self.cands.append(candidate)
+        self.values.append(value)
+        self.rows.add(self.rows.candidates[candidate])
+
+    def _startup(self) -> int:
+        return self.n_startup_prior if (self.prior_good is not None) else self.n_startup
+
+    def log_ratio(self) -> np.ndarray:
+        """log l(x) - log g(x) at every candidate."""
+        values = np.asarray(self.values, dtype=float)
+        good = split_good(values, self.gamma, self.max_good)
+        w_good, w_bad = good.astype(float), (~good).astype(float)
+        l_num = self.uniform + self.rows.mixture(w_good)
+        g_num = self.uniform + self.rows.mixture(w_bad)
+        l_den, g_den = 1.0 + w_good.sum(), 1.0 + w_bad.sum()
+        if self.prior_good is not None:
+            l_num = l_num + self.prior_weight * self.prior_good
+            l_den += self.prior_weight
+        if self.prior_bad is not None:
+            g_num = g_num + self.prior_weight * self.prior_bad
+            g_den += self.prior_weight
+        return np.log(l_num / l_den) - np.log(g_num / g_den)
+
+    def propose(self, available):
+        finite = [v for v in self.values if math.isfinite(v)]
+        if len(self.values) < self._startup() or (not finite and self.prior_good is None):
+            return int(self.rng.choice(np.flatnonzero(available)))
+        score = self.log_ratio()
+        self.n_model += 1
+        pool = available
+        if self.local_every and finite and self.n_model % self.local_every == 0:
+            best = self.rows.candidates[self.cands[int(np.nanargmin(np.asarray(self.values)))]]
+            near = (self.rows.candidates != best).sum(axis=1) == 1
+            if (near & available).any():
+                pool = near & available
+        rows = np.flatnonzero(pool)
+        if self.n_ei_candidates:
+            l = np.exp(score[rows] - score[rows].max())
+            pick = self.rng.choice(rows, size=min(self.n_ei_candidates, len(rows)), replace=False,
+                                   p=l / l.sum())
+            rows = np.unique(pick)
+        return int(rows[np.argmax(score[rows])])
+
+
+STRATEGIES = {"tpe": TPEStrategy, "random": RandomStrategy}
+
+
+def make_strategy(strategy) -> Strategy:
+    """A strategy instance from a name in STRATEGIES or an object that follows the Strategy protocol."""
+    if isinstance(strategy, str):
+        try:
+            return STRATEGIES[strategy]()
+        except KeyError:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}") from None
+    for method in ("start", "add_candidates", "observe", "propose"):
+        if not callable(getattr(strategy, method, None)):
+            raise ValueError(f"strategy {strategy!r} lacks a {method}() method")
+    return strategy
