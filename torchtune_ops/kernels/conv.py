@@ -351,6 +351,8 @@ def conv_problem(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None 
     k, cg, r, s = w.shape
     if groups < 1 or c % groups or k % groups or cg * groups != c:
         raise ValueError(f"groups={groups} does not fit input channels {c}, weight {tuple(w.shape)}")
+    if k == 0:
+        raise ValueError("conv2d needs at least one output channel (as PyTorch)")
     st, dil = _pair(stride, "stride"), _pair(dilation, "dilation")
     if min(st) < 1 or min(dil) < 1:
         raise ValueError(f"stride and dilation must be positive, got {stride!r}, {dilation!r}")
@@ -447,6 +449,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Va
     k, cg, r, s = w.shape
     if groups < 1 or k % groups or cg * groups != c:
         raise ValueError(f"groups={groups} does not fit input channels {c}, weight {tuple(w.shape)}")
+    if k == 0:
+        raise ValueError("conv2d needs at least one output channel (as PyTorch)")
     if bias is not None and tuple(bias.shape) != (k,):
         raise ValueError(f"bias must have shape ({k},), got {tuple(bias.shape)}")
     sh, sw = (stride, stride) if isinstance(stride, int) else _pair(stride, "stride")
@@ -469,7 +473,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Va
         raise ValueError(f"out must be {(n, k, p_out, q_out)} {x.dtype} on {x.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     m = n * p_out * q_out
-    if m == 0 or k == 0:
+    if m == 0:
         return out
     if cg == 0:  # no input channels: the sum is empty
         if bias is None:
