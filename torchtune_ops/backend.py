@@ -1,0 +1,277 @@
+"""The torch.compile backend ``"torchtune_ops"``: AOT graphs with our custom ops in place of aten's matmuls
+and convolutions, everything else compiled by Inductor (default) or run eagerly.
+
+    torch.compile(model, backend="torchtune_ops")                    # Inductor for the rest
+    torch.compile(model, backend="torchtune_ops", options={"compiler": "eager"})
+
+The rewrite runs on the graphs AOT autograd produces (forward, backward and inference graphs, after
+functionalization and decomposition), so backward matmuls and convolutions are intercepted too:
+
+    aten.mm / addmm / bmm / baddbmm      -> torchtune_ops.mm / addmm / bmm / baddbmm
+    aten.convolution (2-D, not transposed) -> torchtune_ops.conv2d
+    mm or addmm (1-D bias, alpha = beta = 1) whose only user is relu / gelu(tanh) / silu
+                                         -> torchtune_ops.mm_act (the activation fused in the epilogue)
+
+A matmul whose result is also needed elsewhere (e.g. saved as the pre-activation for a gelu backward) is not
+fused: it becomes our addmm/mm followed by aten's activation. With Inductor the rewrite is a
+``post_grad_custom_pre_pass`` whose ``uuid`` names this module's source and the settings overrides, so
+Inductor's FX graph cache and AOT autograd cache stay correct; with ``compiler="eager"`` it runs in AOT
+autograd's forward and backward compilers. ``intercepted()`` counts the rewritten ops (and the matmul-like
+ops left alone) so a silently missed op shows; counts grow only when a graph is actually compiled (not when
+Inductor loads it from its cache).
+
+Backend options (``options={...}`` of torch.compile, or keyword arguments when called directly):
+``compiler`` ("inductor" or "eager"), ``settings`` (a dict of settings overrides, see settings.DECLARED;
+``optimize()`` fills it), any other key is an Inductor config patch. ``settings.disable`` (env
+TORCHTUNE_OPS_DISABLE=1) makes the backend plain Inductor / plain AOT eager: no custom op appears.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import settings
+
+__all__ = ["torchtune_ops_backend", "rewrite_graph", "intercepted", "reset_counts", "RewritePass"]
+
+_counts: collections.Counter = collections.Counter()
+_counts_lock = threading.Lock()
+
+
+def intercepted() -> dict[str, int]:
+    """Counts since the last ``reset_counts()``: each of our ops put into a graph ("mm", "addmm", "bmm",
+    "baddbmm", "mm_act", "conv2d"), and ``"skipped:<aten op>"`` for matmul-like ops left to PyTorch
+    (e.g. transposed or 1-D/3-D convolutions)."""
+    with _counts_lock:
+        return dict(_counts)
+
+
+def reset_counts() -> None:
+    """Zero the counts of ``intercepted()``."""
+    with _counts_lock:
+        _counts.clear()
+
+
+_ACTIVATIONS = {"relu", "silu", "gelu"}
+
+
+def _activation(node: torch.fx.Node) -> str | None:
+    """Our activation name for an aten activation node, or None."""
+    if node.op != "call_function":
+        return None
+    aten = torch.ops.aten
+    if node.target is aten.relu.default:
+        return "relu"
+    if node.target is aten.silu.default:
+        return "silu"
+    if node.target is aten.gelu.default:
+        approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return "gelu_tanh" if approx == "tanh" else None
+    return None
+
+
+def _val(node: Any):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
+    """Replace aten matmuls and convolutions in ``graph`` (an AOT/post-grad aten graph) by our ops.
+
+    Args:
+        graph: the graph, changed in place.
+        opts: the settings-overrides string written into every op call (``dispatch.encode_opts``).
+
+    Returns the counts of this graph (also added to ``intercepted()``).
+    """
+    from . import ops as ours  # registers the ops
+
+    aten = torch.ops.aten
+    simple = {aten.mm.default: "mm", aten.bmm.default: "bmm"}
+    with_bias = {aten.addmm.default: "addmm", aten.baddbmm.default: "baddbmm"}
+    counts: collections.Counter = collections.Counter()
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        t = node.target
+        if t in simple or t in with_bias:
+            fused = _try_fuse(graph, node, opts)
+            if fused:
+                counts["mm_act"] += 1
+                continue
+            if t in simple:
+                a, b = node.args[:2]
+                new_args = (a, b, opts)
+                name = simple[t]
+            else:
+                bias, a, b = node.args[:3]
+                beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
+                alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
+                new_args = (bias, a, b, beta, alpha, opts)
+                name = with_bias[t]
+            _replace(graph, node, ours.op(name), new_args)
+            counts[name] += 1
+        elif t is aten.convolution.default:
+            x, w, bias, stride, padding, dilation, transposed, _output_padding, groups = node.args[:9]
+            xv = _val(x)
+            if transposed or len(stride) != 2 or xv is None or xv.dim() != 4:
+                counts["skipped:convolution"] += 1
+                continue
+            _replace(graph, node, ours.op("conv2d"),
+                     (x, w, bias, list(stride), list(padding), list(dilation), groups, opts))
+            counts["conv2d"] += 1
+        elif t in (aten.convolution_backward.default,):
+            counts["skipped:convolution_backward"] += 1
+    graph.eliminate_dead_code()
+    graph.lint()
+    with _counts_lock:
+        _counts.update(counts)
+    return dict(counts)
+
+
+def _try_fuse(graph: torch.fx.Graph, node: torch.fx.Node, opts: str) -> bool:
+    """mm/addmm whose only user is a supported activation -> one mm_act node."""
+    aten = torch.ops.aten
+    if node.target not in (aten.mm.default, aten.addmm.default) or len(node.users) != 1:
+        return False
+    user = next(iter(node.users))
+    act = _activation(user)
+    if act is None or user.args[0] is not node:
+        return False
+    from . import ops as ours
+
+    if node.target is aten.mm.default:
+        a, b = node.args[:2]
+        bias = None
+    else:
+        bias, a, b = node.args[:3]
+        beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
+        alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
+        bv, bval = _val(b), _val(bias)
+        if beta != 1 or alpha != 1 or bval is None or bv is None or bval.dim() != 1:
+            return False
+    with graph.inserting_before(user):
+        new = graph.call_function(ours.op("mm_act"), (a, b, bias, act, opts))
+    new.meta.update(user.meta)
+    user.replace_all_uses_with(new)
+    graph.erase_node(user)
+    graph.erase_node(node)
+    return True
+
+
+def _replace(graph: torch.fx.Graph, node: torch.fx.Node, target, args: tuple) -> None:
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+@functools.lru_cache(maxsize=1)
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in ("backend.py", "ops.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _custom_graph_pass_base():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+class RewritePass:
+    """Inductor ``post_grad_custom_pre_pass``: ``rewrite_graph`` with a stable ``uuid`` (our sources, the
+    opts string and the pass it chains to), so Inductor's caches key on it."""
+
+    def __init__(self, opts: str = "", chained: Any = None):
+        self.opts = opts
+        self.chained = chained
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.chained is not None:
+            self.chained(graph)
+        rewrite_graph(graph, opts=self.opts)
+
+    def uuid(self) -> Any:
+        chained = None
+        if self.chained is not None:
+            chained = self.chained.uuid() if hasattr(self.chained, "uuid") else None
+            if chained is None:
+                return None  # an uncacheable user pass: let Inductor bypass its cache
+        return ("torchtune_ops", _source_hash(), self.opts, chained)
+
+
+def _make_pass(opts: str, chained: Any):
+    base = _custom_graph_pass_base()
+    cls = type("TorchTuneOpsRewritePass", (RewritePass, base), {})
+    return cls(opts, chained)
+
+
+_OWN_KEYS = ("compiler", "settings")
+
+
+def torchtune_ops_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
+                          options: dict[str, Any] | None = None, **kwargs: Any) -> Callable:
+    """Compile ``gm`` (a Dynamo graph) with our ops in place of aten matmuls and convolutions.
+
+    Args:
+        gm, example_inputs: what torch.compile hands every backend.
+        mode: torch.compile's mode ("default", "reduce-overhead", "max-autotune", ...): Inductor's config
+            patches of that mode (reduce-overhead: CUDA graphs). Default None.
+        options: torch.compile's ``options`` dict; merged with ``kwargs``. ``compiler``: "inductor"
+            (default) or "eager" (AOT autograd, graphs run as Python); ``settings``: settings overrides
+            (dict, see ``settings.DECLARED``) written into the op calls and applied while compiling; any
+            other key is an Inductor config patch.
+
+    Returns the compiled callable.
+    """
+    opts_in = dict(options or {})
+    opts_in.update(kwargs)
+    compiler = opts_in.pop("compiler", "inductor")
+    overrides = dict(opts_in.pop("settings", None) or {})
+    if compiler not in ("inductor", "eager"):
+        raise settings.SettingsError(f"compiler must be 'inductor' or 'eager', got {compiler!r}")
+    from . import dispatch
+
+    with settings.override(**overrides):
+        s = settings.current()
+    op_opts = dispatch.encode_opts(overrides)
+    if compiler == "eager":
+        return _eager(gm, example_inputs, None if s.disable else op_opts)
+    return _inductor(gm, example_inputs, None if s.disable else op_opts, mode, opts_in)
+
+
+def _eager(gm, example_inputs, opts: str | None) -> Callable:
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def compiler(g: torch.fx.GraphModule, _inputs) -> Callable:
+        if opts is not None:
+            rewrite_graph(g.graph, opts=opts)
+            g.recompile()
+        return make_boxed_func(g.forward)
+
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, inference_compiler=compiler)(
+        gm, example_inputs)
+
+
+def _inductor(gm, example_inputs, opts: str | None, mode: str | None, patches: dict[str, Any]) -> Callable:
+    from torch._inductor import config as iconfig
+    from torch._inductor.compile_fx import compile_fx
+
+    config_patches: dict[str, Any] = {}
+    if mode not in (None, "default"):
+        config_patches.update(torch._inductor.list_mode_options(mode))
+    config_patches.update(patches)
+    if opts is not None:
+        chained = config_patches.get("post_grad_custom_pre_pass", iconfig.post_grad_custom_pre_pass)
+        config_patches["post_grad_custom_pre_pass"] = _make_pass(opts, chained)
+    return compile_fx(gm, example_inputs, config_patches=config_patches or None)

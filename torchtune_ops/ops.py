@@ -1,0 +1,303 @@
+"""The custom ops of the ``torchtune_ops`` namespace: what the compile backend puts in place of aten's matmuls
+and convolutions, and what users may call directly (``torch.ops.torchtune_ops.mm(a, b)``).
+
+Each op has
+- a CPU and a CUDA implementation: the run-time dispatch of ``dispatch.py`` (tuned Triton kernel or aten);
+- a fake implementation that runs aten's own op on fake tensors, so shapes, strides and errors are exactly
+  PyTorch's, under torch.compile (dynamic shapes included) and torch.export;
+- an autograd formula whose backward products are themselves calls of these ops, so training runs the
+  tuned kernels too (convolution: the input gradient where it is a stride-1 convolution; the weight gradient
+  is aten's).
+
+Ops are registered with ``torch.library.Library.define`` + ``impl`` rather than ``torch.library.custom_op``,
+whose Python wrapper costs several microseconds per call. Every op takes a trailing ``opts`` string: the
+settings overrides (canonical JSON) of the ``optimize()`` call that produced the graph; it only matters
+when a problem is first met (see ``dispatch``).
+
+Schemas (``Scalar`` arguments as in aten)::
+
+    mm(Tensor self, Tensor mat2, str opts="") -> Tensor
+    addmm(Tensor self, Tensor mat1, Tensor mat2, Scalar beta=1, Scalar alpha=1, str opts="") -> Tensor
+    bmm(Tensor self, Tensor mat2, str opts="") -> Tensor
+    baddbmm(Tensor self, Tensor batch1, Tensor batch2, Scalar beta=1, Scalar alpha=1, str opts="") -> Tensor
+    mm_act(Tensor self, Tensor mat2, Tensor? bias, str activation, str opts="") -> Tensor
+        activation(self @ mat2 + bias), activation in relu | gelu_tanh | silu | none
+    conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation,
+           int groups, str opts="") -> Tensor
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import dispatch
+
+NAMESPACE = "torchtune_ops"
+
+ACTIVATIONS = ("none", "relu", "gelu_tanh", "silu")
+
+_SCHEMAS = {
+    "mm": "mm(Tensor self, Tensor mat2, str opts=\"\") -> Tensor",
+    "addmm": "addmm(Tensor self, Tensor mat1, Tensor mat2, Scalar beta=1, Scalar alpha=1, "
+             "str opts=\"\") -> Tensor",
+    "bmm": "bmm(Tensor self, Tensor mat2, str opts=\"\") -> Tensor",
+    "baddbmm": "baddbmm(Tensor self, Tensor batch1, Tensor batch2, Scalar beta=1, Scalar alpha=1, "
+               "str opts=\"\") -> Tensor",
+    "mm_act": "mm_act(Tensor self, Tensor mat2, Tensor? bias, str activation, str opts=\"\") -> Tensor",
+    "conv2d": "conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+              "int[2] dilation, int groups, str opts=\"\") -> Tensor",
+}
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _schema in _SCHEMAS.values():
+    _lib.define(_schema)
+
+_IMPLS = {
+    "mm": dispatch.mm,
+    "addmm": dispatch.addmm,
+    "bmm": dispatch.bmm,
+    "baddbmm": dispatch.baddbmm,
+    "mm_act": dispatch.mm_act,
+    "conv2d": dispatch.conv2d,
+}
+for _name, _fn in _IMPLS.items():
+    _lib.impl(_name, _fn, "CPU")
+    _lib.impl(_name, _fn, "CUDA")
+
+ops = torch.ops.torchtune_ops
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fake implementations: aten's own op on fake tensors (exact output metadata and PyTorch's own errors).
+
+def _act_ref(x: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return torch.relu(x)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    if activation == "silu":
+        return torch.nn.functional.silu(x)
+    if activation == "none":
+        return x
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::mm", lib=_lib)
+def _mm_fake(a, b, opts=""):
+    return torch.mm(a, b)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::addmm", lib=_lib)
+def _addmm_fake(bias, a, b, beta=1, alpha=1, opts=""):
+    return torch.addmm(bias, a, b, beta=beta, alpha=alpha)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::bmm", lib=_lib)
+def _bmm_fake(a, b, opts=""):
+    return torch.bmm(a, b)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::baddbmm", lib=_lib)
+def _baddbmm_fake(bias, a, b, beta=1, alpha=1, opts=""):
+    return torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::mm_act", lib=_lib)
+def _mm_act_fake(a, b, bias, activation, opts=""):
+    pre = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    return _act_ref(pre, activation)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::conv2d", lib=_lib)
+def _conv2d_fake(x, w, bias, stride, padding, dilation, groups, opts=""):
+    return torch.conv2d(x, w, bias, stride, padding, dilation, groups)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd: backward products go through our own ops (so they are tuned too).
+
+def _needs(ctx, i: int) -> bool:
+    return bool(ctx.needs_input_grad[i])
+
+
+def _sum_to(g: torch.Tensor, shape) -> torch.Tensor:
+    """Reduce a broadcast gradient ``g`` to ``shape`` (the shape of the broadcast input)."""
+    if tuple(g.shape) == tuple(shape):
+        return g
+    lead = g.dim() - len(shape)
+    if lead:
+        g = g.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and g.shape[i] != 1)
+    if dims:
+        g = g.sum(dim=dims, keepdim=True)
+    return g.reshape(shape)
+
+
+def _scale(t: torch.Tensor | None, s) -> torch.Tensor | None:
+    return t if t is None or s == 1 else t * s
+
+
+def _setup_ab(ctx, inputs, output):
+    a, b = inputs[0], inputs[1]
+    ctx.save_for_backward(a, b)
+    ctx.opts = inputs[-1]
+
+
+def _mm_backward(ctx, g):
+    a, b = ctx.saved_tensors
+    ga = ops.mm(g, b.t(), ctx.opts) if _needs(ctx, 0) else None
+    gb = ops.mm(a.t(), g, ctx.opts) if _needs(ctx, 1) else None
+    return ga, gb, None
+
+
+def _bmm_backward(ctx, g):
+    a, b = ctx.saved_tensors
+    ga = ops.bmm(g, b.transpose(1, 2), ctx.opts) if _needs(ctx, 0) else None
+    gb = ops.bmm(a.transpose(1, 2), g, ctx.opts) if _needs(ctx, 1) else None
+    return ga, gb, None
+
+
+def _setup_addmm(ctx, inputs, output):
+    bias, a, b = inputs[0], inputs[1], inputs[2]
+    ctx.save_for_backward(a, b)
+    ctx.bias_shape = tuple(bias.shape)
+    ctx.beta, ctx.alpha, ctx.opts = inputs[3], inputs[4], inputs[5]
+
+
+def _addmm_backward(ctx, g):
+    a, b = ctx.saved_tensors
+    gbias = _sum_to(_scale(g, ctx.beta), ctx.bias_shape) if _needs(ctx, 0) else None
+    ga = _scale(ops.mm(g, b.t(), ctx.opts), ctx.alpha) if _needs(ctx, 1) else None
+    gb = _scale(ops.mm(a.t(), g, ctx.opts), ctx.alpha) if _needs(ctx, 2) else None
+    return gbias, ga, gb, None, None, None
+
+
+def _baddbmm_backward(ctx, g):
+    a, b = ctx.saved_tensors
+    gbias = _sum_to(_scale(g, ctx.beta), ctx.bias_shape) if _needs(ctx, 0) else None
+    ga = _scale(ops.bmm(g, b.transpose(1, 2), ctx.opts), ctx.alpha) if _needs(ctx, 1) else None
+    gb = _scale(ops.bmm(a.transpose(1, 2), g, ctx.opts), ctx.alpha) if _needs(ctx, 2) else None
+    return gbias, ga, gb, None, None, None
+
+
+def _setup_mm_act(ctx, inputs, output):
+    a, b, bias, activation, opts = inputs
+    ctx.activation, ctx.opts, ctx.has_bias = activation, opts, bias is not None
+    ctx.bias_shape = tuple(bias.shape) if bias is not None else None
+    # relu's derivative needs only the output; the others recompute the pre-activation (one more matmul,
+    # itself a tuned op) instead of keeping it alive between forward and backward.
+    ctx.save_for_backward(a, b, bias, output if activation == "relu" else None)
+
+
+def _mm_act_backward(ctx, g):
+    a, b, bias, out = ctx.saved_tensors
+    act = ctx.activation
+    if act == "relu":
+        gpre = torch.ops.aten.threshold_backward(g, out, 0)
+    elif act == "none":
+        gpre = g
+    else:
+        pre = ops.mm_act(a, b, bias, "none", ctx.opts)
+        if act == "gelu_tanh":
+            gpre = torch.ops.aten.gelu_backward(g, pre, approximate="tanh")
+        else:
+            gpre = torch.ops.aten.silu_backward(g, pre)
+    ga = ops.mm(gpre, b.t(), ctx.opts) if _needs(ctx, 0) else None
+    gb = ops.mm(a.t(), gpre, ctx.opts) if _needs(ctx, 1) else None
+    gbias = _sum_to(gpre, ctx.bias_shape) if ctx.has_bias and _needs(ctx, 2) else None
+    return ga, gb, gbias, None, None
+
+
+def _setup_conv(ctx, inputs, output):
+    x, w, bias, stride, padding, dilation, groups, opts = inputs
+    ctx.save_for_backward(x, w)
+    ctx.bias_shape = tuple(bias.shape) if bias is not None else None
+    ctx.args = (list(stride), list(padding), list(dilation), groups)
+    ctx.opts = opts
+
+
+def _conv_backward(ctx, g):
+    x, w = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.args
+    want_x, want_w = _needs(ctx, 0), _needs(ctx, 1)
+    want_b = ctx.bias_shape is not None and _needs(ctx, 2)
+    kh, kw = w.shape[2], w.shape[3]
+    gx = None
+    # With stride 1, dilation 1, one group and padding < kernel size, the input gradient is a convolution
+    # of the output gradient with the flipped, transposed weight: run it through our own (tuned) op.
+    own_gx = (want_x and stride == [1, 1] and dilation == [1, 1] and groups == 1
+              and padding[0] < kh and padding[1] < kw)
+    if own_gx:
+        wt = w.transpose(0, 1).flip(2, 3)
+        gx = ops.conv2d(g, wt, None, [1, 1], [kh - 1 - padding[0], kw - 1 - padding[1]], [1, 1], 1, ctx.opts)
+    mask = [want_x and not own_gx, want_w, want_b]
+    if any(mask):
+        bias_sizes = list(ctx.bias_shape) if ctx.bias_shape is not None else None
+        gx2, gw, gb = torch.ops.aten.convolution_backward(g, x, w, bias_sizes, stride, padding, dilation,
+                                                          False, [0, 0], groups, mask)
+        if not own_gx:
+            gx = gx2
+    else:
+        gw = gb = None
+    return gx, gw, gb, None, None, None, None, None
+
+
+_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+_PY, _CPU, _CUDA = torch._C.DispatchKey.Python, torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA
+
+# Each op's Python signature, to fill in defaults before an autograd.Function sees the arguments.
+_SIGNATURES = {
+    "mm": lambda self, mat2, opts="": (self, mat2, opts),
+    "bmm": lambda self, mat2, opts="": (self, mat2, opts),
+    "addmm": lambda self, mat1, mat2, beta=1, alpha=1, opts="": (self, mat1, mat2, beta, alpha, opts),
+    "baddbmm": lambda self, b1, b2, beta=1, alpha=1, opts="": (self, b1, b2, beta, alpha, opts),
+    "mm_act": lambda self, mat2, bias, activation, opts="": (self, mat2, bias, activation, opts),
+    "conv2d": lambda x, w, bias, stride, padding, dilation, groups, opts="": (
+        x, w, bias, stride, padding, dilation, groups, opts),
+}
+
+
+def _autograd_kernel(name: str, setup: Callable, backward: Callable) -> Callable:
+    """The op's Autograd-key kernel.
+
+    Recording for autograd goes through an ``autograd.Function`` whose backward calls our ops. Without
+    grad, plain CPU/CUDA tensors call the implementation directly (the cheap path: torch.library's
+    generated autograd kernel costs about 3 us more per call), and anything else (fake, functional or
+    subclass tensors, other backends) is redispatched below autograd as the dispatcher would.
+    """
+    overload = getattr(ops, name).default
+    impl = _IMPLS[name]
+    normalize = _SIGNATURES[name]
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = overload(*args)
+        setup(ctx, args, out)
+        return out
+
+    fn = type(f"TorchTuneOps_{name}", (torch.autograd.Function,),
+              {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def kernel(keyset, *args, **kwargs):
+        if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args, *kwargs.values()):
+            return fn.apply(*normalize(*args, **kwargs))
+        if not keyset.has(_PY) and (keyset.has(_CPU) or keyset.has(_CUDA)):
+            return impl(*args, **kwargs)
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload.redispatch(keyset & _AFTER_AUTOGRAD, *args, **kwargs)
+
+    return kernel
+
+
+for _name, _setup, _bwd in (("mm", _setup_ab, _mm_backward), ("bmm", _setup_ab, _bmm_backward),
+                            ("addmm", _setup_addmm, _addmm_backward),
+                            ("baddbmm", _setup_addmm, _baddbmm_backward),
+                            ("mm_act", _setup_mm_act, _mm_act_backward),
+                            ("conv2d", _setup_conv, _conv_backward)):
+    _lib.impl(_name, _autograd_kernel(_name, _setup, _bwd), "Autograd", with_keyset=True)
+
+
+def op(name: str):
+    """The OpOverload ``torch.ops.torchtune_ops.<name>.default``."""
+    return getattr(ops, name).default
