@@ -268,6 +268,18 @@ def test_precision_follows_pytorch_conv_setting():
         assert conv_problem(x, w).precision == "ieee"
     with _compat.conv_fp32_precision_set("tf32"):
         assert conv_problem(x, w).precision == "tf32"
+    for allow in (False, True):  # the legacy flag
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=allow):
+            assert conv_problem(x, w).precision == ("tf32" if allow else "ieee")
+    with _compat.conv_fp32_precision_set("none"):  # inherits: cuDNN-wide, then global, else IEEE
+        old = torch.backends.fp32_precision
+        try:
+            torch.backends.fp32_precision = "tf32"
+            assert conv_problem(x, w).precision == "tf32"
+            torch.backends.fp32_precision = "ieee"
+            assert conv_problem(x, w).precision == "ieee"
+        finally:
+            torch.backends.fp32_precision = old
 
 
 def test_unsupported_inputs_raise_typed_errors(device):

@@ -25,6 +25,8 @@ UPCAST_BF16_DOT: bool = INTERPRET
 import contextlib  # noqa: E402
 from typing import Iterator  # noqa: E402
 
+import torch as _torch  # noqa: E402
+
 
 def conv_fp32_precision() -> str:
     """PyTorch's float32 precision for convolutions now: "tf32" or "ieee".
@@ -32,18 +34,37 @@ def conv_fp32_precision() -> str:
     torch >= 2.9 has ``torch.backends.cudnn.conv.fp32_precision`` ("none" inherits from
     ``torch.backends.cudnn.fp32_precision``, then ``torch.backends.fp32_precision``; all "none" means
     IEEE). Reading the legacy ``torch.backends.cudnn.allow_tf32`` raises there once the new API was used,
-    so it is only the fallback for older torch.
+    so it is only the fallback for older torch. Called on every conv launch, so the C getters are read
+    directly where they exist (about 0.5 us instead of 4 us).
     """
-    import torch
-
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        for p in (conv.fp32_precision, getattr(torch.backends.cudnn, "fp32_precision", "none"),
-                  getattr(torch.backends, "fp32_precision", "none")):
+    if _FP32_GETTER is not None:
+        for backend, op in (("cuda", "conv"), ("cuda", "all"), ("generic", "all")):
+            p = _FP32_GETTER(backend, op)
             if p != "none":
                 return "tf32" if p == "tf32" else "ieee"
         return "ieee"
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    conv = getattr(_torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        for p in (conv.fp32_precision, getattr(_torch.backends.cudnn, "fp32_precision", "none"),
+                  getattr(_torch.backends, "fp32_precision", "none")):
+            if p != "none":
+                return "tf32" if p == "tf32" else "ieee"
+        return "ieee"
+    return "tf32" if _torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _fp32_getter():
+    g = getattr(_torch._C, "_get_fp32_precision_getter", None)
+    try:
+        if g is not None and g("cuda", "conv") in ("none", "tf32", "ieee", "bf16") and \
+                g("generic", "all") in ("none", "tf32", "ieee", "bf16"):
+            return g
+    except (TypeError, RuntimeError, ValueError):
+        pass
+    return None
+
+
+_FP32_GETTER = _fp32_getter()
 
 
 @contextlib.contextmanager
