@@ -126,10 +126,9 @@ class TPEStrategy:
         """log l(x) - log g(x) at every candidate."""
         values = np.asarray(self.values, dtype=float)
         good = split_good(values, self.gamma, self.max_good)
-        w_good, w_bad = good.astype(float), (~good).astype(float)
-        l_num = self.uniform + self.rows.mixture(w_good)
-        g_num = self.uniform + self.rows.mixture(w_bad)
-        l_den, g_den = 1.0 + w_good.sum(), 1.0 + w_bad.sum()
+        good_sum, bad_sum = self.rows.sum_rows(good)
+        l_num, g_num = self.uniform + good_sum, self.uniform + bad_sum
+        l_den, g_den = 1.0 + good.sum(), 1.0 + (~good).sum()
         if self.prior_good is not None:
             l_num = l_num + self.prior_weight * self.prior_good
             l_den += self.prior_weight

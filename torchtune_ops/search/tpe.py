@@ -58,6 +58,7 @@ class KernelRows:
         self.candidates = candidates
         self.observed = np.zeros((0, candidates.shape[1]), dtype=np.int64)
         self._rows = np.zeros((16, len(candidates)))
+        self.total = np.zeros(len(candidates))  # sum of all rows
         self.n = 0
 
     def kernel_at(self, index: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -73,6 +74,7 @@ class KernelRows:
         if self.n == len(self._rows):
             self._rows = np.concatenate([self._rows, np.zeros_like(self._rows)])
         self._rows[self.n] = self.kernel_at(index[None, :], self.candidates)[0]
+        self.total += self._rows[self.n]
         self.observed = np.concatenate([self.observed, index[None, :]])
         self.n += 1
 
@@ -81,11 +83,13 @@ class KernelRows:
         new = np.zeros((len(self._rows), len(points)))
         new[:self.n] = self.kernel_at(self.observed, points)
         self._rows = np.concatenate([self._rows, new], axis=1)
+        self.total = np.concatenate([self.total, new.sum(axis=0)])
         self.candidates = np.concatenate([self.candidates, points])
 
-    def mixture(self, weights: np.ndarray) -> np.ndarray:
-        """Sum over observations of weight * kernel, at every candidate: (C,)."""
-        return weights @ self._rows[:self.n]
+    def sum_rows(self, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Kernel sums at every candidate over the observations in mask ``which`` and over the others."""
+        inside = self._rows[np.flatnonzero(which)].sum(axis=0)
+        return inside, np.maximum(self.total - inside, 0.0)
 
     def mean_density(self, index: np.ndarray, *, chunk: int = 64) -> np.ndarray:
         """Mean kernel of many configurations ``index`` (n, D) at every candidate, without storing rows."""
