@@ -1,0 +1,392 @@
+"""The per-problem tuner, with a fake kernel family (pure torch, made wrong or failing on purpose) and fake
+timers, plus a small real-kernel run through the Triton interpreter."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+import pytest
+import torch
+
+from torchtune_ops.errors import InvalidConfig, KernelFailure, WrongResult
+from torchtune_ops.kernels.base import Config, DeviceLimits, KernelFamily
+from torchtune_ops.store import Entry, Store, problem_key
+from torchtune_ops.timing import FakeTimer
+from torchtune_ops.tuner import TuneProgress, tune_problem
+
+FP = "fake-gpu|test"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleProblem:
+    n: int
+    dtype: str = "float32"
+
+
+Pred = Callable[[Mapping[str, Any]], bool]
+
+
+class ScaleFamily(KernelFamily):
+    """y = 3x + 1, "tiled" by BLOCK; configs can be made wrong, failing or interrupting on purpose."""
+
+    name = "scale"
+    problem_type = ScaleProblem
+
+    def __init__(self, *, wrong: Pred = lambda c: False, fail: Pred = lambda c: False,
+                 error: type[BaseException] = RuntimeError, interrupt: Pred = lambda c: False) -> None:
+        self.wrong, self.fail, self.error, self.interrupt = wrong, fail, error, interrupt
+        self.launches = 0
+
+    def space(self, problem):
+        return {"BLOCK": (1, 2, 4, 8, 16), "MODE": ("row", "col"), "UNROLL": (1, 2)}
+
+    def check(self, config, problem, limits):
+        if config["BLOCK"] == 16 and config["UNROLL"] == 2:
+            return "too big"
+        return None
+
+    def known_configs(self, problem, limits):
+        return [Config.of(BLOCK=4, MODE="row", UNROLL=1)]
+
+    def make_inputs(self, problem, device, *, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        return (torch.randn(problem.n, generator=gen).to(device),)
+
+    def reference(self, problem, inputs):
+        return inputs[0] * 3 + 1
+
+    def launch(self, config, problem, inputs, out=None):
+        self.launches += 1
+        cfg = dict(config.as_dict() if isinstance(config, Config) else config)
+        if self.interrupt(cfg):
+            raise KeyboardInterrupt
+        if self.fail(cfg):
+            raise self.error(f"cannot run {cfg}")
+        (x,) = inputs
+        y = torch.cat([c * 3 + 1 for c in x.split(cfg["BLOCK"])]) if x.numel() else x * 3 + 1
+        return y + 0.5 if self.wrong(cfg) else y
+
+
+PROBLEM = ScaleProblem(n=37)
+ALL = ScaleFamily().valid_configs(PROBLEM, DeviceLimits("fake", 1 << 20, 1, (0, 0), True))
+
+
+def cfg(**kw) -> str:
+    return Config.of(**kw).to_json()
+
+
+def times(fast: Mapping[str, float] = {}, *, slow: float = 2.0) -> dict[str, float]:
+    """Every valid config at ``slow`` ms except the ones listed."""
+    t = {c.to_json(): slow for c in ALL}
+    t.update(fast)
+    return t
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.open(tmp_path / "c.sqlite") as s:
+        yield s
+
+
+def run(family, store, timer, **kw) -> Entry:
+    kw.setdefault("max_trials", len(ALL))
+    kw.setdefault("patience", 0)
+    return tune_problem(family, PROBLEM, device="cpu", store=store, timer=timer, fingerprint=FP, **kw)
+
+
+def test_fake_space_has_18_valid_configs():
+    assert len(ALL) == 18
+
+
+def test_aten_wins_when_no_config_is_faster(store):
+    timer = FakeTimer({"aten": 1.0, **times(slow=2.0)})
+    e = run(ScaleFamily(), store, timer)
+    assert e.winner == "aten" and e.is_aten
+    assert e.time_ms == e.aten_ms == 1.0
+    assert e.trials == len(ALL)
+    assert store.get(FP, "scale", problem_key({"n": 37, "dtype": "float32"}), refresh=True) == e
+    assert len(store.trials(FP, "scale")) == len(ALL)
+
+
+def test_triton_config_wins_and_is_stored_with_history(store):
+    best = cfg(BLOCK=8, MODE="col", UNROLL=2)
+    timer = FakeTimer({"aten": 1.0, **times({best: 0.5})})
+    e = run(ScaleFamily(), store, timer)
+    assert e.winner == best and e.config() == {"BLOCK": 8, "MODE": "col", "UNROLL": 2}
+    assert (e.time_ms, e.aten_ms, e.source) == (0.5, 1.0, "tuned")
+    hist = store.trials(FP, "scale")
+    assert sorted(t.config for t in hist) == sorted(c.to_json() for c in ALL)  # each measured once
+    assert [t.ordinal for t in hist] == list(range(len(ALL)))
+    assert hist[0].config == cfg(BLOCK=4, MODE="row", UNROLL=1)  # the known config first
+    # the winner and aten were re-timed before the choice
+    assert timer.calls.count(best) == 2 and timer.calls.count("aten") == 2
+
+
+@pytest.mark.parametrize("best_ms, spread, expect_triton", [
+    (0.98, 0.0, False),   # 2% faster: inside the minimum margin
+    (0.96, 0.0, True),    # 4% faster: beyond 3%
+    (0.92, 0.10, False),  # 8% faster but the timings spread over 10%
+    (0.85, 0.10, True),
+])
+def test_winner_must_beat_aten_beyond_the_noise(store, best_ms, spread, expect_triton):
+    best = cfg(BLOCK=2, MODE="row", UNROLL=1)
+    timer = FakeTimer({"aten": 1.0, **times({best: best_ms})}, spread=spread)
+    e = run(ScaleFamily(), store, timer)
+    assert (e.winner == best) is expect_triton
+    assert e.time_ms == (best_ms if expect_triton else 1.0)
+
+
+def test_aten_drift_between_timings_counts_as_noise(store):
+    best = cfg(BLOCK=2, MODE="row", UNROLL=1)
+    # aten measured 1.0 then 0.9: 11% drift, so 0.85 (5.6% under the second) is not enough
+    timer = FakeTimer({"aten": [1.0, 0.9], **times({best: 0.85})})
+    assert run(ScaleFamily(), store, timer).winner == "aten"
+
+
+def test_retiming_overrules_a_lucky_first_measurement(store):
+    lucky, steady = cfg(BLOCK=1, MODE="col", UNROLL=1), cfg(BLOCK=16, MODE="row", UNROLL=1)
+    timer = FakeTimer({"aten": 1.0, **times({lucky: [0.3, 0.9], steady: 0.5})})
+    e = run(ScaleFamily(), store, timer)
+    assert e.winner == steady and e.time_ms == 0.5
+
+
+def test_correctness_gate_rejects_a_wrong_kernel(store, caplog):
+    bad, good = cfg(BLOCK=8, MODE="row", UNROLL=1), cfg(BLOCK=2, MODE="col", UNROLL=2)
+    fam = ScaleFamily(wrong=lambda c: c["BLOCK"] == 8)
+    timer = FakeTimer({"aten": 1.0, **times({bad: 0.2, good: 0.6})})
+    e = run(fam, store, timer)
+    assert e.winner == good
+    assert "wrong result" in caplog.text
+    stored = {t.config: t.value_ms for t in store.trials(FP, "scale")}
+    assert stored[bad] == math.inf and stored[good] == 0.6  # never learnt as fast
+
+
+def test_wrong_kernel_is_never_the_winner_even_when_all_are_wrong(store):
+    fam = ScaleFamily(wrong=lambda c: True)
+    timer = FakeTimer({"aten": 1.0, **times({cfg(BLOCK=1, MODE="row", UNROLL=1): 0.1}, slow=0.2)})
+    assert run(fam, store, timer).winner == "aten"
+
+
+def test_strict_mode_raises_wrong_result_and_stores_nothing(store):
+    bad = cfg(BLOCK=8, MODE="row", UNROLL=1)
+    fam = ScaleFamily(wrong=lambda c: c["BLOCK"] == 8)
+    timer = FakeTimer({"aten": 1.0, **times({bad: 0.2})})
+    with pytest.raises(WrongResult):
+        run(fam, store, timer, strict=True)
+    assert store.entries() == [] and store.trials() == []
+    assert not store.claimed(FP, "scale", problem_key({"n": 37, "dtype": "float32"}))
+
+
+@pytest.mark.parametrize("error", [RuntimeError, InvalidConfig, KernelFailure, "triton"])
+def test_failing_candidates_are_scored_not_fatal(store, error):
+    if error == "triton":
+        from triton.runtime.errors import OutOfResources
+
+        error = lambda msg: OutOfResources(99999, 1000, "shared memory")  # noqa: E731
+    best = cfg(BLOCK=4, MODE="col", UNROLL=2)
+    fam = ScaleFamily(fail=lambda c: c["MODE"] == "row", error=error)
+    timer = FakeTimer({"aten": 1.0, **times({best: 0.4, cfg(BLOCK=1, MODE="row", UNROLL=1): 0.1})})
+    e = run(fam, store, timer)
+    assert e.winner == best
+    values = {t.config: t.value_ms for t in store.trials(FP, "scale")}
+    assert len(values) == len(ALL)
+    assert all((v == math.inf) == ('"row"' in c) for c, v in values.items())
+
+
+def test_all_candidates_failing_gives_aten(store):
+    timer = FakeTimer({"aten": 1.0}, default=0.1)
+    e = run(ScaleFamily(fail=lambda c: True), store, timer)
+    assert e.winner == "aten" and e.trials == len(ALL)
+
+
+def test_strict_mode_raises_on_a_failing_candidate(store):
+    timer = FakeTimer({"aten": 1.0}, default=0.5)
+    with pytest.raises(KernelFailure):
+        run(ScaleFamily(fail=lambda c: c["BLOCK"] == 4), store, timer, strict=True)
+    assert store.entries() == []
+
+
+def test_unexpected_errors_propagate_and_release_the_claim(store):
+    timer = FakeTimer({"aten": 1.0}, default=0.5)
+    with pytest.raises(ZeroDivisionError):
+        run(ScaleFamily(fail=lambda c: True, error=ZeroDivisionError), store, timer)
+    assert store.entries() == [] and not store.claimed(FP, "scale", problem_key({"n": 37, "dtype": "float32"}))
+
+
+def test_cache_hit_measures_nothing_and_miss_tunes(store):
+    timer = FakeTimer({"aten": 1.0}, default=0.5)
+    first = run(ScaleFamily(), store, timer)
+    n = len(timer.calls)
+    assert run(ScaleFamily(), store, timer) == first and len(timer.calls) == n  # hit
+    other = tune_problem(ScaleFamily(), ScaleProblem(n=38), device="cpu", store=store, timer=timer,
+                         fingerprint=FP, max_trials=2)
+    assert len(timer.calls) > n and other.problem != first.problem  # miss: a new problem is tuned
+
+
+def test_a_different_device_fingerprint_misses_the_cache(store):
+    timer = FakeTimer({"aten": 1.0}, default=0.5)
+    run(ScaleFamily(), store, timer, max_trials=2)
+    n = len(timer.calls)
+    e = tune_problem(ScaleFamily(), PROBLEM, device="cpu", store=store, timer=timer, fingerprint="other-gpu",
+                     max_trials=2)
+    assert len(timer.calls) > n and e.fingerprint == "other-gpu"
+    assert len(store.entries()) == 2
+
+
+def test_default_fingerprint_is_the_devices(store):
+    from torchtune_ops.device import fingerprint
+
+    e = tune_problem(ScaleFamily(), PROBLEM, device="cpu", store=store,
+                     timer=FakeTimer({"aten": 1.0}, default=0.5), max_trials=1)
+    assert e.fingerprint == fingerprint("cpu").key
+
+
+def test_force_retunes_and_replaces(store):
+    best = cfg(BLOCK=1, MODE="row", UNROLL=1)
+    run(ScaleFamily(), store, FakeTimer({"aten": 1.0}, default=2.0))
+    e = run(ScaleFamily(), store, FakeTimer({"aten": 1.0, **times({best: 0.5})}), force=True)
+    assert e.winner == best and store.get(*e.key, refresh=True) == e
+    assert len({t.run for t in store.trials(FP)}) == 2  # both histories kept
+
+
+def test_ctrl_c_leaves_no_entry_and_no_claim(store):
+    fam = ScaleFamily(interrupt=lambda c: c["BLOCK"] == 2)
+    timer = FakeTimer({"aten": 1.0}, default=0.5)
+    with pytest.raises(KeyboardInterrupt):
+        run(fam, store, timer)
+    key = (FP, "scale", problem_key({"n": 37, "dtype": "float32"}))
+    assert store.get(*key, refresh=True) is None
+    assert store.entries() == [] and store.trials() == []
+    assert not store.claimed(*key)
+    # the next attempt tunes normally
+    assert run(ScaleFamily(), store, timer).trials == len(ALL)
+
+
+def test_claimed_elsewhere_returns_unstored_aten(store, tmp_path):
+    key = (FP, "scale", problem_key({"n": 37, "dtype": "float32"}))
+    with Store.open(store.path) as other:
+        assert other.claim(*key, lease_s=60)
+        timer = FakeTimer({"aten": 1.0}, default=0.5)
+        t0 = time.monotonic()
+        e = run(ScaleFamily(), store, timer, wait_s=0.3)
+        assert 0.25 <= time.monotonic() - t0 < 5
+        assert e.winner == "aten" and e.source == "claimed-elsewhere" and math.isnan(e.time_ms)
+        assert timer.calls == [] and store.entries() == []
+        assert other.claimed(*key)  # still theirs
+
+
+def test_waiting_for_another_process_returns_its_result(store):
+    key = (FP, "scale", problem_key({"n": 37, "dtype": "float32"}))
+    theirs = Entry(*key, winner=cfg(BLOCK=1, MODE="row", UNROLL=1), time_ms=0.3, aten_ms=1.0, trials=5)
+    with Store.open(store.path) as other:
+        assert other.claim(*key, lease_s=60)
+
+        def finish():
+            time.sleep(0.2)
+            other.put(theirs)
+            other.release(*key)
+
+        th = threading.Thread(target=finish)
+        th.start()
+        timer = FakeTimer({"aten": 1.0}, default=0.5)
+        e = run(ScaleFamily(), store, timer, wait_s=10)
+        th.join()
+    assert e == theirs and timer.calls == []
+
+
+def test_a_released_claim_without_result_lets_the_waiter_tune(store):
+    key = (FP, "scale", problem_key({"n": 37, "dtype": "float32"}))
+    with Store.open(store.path) as other:
+        assert other.claim(*key, lease_s=60)
+        th = threading.Timer(0.2, lambda: other.release(*key))
+        th.start()
+        e = run(ScaleFamily(), store, FakeTimer({"aten": 1.0}, default=0.5), wait_s=10)
+        th.join()
+    assert e.source == "tuned" and store.get(*key) == e
+
+
+def test_budget_limits_trials(store):
+    timer = FakeTimer({"aten": 1.0}, default=0.5)
+    e = run(ScaleFamily(), store, timer, max_trials=3)
+    assert e.trials == 3 and len(store.trials(FP)) == 3
+
+
+def test_budgets_default_from_settings(store):
+    from torchtune_ops import settings
+
+    with settings.override(max_trials=4):
+        e = tune_problem(ScaleFamily(), PROBLEM, device="cpu", store=store, fingerprint=FP,
+                         timer=FakeTimer({"aten": 1.0}, default=0.5))
+    assert e.trials == 4
+
+
+def test_zero_time_budget_measures_no_config(store):
+    timer = FakeTimer({"aten": 1.0}, default=0.5)
+    e = run(ScaleFamily(), store, timer, time_budget_s=0.0)
+    assert e.winner == "aten" and e.trials == 0 and set(timer.calls) == {"aten"}
+
+
+def test_progress_line_per_trial(store, capsys):
+    run(ScaleFamily(), store, FakeTimer({"aten": 1.0}, default=0.5), max_trials=3, progress=True)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.split("\r") if ln.strip()]
+    assert len(lines) == 3
+    assert "trial 3/3" in lines[-1] and "scale n=37" in lines[-1] and "aten 1 ms" in lines[-1]
+    assert "best 0.5 ms" in lines[-1] and err.endswith("\n")
+
+
+def test_progress_callable_gets_each_trial(store):
+    seen: list[TuneProgress] = []
+    best = cfg(BLOCK=4, MODE="row", UNROLL=1)
+    run(ScaleFamily(), store, FakeTimer({"aten": 1.0, **times({best: 0.25})}), max_trials=5,
+        progress=seen.append)
+    assert [p.trial for p in seen] == [1, 2, 3, 4, 5]
+    assert all(p.best_ms == 0.25 and p.aten_ms == 1.0 and p.max_trials == 5 for p in seen)
+
+
+def test_prior_is_passed_to_the_search(store):
+    best = cfg(BLOCK=16, MODE="col", UNROLL=1)
+    timer = FakeTimer({"aten": 1.0, **times({best: 0.1})})
+    prior = [(json.loads(best), 0.1), ({"BLOCK": 1, "MODE": "row", "UNROLL": 2}, 9.0)]
+    run(ScaleFamily(), store, timer, max_trials=3, prior=prior)
+    assert best in timer.calls[:4]  # the prior's best region is tried right after the known config
+
+
+def test_zero_size_problem_tunes_without_error(store):
+    e = tune_problem(ScaleFamily(), ScaleProblem(n=0), device="cpu", store=store, fingerprint=FP,
+                     timer=FakeTimer({"aten": 1.0}, default=2.0), max_trials=3)
+    assert e.winner == "aten"
+
+
+# ------------------------------------------------------------------------------------------------ real kernel
+
+def test_real_gemm_through_the_interpreter(tmp_path, device):
+    """A tiny GEMM tuned for real (interpreter on CPU): whatever wins must match PyTorch."""
+    from torchtune_ops.kernels.base import relative_error
+    from torchtune_ops.kernels.gemm import GEMM, GemmProblem
+    from torchtune_ops.timing import make_timer
+
+    problem = GemmProblem(op="mm", batch=1, M=17, N=13, K=19, dtype="float32")
+    with Store.open(tmp_path / "real.sqlite") as st:
+        e = tune_problem(GEMM, problem, device=device, store=st, max_trials=2, time_budget_s=60,
+                         timer=make_timer(device, rep_ms=0.0, min_reps=1))
+        assert st.get(*e.key, refresh=True) == e
+        assert 1 <= e.trials <= 2 and e.aten_ms > 0 and len(st.trials(e.fingerprint, "gemm")) == e.trials
+        assert all(math.isfinite(t.value_ms) for t in st.trials(e.fingerprint, "gemm"))
+    if not e.is_aten:
+        inputs = GEMM.make_inputs(problem, device, seed=5)
+        err = relative_error(GEMM.launch(Config.from_dict(e.config()), problem, inputs),
+                             GEMM.reference(problem, inputs))
+        assert err <= GEMM.tolerance(problem)
+
+
+def test_default_patience_stops_a_search_that_stopped_improving(store):
+    # the known config is the best: after 10 more trials without improvement the search stops
+    timer = FakeTimer({"aten": 1.0, **times({cfg(BLOCK=4, MODE="row", UNROLL=1): 0.5})})
+    e = tune_problem(ScaleFamily(), PROBLEM, device="cpu", store=store, timer=timer, fingerprint=FP,
+                     max_trials=18)
+    assert e.trials == 11 and e.winner == cfg(BLOCK=4, MODE="row", UNROLL=1)

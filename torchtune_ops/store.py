@@ -1,0 +1,729 @@
+"""The on-disk cache of tuned choices: one SQLite file, safe with many processes, never fatal.
+
+Layout (one file, ``<cache dir>/tuning.sqlite``, directory created readable by its owner only):
+
+- ``entries_v<N>``: one row per (device fingerprint key, family, problem key): the winner ("aten" or the
+  winning configuration's canonical JSON), its time, aten's time, the number of trials, the date and the
+  source ("tuned", "import", ...).
+- ``trials_v<N>``: every measurement made while tuning (configuration JSON, ms or NULL for a failure),
+  grouped by tuning run and ordered, for later learning.
+- ``claims_v<N>``: who is tuning which problem now, with a lease that expires.
+
+``N`` is ``SCHEMA_VERSION``: bumping it makes new tables and ignores the old ones, so there are no
+migrations. The file is in WAL mode; every write is one ``BEGIN IMMEDIATE`` transaction, so a process
+killed mid-write leaves the previous state and concurrent writers wait for each other (busy timeout).
+
+Faults never stop the caller: a corrupt file is renamed aside (``tuning.sqlite.corrupt-<timestamp>``) and
+rebuilt, with one warning; a directory that cannot be created or written (read-only, vanished, disk full)
+gives one warning and the store carries on in memory, starting from a copy of what was readable. In
+read-only mode (``TORCHTUNE_OPS_READONLY=1`` or ``readonly=True``) nothing is ever written or created: the
+file, if any, is copied into memory at open and later ``put``s stay in this process.
+
+Hits are served from an in-memory dict in front of SQLite; a miss is remembered for ``miss_ttl_s``
+seconds so that a run-time miss costs a database query at most that often.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from . import settings
+from .errors import CacheError
+
+__all__ = ["SCHEMA_VERSION", "DB_NAME", "Entry", "Trial", "Store", "CacheWarning", "default_path",
+           "default_store", "problem_key", "canonical_json"]
+
+#: version of the table layout; bump it to start from empty tables (old ones are ignored)
+SCHEMA_VERSION = 1
+#: file name of the database inside the cache directory
+DB_NAME = "tuning.sqlite"
+
+Key = tuple[str, str, str]
+
+
+class CacheWarning(UserWarning):
+    """The cache degraded (moved a corrupt file aside, or fell back to memory); the process goes on."""
+
+
+def canonical_json(obj: Any) -> str:
+    """Compact JSON with sorted keys: equal dicts give equal strings."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def problem_key(problem: Mapping[str, Any]) -> str:
+    """The cache key of a problem: the canonical JSON of its dict (``family.problem_to_dict(p)``)."""
+    return canonical_json(dict(problem))
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _config_json(config: Any) -> str:
+    if isinstance(config, str):
+        return config
+    if hasattr(config, "to_json"):
+        return config.to_json()
+    return canonical_json(dict(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One tuned choice. ``winner`` is "aten" or a configuration's canonical JSON; times in ms.
+
+    ``from_dict`` validates types and ranges (bundles are untrusted data); ``to_dict`` is its inverse.
+    """
+
+    fingerprint: str
+    family: str
+    problem: str
+    winner: str
+    time_ms: float
+    aten_ms: float
+    trials: int = 0
+    created: str = ""
+    source: str = "tuned"
+
+    def __post_init__(self) -> None:
+        if not self.created:
+            object.__setattr__(self, "created", _now_iso())
+
+    @property
+    def key(self) -> Key:
+        return (self.fingerprint, self.family, self.problem)
+
+    @property
+    def is_aten(self) -> bool:
+        return self.winner == "aten"
+
+    def config(self) -> dict[str, Any] | None:
+        """The winning configuration as a dict, or None when aten won."""
+        return None if self.is_aten else json.loads(self.winner)
+
+    @property
+    def speedup(self) -> float:
+        """aten's time over the winner's (1.0 when aten won)."""
+        return self.aten_ms / self.time_ms if self.time_ms > 0 else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Entry":
+        """Build and validate; raises ValueError naming the bad field."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"an entry must be an object, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"unknown entry fields: {sorted(unknown)}")
+        missing = {"fingerprint", "family", "problem", "winner", "time_ms", "aten_ms"} - set(data)
+        if missing:
+            raise ValueError(f"missing entry fields: {sorted(missing)}")
+        kw = dict(data)
+        for name in ("fingerprint", "family", "problem", "winner", "created", "source"):
+            if name in kw and (not isinstance(kw[name], str) or len(kw[name]) > 10000):
+                raise ValueError(f"entry field {name!r} must be a string, got {kw[name]!r:.80}")
+        for name in ("time_ms", "aten_ms"):
+            v = kw[name]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"entry field {name!r} must be a finite non-negative number, got {v!r}")
+            kw[name] = float(v)
+        t = kw.get("trials", 0)
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 10**7:
+            raise ValueError(f"entry field 'trials' must be a non-negative int, got {t!r}")
+        _check_json_object(kw["problem"], "problem", values=(int, float, str, bool, list, type(None)))
+        if kw["winner"] != "aten":
+            _check_json_object(kw["winner"], "winner", values=(int, str, bool))
+        return cls(**kw)
+
+
+def _check_json_object(text: str, name: str, *, values: tuple[type, ...]) -> None:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise ValueError(f"entry field {name!r} is not JSON: {text!r:.80}") from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, values)
+                                            for k, v in obj.items()):
+        raise ValueError(f"entry field {name!r} must be a JSON object of simple values: {text!r:.80}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One measurement from a tuning run: ``value_ms`` is ``math.inf`` for a failed configuration."""
+
+    fingerprint: str
+    family: str
+    problem: str
+    run: str
+    ordinal: int
+    config: str
+    value_ms: float
+
+    def config_dict(self) -> dict[str, Any]:
+        return json.loads(self.config)
+
+
+def default_path() -> Path:
+    """``<TORCHTUNE_OPS_CACHE_DIR or the platform's user cache dir>/tuning.sqlite``."""
+    d = settings.current().cache_dir
+    if not d:
+        import platformdirs
+
+        d = platformdirs.user_cache_dir("torchtune_ops")
+    return Path(d) / DB_NAME
+
+
+# SQLite primary result codes we act on (https://sqlite.org/rescode.html)
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+
+
+def _classify(e: sqlite3.Error) -> str:
+    """'bug' (raise), 'corrupt' (move aside) or 'unusable' (fall back to memory)."""
+    if isinstance(e, (sqlite3.ProgrammingError, sqlite3.InterfaceError, sqlite3.IntegrityError)):
+        return "bug"
+    code = getattr(e, "sqlite_errorcode", None)  # Python >= 3.11
+    if code is not None:
+        return "corrupt" if code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB) else "unusable"
+    # Python 3.10: corrupt/not-a-database errors are plain DatabaseError, I/O problems OperationalError
+    return "corrupt" if type(e) is sqlite3.DatabaseError else "unusable"
+
+
+def _host_id() -> str:
+    """This host, and on Linux its PID namespace, so PIDs are only compared where they mean the same."""
+    host = socket.gethostname()
+    with contextlib.suppress(OSError):
+        host += f"#{os.stat('/proc/self/ns/pid').st_ino}"
+    return host
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # cannot tell safely; rely on the lease
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries_v{v} (
+    fingerprint TEXT NOT NULL, family TEXT NOT NULL, problem TEXT NOT NULL,
+    winner TEXT NOT NULL, time_ms REAL NOT NULL, aten_ms REAL NOT NULL, trials INTEGER NOT NULL,
+    created TEXT NOT NULL, source TEXT NOT NULL,
+    PRIMARY KEY (fingerprint, family, problem)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS trials_v{v} (
+    fingerprint TEXT NOT NULL, family TEXT NOT NULL, problem TEXT NOT NULL, run TEXT NOT NULL,
+    ordinal INTEGER NOT NULL, config TEXT NOT NULL, value_ms REAL,
+    PRIMARY KEY (fingerprint, family, problem, run, ordinal)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS claims_v{v} (
+    fingerprint TEXT NOT NULL, family TEXT NOT NULL, problem TEXT NOT NULL,
+    owner TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (fingerprint, family, problem)) WITHOUT ROWID;
+"""
+
+_ENTRY_COLS = "fingerprint, family, problem, winner, time_ms, aten_ms, trials, created, source"
+
+
+@contextlib.contextmanager
+def _tx(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction; rolled back on any exception, Ctrl-C included."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class Store:
+    """The cache of tuned choices. Open with ``Store.open()``; thread-safe; usable after ``fork``.
+
+    ``mode`` is "disk" (the SQLite file), "memory" (degraded after a fault: nothing persists) or
+    "readonly" (copied from disk at open; never writes).
+    """
+
+    #: seconds a miss is remembered before ``get`` asks the database again
+    miss_ttl_s: float = 10.0
+
+    def __init__(self, path: Path, *, readonly: bool, busy_timeout_s: float) -> None:
+        # use Store.open(); this only sets fields
+        self.path = path
+        self.readonly = readonly
+        self.busy_timeout_s = busy_timeout_s
+        self.mode = "memory"
+        self.hits = 0
+        self.misses = 0
+        self._conn: sqlite3.Connection | None = None
+        self._ident: tuple[int, int] | None = None
+        self._lock = threading.RLock()
+        self._mem: dict[Key, Entry] = {}
+        self._missed: dict[Key, float] = {}
+        self._warned: set[str] = set()
+        self._set_owner()
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | None = None, *, readonly: bool | None = None,
+             busy_timeout_s: float = 30.0) -> "Store":
+        """Open (creating if needed) the cache database.
+
+        Args:
+            path: the database file; None (default) is ``default_path()``, under
+                ``TORCHTUNE_OPS_CACHE_DIR`` or the platform's user cache directory.
+            readonly: never write or create anything; None (default) follows ``TORCHTUNE_OPS_READONLY``.
+            busy_timeout_s: how long a write waits for other processes' transactions (default 30 s)
+                before the store gives up on the file and degrades to memory.
+
+        Never raises for file-system or database faults: see the module docstring.
+        """
+        ro = settings.current().readonly if readonly is None else bool(readonly)
+        store = cls(Path(path) if path is not None else default_path(), readonly=ro,
+                    busy_timeout_s=busy_timeout_s)
+        with store._lock:
+            if ro:
+                store._open_readonly()
+            else:
+                store._open_disk()
+        return store
+
+    def _set_owner(self) -> None:
+        self._pid = os.getpid()
+        self._host = _host_id()
+        self.owner = f"{self._host}:{self._pid}:{uuid.uuid4().hex[:12]}"
+
+    def _connect(self, target: str, *, uri: bool = False) -> sqlite3.Connection:
+        return sqlite3.connect(target, timeout=self.busy_timeout_s, isolation_level=None,
+                               check_same_thread=False, uri=uri)
+
+    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        wanted = {f"{t}_v{SCHEMA_VERSION}" for t in ("entries", "trials", "claims")}
+        if not wanted <= names:
+            with _tx(conn):
+                for stmt in _SCHEMA.format(v=SCHEMA_VERSION).split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+
+    def _connect_disk(self) -> sqlite3.Connection:
+        """Open the file read-write in WAL mode with our tables; raises OSError or sqlite3.Error."""
+        d = self.path.parent
+        if not d.is_dir():
+            d.mkdir(parents=True, mode=0o700)
+        new = not self.path.exists()
+        conn = self._connect(str(self.path))
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._ensure_schema(conn)
+            if new:
+                with contextlib.suppress(OSError):
+                    os.chmod(self.path, 0o600)
+            st = os.stat(self.path)
+            self._ident = (st.st_dev, st.st_ino)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_disk(self) -> None:
+        for attempt in (0, 1):
+            try:
+                self._conn = self._connect_disk()
+                self.mode = "disk"
+                return
+            except OSError as e:
+                self._to_memory(f"cannot create or open {self.path}: {e}")
+                return
+            except sqlite3.Error as e:
+                kind = _classify(e)
+                if kind == "bug":
+                    raise
+                if kind == "corrupt" and attempt == 0:
+                    self._move_aside(e, check_ident=False)
+                    continue
+                self._to_memory(f"cannot use {self.path}: {e}")
+                return
+
+    def _open_readonly(self) -> None:
+        self.mode = "readonly"
+        mem = self._memory_db()
+        if self.path.is_file():
+            base = self.path.absolute().as_uri()
+            for query in ("?mode=ro", "?mode=ro&immutable=1"):
+                src = None
+                try:
+                    src = self._connect(base + query, uri=True)
+                    src.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                    src.backup(mem)
+                    break
+                except sqlite3.Error as e:
+                    last = e
+                finally:
+                    if src is not None:
+                        src.close()
+            else:
+                self._warn("readonly", f"torchtune_ops cache {self.path} cannot be read ({last}); "
+                                       "read-only mode goes on with an empty in-memory cache")
+                mem = self._memory_db()
+        self._ensure_schema(mem)
+        self._conn = mem
+
+    def _memory_db(self) -> sqlite3.Connection:
+        return self._connect(":memory:")
+
+    def _to_memory(self, reason: str) -> None:
+        """Degrade to an in-memory database holding a copy of whatever the file still gives."""
+        mem = self._memory_db()
+        src = self._conn
+        if src is None and self.path.is_file():
+            with contextlib.suppress(sqlite3.Error):
+                src = self._connect(self.path.absolute().as_uri() + "?mode=ro", uri=True)
+        if src is not None:
+            try:
+                src.backup(mem)
+            except sqlite3.Error:
+                mem.close()
+                mem = self._memory_db()
+            with contextlib.suppress(sqlite3.Error):
+                src.close()
+        self._ensure_schema(mem)
+        self._conn = mem
+        self._ident = None
+        self.mode = "readonly" if self.readonly else "memory"
+        self._warn("memory", f"torchtune_ops cache: {reason}; using an in-memory cache for this "
+                             "process (tuned choices will not persist)")
+
+    def _move_aside(self, error: BaseException, *, check_ident: bool = True) -> None:
+        """Rename a corrupt database (and its WAL files) aside, once, then reopen a fresh one."""
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+        try:
+            st = os.stat(self.path)
+            same = not check_ident or self._ident == (st.st_dev, st.st_ino)
+        except OSError:
+            same = False  # already gone: another process moved it
+        aside = None
+        if same:
+            stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+            try:
+                os.replace(self.path, aside)
+                for suffix in ("-wal", "-shm"):
+                    with contextlib.suppress(OSError):
+                        os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+            except OSError:
+                aside = None
+        if aside is not None:
+            self._warn("corrupt", f"torchtune_ops cache {self.path} was corrupt ({error}); "
+                                  f"moved it aside to {aside} and started a new one")
+
+    def _warn(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, CacheWarning, stacklevel=4)
+
+    # ---------------------------------------------------------------- running statements
+
+    def _do(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn(conn)`` under the lock; on a fault, recover (see module docstring) and retry."""
+        with self._lock:
+            if os.getpid() != self._pid:
+                self._after_fork()
+            for _ in range(3):
+                try:
+                    return fn(self._conn)
+                except sqlite3.Error as e:
+                    kind = _classify(e)
+                    if kind == "bug" or self.mode != "disk":
+                        raise
+                    if kind == "corrupt":
+                        self._move_aside(e)
+                        self._open_disk()
+                    else:
+                        self._to_memory(f"cannot write {self.path}: {e}")
+            raise CacheError(f"the cache at {self.path} keeps failing")
+
+    _orphans: list = []  # connections inherited through fork: never used, never closed
+
+    def _after_fork(self) -> None:
+        Store._orphans.append(self._conn)
+        self._set_owner()
+        if self.mode == "disk":
+            self._open_disk()
+        else:
+            # a forked memory database is a private copy already; keep using it
+            pass
+
+    # ---------------------------------------------------------------- entries
+
+    def get(self, fingerprint: str, family: str, problem: str, *, refresh: bool = False) -> Entry | None:
+        """The entry for (fingerprint key, family name, problem key), or None.
+
+        Served from memory when seen before (a remembered miss is re-checked after ``miss_ttl_s``);
+        ``refresh=True`` always asks the database (to see other processes' results).
+        """
+        key = (fingerprint, family, problem)
+        if not refresh:
+            e = self._mem.get(key)
+            if e is not None:
+                self.hits += 1
+                return e
+            t = self._missed.get(key)
+            if t is not None and time.monotonic() - t < self.miss_ttl_s:
+                self.misses += 1
+                return None
+        row = self._do(lambda c: c.execute(
+            f"SELECT {_ENTRY_COLS} FROM entries_v{SCHEMA_VERSION} "
+            "WHERE fingerprint=? AND family=? AND problem=?", key).fetchone())
+        if row is None:
+            self.misses += 1
+            self._missed[key] = time.monotonic()
+            self._mem.pop(key, None)
+            return None
+        e = Entry(*row)
+        self._mem[key] = e
+        self._missed.pop(key, None)
+        self.hits += 1
+        return e
+
+    def preload(self, fingerprint: str | None = None) -> int:
+        """Load every entry (of one fingerprint key, or all) into memory; returns how many."""
+        got = self.entries(fingerprint)
+        for e in got:
+            self._mem[e.key] = e
+            self._missed.pop(e.key, None)
+        return len(got)
+
+    def put(self, entry: Entry, trials: Iterable[tuple[Any, float | None]] = (), *,
+            policy: str = "faster") -> Entry:
+        """Store ``entry`` and its trial history atomically; returns the entry now in the cache.
+
+        Args:
+            entry: the tuned choice (times must be finite).
+            trials: (configuration, ms) pairs in the order measured; the configuration is a Config, a
+                dict or its JSON; ms is ``inf``/NaN/None for a failure. Always appended, as a new run.
+            policy: what to do when the key already has an entry (another process tuned it too):
+                "faster" (default) keeps the one with the smaller ``time_ms`` (the existing one on a
+                tie), "replace" overwrites, "keep" keeps the existing one.
+        """
+        if policy not in ("faster", "replace", "keep"):
+            raise ValueError(f"policy must be 'faster', 'replace' or 'keep', got {policy!r}")
+        for v in (entry.time_ms, entry.aten_ms):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"entry times must be finite and non-negative: {entry}")
+        run = uuid.uuid4().hex
+        rows = []
+        for i, (cfg, ms) in enumerate(trials):
+            value = None if ms is None or not math.isfinite(ms) else float(ms)
+            rows.append((*entry.key, run, i, _config_json(cfg), value))
+        v = SCHEMA_VERSION
+
+        def write(c: sqlite3.Connection) -> Entry:
+            with _tx(c):
+                row = c.execute(f"SELECT {_ENTRY_COLS} FROM entries_v{v} "
+                                "WHERE fingerprint=? AND family=? AND problem=?", entry.key).fetchone()
+                old = Entry(*row) if row else None
+                keep = old is not None and (policy == "keep" or
+                                            (policy == "faster" and old.time_ms <= entry.time_ms))
+                if not keep:
+                    c.execute(f"INSERT OR REPLACE INTO entries_v{v} ({_ENTRY_COLS}) "
+                              "VALUES (?,?,?,?,?,?,?,?,?)", dataclasses.astuple(entry))
+                if rows:
+                    c.executemany(f"INSERT INTO trials_v{v} VALUES (?,?,?,?,?,?,?)", rows)
+            return old if keep else entry
+
+        stored = self._do(write)
+        self._mem[entry.key] = stored
+        self._missed.pop(entry.key, None)
+        return stored
+
+    def entries(self, fingerprint: str | None = None, *, family: str | None = None) -> list[Entry]:
+        """Every stored entry, optionally of one fingerprint key and/or one family, in key order."""
+        sql = f"SELECT {_ENTRY_COLS} FROM entries_v{SCHEMA_VERSION}"
+        where, args = _where(fingerprint=fingerprint, family=family)
+        rows = self._do(lambda c: c.execute(sql + where + " ORDER BY 1, 2, 3", args).fetchall())
+        return [Entry(*r) for r in rows]
+
+    def trials(self, fingerprint: str | None = None, family: str | None = None, *,
+               problem: str | None = None) -> list[Trial]:
+        """The recorded measurements, optionally filtered, ordered by key, run and ordinal."""
+        sql = (f"SELECT fingerprint, family, problem, run, ordinal, config, value_ms "
+               f"FROM trials_v{SCHEMA_VERSION}")
+        where, args = _where(fingerprint=fingerprint, family=family, problem=problem)
+        rows = self._do(lambda c: c.execute(sql + where + " ORDER BY 1, 2, 3, 4, 5", args).fetchall())
+        return [Trial(*r[:6], math.inf if r[6] is None else r[6]) for r in rows]
+
+    def delete(self, fingerprint: str, family: str, problem: str) -> bool:
+        """Remove one entry and its trials; True when there was an entry."""
+        key = (fingerprint, family, problem)
+
+        def run(c: sqlite3.Connection) -> bool:
+            with _tx(c):
+                n = c.execute(f"DELETE FROM entries_v{SCHEMA_VERSION} WHERE fingerprint=? AND family=? "
+                              "AND problem=?", key).rowcount
+                c.execute(f"DELETE FROM trials_v{SCHEMA_VERSION} WHERE fingerprint=? AND family=? "
+                          "AND problem=?", key)
+            return n > 0
+
+        gone = self._do(run)
+        self._mem.pop(key, None)
+        self._missed.pop(key, None)
+        return gone
+
+    def clear(self, fingerprint: str | None = None) -> int:
+        """Remove every entry, trial and claim (of one fingerprint key, or all); returns entries removed.
+        Clearing everything also drops tables left by older schema versions."""
+        where, args = _where(fingerprint=fingerprint)
+
+        def run(c: sqlite3.Connection) -> int:
+            with _tx(c):
+                n = c.execute(f"DELETE FROM entries_v{SCHEMA_VERSION}" + where, args).rowcount
+                for t in ("trials", "claims"):
+                    c.execute(f"DELETE FROM {t}_v{SCHEMA_VERSION}" + where, args)
+                if fingerprint is None:
+                    for (name,) in c.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+                        base, _, ver = name.rpartition("_v")
+                        if base in ("entries", "trials", "claims") and ver != str(SCHEMA_VERSION):
+                            c.execute(f'DROP TABLE "{name}"')
+            return n
+
+        n = self._do(run)
+        self._mem.clear()
+        self._missed.clear()
+        return n
+
+    # ---------------------------------------------------------------- claims
+
+    def claim(self, fingerprint: str, family: str, problem: str, *, lease_s: float = 300.0) -> bool:
+        """Claim the right to tune a problem for ``lease_s`` seconds; True when granted.
+
+        Granted when nobody holds it, when this store already holds it (the lease is renewed), when the
+        holder's lease expired, or when the holder is a dead process on this host. Claims in a degraded
+        (memory) store only exclude this process's own threads.
+        """
+        key = (fingerprint, family, problem)
+        v = SCHEMA_VERSION
+
+        def run(c: sqlite3.Connection) -> bool:
+            now = time.time()
+            with _tx(c):
+                row = c.execute(f"SELECT owner, host, pid, expires FROM claims_v{v} "
+                                "WHERE fingerprint=? AND family=? AND problem=?", key).fetchone()
+                if row is not None:
+                    owner, host, pid, expires = row
+                    stale = expires < now or (host == self._host and pid != self._pid
+                                              and not _pid_alive(pid))
+                    if owner != self.owner and not stale:
+                        return False
+                c.execute(f"INSERT OR REPLACE INTO claims_v{v} VALUES (?,?,?,?,?,?,?)",
+                          (*key, self.owner, self._host, self._pid, now + lease_s))
+            return True
+
+        return self._do(run)
+
+    def release(self, fingerprint: str, family: str, problem: str) -> bool:
+        """Give up this store's claim on a problem; True when it held one."""
+        key = (fingerprint, family, problem)
+
+        def run(c: sqlite3.Connection) -> bool:
+            with _tx(c):
+                return c.execute(f"DELETE FROM claims_v{SCHEMA_VERSION} WHERE fingerprint=? AND "
+                                 "family=? AND problem=? AND owner=?", (*key, self.owner)).rowcount > 0
+
+        return self._do(run)
+
+    def claimed(self, fingerprint: str, family: str, problem: str) -> bool:
+        """True when some live lease (anyone's) covers the problem now."""
+        key = (fingerprint, family, problem)
+        row = self._do(lambda c: c.execute(
+            f"SELECT expires FROM claims_v{SCHEMA_VERSION} WHERE fingerprint=? AND family=? AND problem=?",
+            key).fetchone())
+        return row is not None and row[0] >= time.time()
+
+    # ---------------------------------------------------------------- housekeeping
+
+    def stats(self) -> dict[str, Any]:
+        """Where the cache is, its mode, row counts, file size and this process's hit/miss counts."""
+        v = SCHEMA_VERSION
+
+        def run(c: sqlite3.Connection) -> tuple:
+            return (c.execute(f"SELECT count(*), count(DISTINCT fingerprint) FROM entries_v{v}").fetchone()
+                    + c.execute(f"SELECT count(*) FROM trials_v{v}").fetchone()
+                    + c.execute(f"SELECT count(*) FROM claims_v{v}").fetchone())
+
+        n_entries, n_fps, n_trials, n_claims = self._do(run)
+        size = 0
+        if self.mode == "disk":
+            for suffix in ("", "-wal"):
+                with contextlib.suppress(OSError):
+                    size += os.stat(f"{self.path}{suffix}").st_size
+        return {"path": str(self.path), "mode": self.mode, "schema": v, "entries": n_entries,
+                "fingerprints": n_fps, "trials": n_trials, "claims": n_claims, "bytes": size,
+                "hits": self.hits, "misses": self.misses}
+
+    def close(self) -> None:
+        """Close the database (memory stores lose their content)."""
+        with self._lock:
+            if self._conn is not None and os.getpid() == self._pid:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, mode={self.mode!r})"
+
+
+def _where(**filters: str | None) -> tuple[str, tuple]:
+    parts = [(k, v) for k, v in filters.items() if v is not None]
+    if not parts:
+        return "", ()
+    return " WHERE " + " AND ".join(f"{k}=?" for k, _ in parts), tuple(v for _, v in parts)
+
+
+_defaults: dict[tuple[str, bool], Store] = {}
+_defaults_lock = threading.Lock()
+
+
+def default_store() -> Store:
+    """The process's store for the current settings (cache dir, read-only), opened on first use."""
+    s = settings.current()
+    key = (str(default_path()), s.readonly)
+    store = _defaults.get(key)
+    if store is None:
+        with _defaults_lock:
+            store = _defaults.get(key)
+            if store is None:
+                store = _defaults[key] = Store.open(readonly=s.readonly)
+    return store

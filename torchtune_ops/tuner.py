@@ -1,0 +1,343 @@
+"""Tune one problem: PyTorch's kernel against a search over a kernel family, gated by correctness.
+
+    from torchtune_ops.tuner import tune_problem
+    entry = tune_problem(GEMM, problem, device="cuda")     # -> store.Entry; "aten" or a config's JSON
+
+Steps (docs/cache.md has the reasoning):
+
+1. A stored answer for (device fingerprint, family, problem) is returned as is (unless ``force``).
+2. The problem is claimed in the store, so two processes never tune it at once; when another process
+   holds the claim, wait up to ``wait_s`` for its result, else return an unstored "aten" entry.
+3. PyTorch's kernel ("aten") is timed as a candidate of its own.
+4. ``search.tune`` measures Triton configurations: the family's well-known ones first, then the most
+   promising valid ones. A configuration that fails to compile, runs out of resources or raises a kernel
+   error is scored as failed; the search goes on.
+5. The best configurations are checked against PyTorch on fresh random inputs (a wrong result excludes
+   the configuration, or raises ``WrongResult`` in strict mode), the top three correct ones and aten are
+   timed again, and the fastest Triton configuration wins only when it beats aten by more than the
+   measured noise (at least ``MIN_MARGIN``).
+6. The entry and every measurement are stored in one transaction; the claim is released, also on
+   Ctrl-C, which re-raises and leaves nothing partial behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from . import settings
+from .device import Fingerprint, fingerprint as device_fingerprint
+from .errors import InvalidConfig, KernelFailure, UnsupportedProblem, WrongResult
+from .store import Entry, Store, default_store, problem_key
+from .timing import Timer, Timing, make_timer
+
+__all__ = ["tune_problem", "TuneProgress", "MIN_MARGIN", "RETIME_TOP", "candidate_failures"]
+
+log = logging.getLogger("torchtune_ops")
+
+#: a Triton winner must beat aten by at least this fraction (more when the measured noise is larger)
+MIN_MARGIN = 0.03
+#: how many of the best configurations are timed again before the final choice
+RETIME_TOP = 3
+#: most configurations checked for correctness before giving up on the family for this problem
+MAX_VERIFY = 8
+
+
+def candidate_failures() -> tuple[type[BaseException], ...]:
+    """Exception types that score a configuration as failed instead of stopping the tuning: our
+    InvalidConfig/KernelFailure/UnsupportedProblem, Triton's errors (compilation, out of resources,
+    interpreter) and RuntimeError (kernel launch errors, CUDA out of memory)."""
+    types: list[type[BaseException]] = [InvalidConfig, KernelFailure, UnsupportedProblem, RuntimeError]
+    try:
+        from triton.errors import TritonError  # Triton >= 3.2: base of every Triton error
+        types.append(TritonError)
+    except ImportError:  # pragma: no cover - older Triton
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+        types += [CompilationError, OutOfResources]
+    return tuple(types)
+
+
+class TuneProgress:
+    """What a ``progress`` callable receives after each measurement."""
+
+    __slots__ = ("family", "problem", "trial", "max_trials", "config", "value_ms", "best_config",
+                 "best_ms", "aten_ms")
+
+    def __init__(self, **kw: Any) -> None:
+        for k in self.__slots__:
+            setattr(self, k, kw[k])
+
+    def line(self) -> str:
+        best = f"{self.best_ms:.4g} ms" if math.isfinite(self.best_ms) else "-"
+        return (f"[torchtune_ops] {self.family} {self.problem}: trial {self.trial}/{self.max_trials}, "
+                f"best {best}, aten {self.aten_ms:.4g} ms")
+
+
+def _describe(problem_dict: dict[str, Any], width: int = 60) -> str:
+    text = ",".join(f"{k}={v}" for k, v in problem_dict.items() if v not in (None, False, "none"))
+    text = text.replace(" ", "")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _print_line(p: TuneProgress) -> None:
+    sys.stderr.write("\r" + p.line())
+    sys.stderr.flush()
+
+
+def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None = None,
+                 max_trials: int | None = None, time_budget_s: float | None = None,
+                 timer: Timer | None = None, seed: int = 0,
+                 progress: bool | Callable[[TuneProgress], None] | None = None,
+                 prior: Sequence[tuple[dict, float]] | None = None, strict: bool | None = None,
+                 patience: int | None = None, force: bool = False, wait_s: float = 5.0,
+                 lease_s: float | None = None, fingerprint: Fingerprint | str | None = None) -> Entry:
+    """Find and store the fastest correct way to run ``problem`` on ``device``.
+
+    Args:
+        family: a ``kernels.base.KernelFamily`` (e.g. ``kernels.gemm.GEMM``).
+        problem: the family's problem object (e.g. a ``GemmProblem``).
+        device: where to tune (a CUDA device; CPU runs the kernels through the Triton interpreter).
+        store: where answers live; None (default) is ``store.default_store()``.
+        max_trials: most Triton configurations measured; None: ``TORCHTUNE_OPS_MAX_TRIALS`` (40).
+        time_budget_s: the search starts no measurement after this many seconds (the final checks add
+            a few measurements); None: ``TORCHTUNE_OPS_TIME_BUDGET`` (30 s).
+        timer: ``timer(fn, key=...) -> timing.Timing``; None (default): ``timing.make_timer(device)``.
+            Tests and replays pass a ``timing.FakeTimer``.
+        seed: seed of the search and of the timing inputs; the correctness check uses ``seed + 1``.
+        progress: True prints a progress line per trial to stderr; a callable receives a
+            ``TuneProgress`` per trial; None/False (default) only logs at DEBUG level.
+        prior: (config, ms) pairs from a related problem to warm-start the search (default none).
+        strict: raise ``KernelFailure`` for a failing configuration and ``WrongResult`` for a wrong one
+            instead of skipping them; None (default): ``TORCHTUNE_OPS_STRICT``.
+        patience: stop the search after this many trials without improvement; None (default):
+            half of ``max_trials``, at least 10; 0: no early stop.
+        force: tune even when the store already has an answer, and replace it (default False).
+        wait_s: when another process is tuning this problem, how long to wait for its answer before
+            returning an unstored aten entry (default 5 s).
+        lease_s: how long the claim on the problem lasts without renewal; None (default): twice the
+            time budget plus a minute. The claim is renewed while tuning.
+        fingerprint: the device fingerprint to store under; None (default): ``device.fingerprint(device)``.
+            A string is used as the fingerprint key as is.
+
+    Returns:
+        The ``store.Entry`` now in the store (another process's answer when it stored a faster one first),
+        or, when another process holds the claim and has not answered within ``wait_s``, an unstored
+        entry with winner "aten", NaN times and ``source="claimed-elsewhere"``.
+
+    Raises:
+        WrongResult, KernelFailure: in strict mode only.
+        KeyboardInterrupt, SystemExit: re-raised after releasing the claim; nothing partial is stored.
+        Any other exception from the family (``make_inputs``, ``reference``) propagates, claim released.
+    """
+    from .kernels.base import device_limits
+
+    s = settings.current()
+    store = store if store is not None else default_store()
+    max_trials = s.max_trials if max_trials is None else max_trials
+    time_budget_s = s.time_budget if time_budget_s is None else time_budget_s
+    strict = s.strict if strict is None else strict
+    patience = max(10, max_trials // 2) if patience is None else patience
+    lease_s = 2 * time_budget_s + 60 if lease_s is None else lease_s
+    if fingerprint is None:
+        fingerprint = device_fingerprint(device)
+    fp = fingerprint if isinstance(fingerprint, str) else fingerprint.key
+    pdict = family.problem_to_dict(problem)
+    key = (fp, family.name, problem_key(pdict))
+
+    if not force:
+        done = store.get(*key, refresh=True)
+        if done is not None:
+            return done
+    if not _acquire(store, key, lease_s=lease_s, wait_s=wait_s):
+        done = store.get(*key, refresh=True)
+        if done is not None:
+            return done
+        log.info("%s %s is being tuned by another process; using PyTorch's kernel meanwhile",
+                 family.name, _describe(pdict))
+        return Entry(*key, winner="aten", time_ms=math.nan, aten_ms=math.nan, trials=0,
+                     source="claimed-elsewhere")
+    try:
+        if not force:  # answered while we waited for the claim
+            done = store.get(*key, refresh=True)
+            if done is not None:
+                return done
+        run = _Run(family, problem, pdict, device=device, timer=timer or make_timer(device),
+                   limits=device_limits(device), strict=strict, seed=seed)
+        entry, history = run.tune(key, max_trials=max_trials, time_budget_s=time_budget_s, prior=prior,
+                                  patience=patience, progress=progress,
+                                  renew=lambda: store.claim(*key, lease_s=lease_s),
+                                  renew_every_s=lease_s / 3)
+        return store.put(entry, history, policy="replace" if force else "faster")
+    finally:
+        store.release(*key)
+
+
+def _acquire(store: Store, key: tuple[str, str, str], *, lease_s: float, wait_s: float) -> bool:
+    """Claim the problem; while another process holds it, poll for up to ``wait_s`` seconds for its
+    claim to go away (answered, failed or expired). True when this process now holds the claim."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if store.claim(*key, lease_s=lease_s):
+            return True
+        if time.monotonic() >= deadline or store.get(*key, refresh=True) is not None:
+            return False
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+class _Run:
+    """The state of one tuning run: inputs, timings and failures by configuration."""
+
+    def __init__(self, family: Any, problem: Any, pdict: dict, *, device: Any, timer: Timer, limits: Any,
+                 strict: bool, seed: int) -> None:
+        self.family, self.problem, self.device = family, problem, device
+        self.desc = _describe(pdict)
+        self.name = f"{family.name} {self.desc}"
+        self.timer, self.limits, self.strict, self.seed = timer, limits, strict, seed
+        self.failures_types = candidate_failures()
+        self.inputs = family.make_inputs(problem, device, seed=seed)
+        self.timings: dict[str, Timing] = {}
+        self.failed: dict[str, str] = {}
+        self.wrong: dict[str, float] = {}
+        self._check = None  # (inputs, reference) for the correctness gate, made on first use
+
+    # -- measuring
+
+    def time_aten(self) -> Timing:
+        return self.timer(lambda: self.family.reference(self.problem, self.inputs), key="aten")
+
+    def time_config(self, cfg_json: str) -> Timing | None:
+        """Time one configuration; None when it failed (recorded in ``failed``)."""
+        from .kernels.base import Config
+
+        cfg = Config.from_json(cfg_json)
+        try:
+            return self.timer(lambda: self.family.launch(cfg, self.problem, self.inputs), key=cfg_json)
+        except self.failures_types as e:
+            if self.strict:
+                raise KernelFailure(f"{self.name}: configuration {cfg} failed: {e!r}") from e
+            if not self.failed:
+                log.info("%s: configuration %s failed (%s: %s); scored as failed", self.name, cfg,
+                         type(e).__name__, e)
+            self.failed[cfg_json] = f"{type(e).__name__}: {e}"
+            return None
+
+    def objective(self, params: dict) -> float:
+        from .kernels.base import Config
+
+        k = Config.from_dict(params).to_json()
+        t = self.time_config(k)
+        if t is None:
+            return math.inf
+        self.timings[k] = t
+        return t.median_ms
+
+    # -- correctness
+
+    def correct(self, cfg_json: str) -> bool:
+        """Whether the configuration matches PyTorch on fresh inputs (seed + 1) within tolerance."""
+        from .kernels.base import Config, relative_error
+
+        if self._check is None:
+            inputs = self.family.make_inputs(self.problem, self.device, seed=self.seed + 1)
+            self._check = (inputs, self.family.reference(self.problem, inputs))
+        inputs, ref = self._check
+        cfg = Config.from_json(cfg_json)
+        try:
+            ours = self.family.launch(cfg, self.problem, inputs)
+        except self.failures_types as e:
+            if self.strict:
+                raise KernelFailure(f"{self.name}: configuration {cfg} failed: {e!r}") from e
+            self.failed[cfg_json] = f"{type(e).__name__}: {e}"
+            return False
+        err = relative_error(ours, ref)
+        tol = self.family.tolerance(self.problem)
+        if err <= tol:
+            return True
+        msg = (f"{self.name}: configuration {cfg} gives a wrong result (relative error {err:.3g} > "
+               f"tolerance {tol:.3g}); it is excluded")
+        if self.strict:
+            raise WrongResult(msg)
+        log.warning(msg)
+        self.wrong[cfg_json] = err
+        return False
+
+    # -- the whole run
+
+    def tune(self, key: tuple[str, str, str], *, max_trials: int, time_budget_s: float,
+             prior: Sequence[tuple[dict, float]] | None, patience: int,
+             progress: bool | Callable[[TuneProgress], None] | None,
+             renew: Callable[[], bool], renew_every_s: float) -> tuple[Entry, list[tuple[str, float]]]:
+        from .search import Space, tune
+
+        start = time.monotonic()
+        family, problem, limits = self.family, self.problem, self.limits
+        aten1 = self.time_aten()
+        valid = family.valid_configs(problem, limits)
+        history: list[tuple[str, float]] = []
+        if valid and max_trials > 0:
+            show = _print_line if progress is True else (progress or None)
+            last_renew = [time.monotonic()]
+
+            def on_trial(p: Any) -> None:
+                if time.monotonic() - last_renew[0] > renew_every_s:
+                    renew()
+                    last_renew[0] = time.monotonic()
+                info = TuneProgress(family=family.name, problem=self.desc,
+                                    trial=p.number, max_trials=min(max_trials, len(valid)),
+                                    config=p.config, value_ms=p.value, best_config=p.best_config,
+                                    best_ms=p.best_value, aten_ms=aten1.median_ms)
+                log.debug("%s", info.line())
+                if show is not None:
+                    show(info)
+
+            space = Space({k: list(v) for k, v in family.space(problem).items()},
+                          constraint=lambda c: family.check(c, problem, limits) is None)
+            known = [c.as_dict() for c in family.known_configs(problem, limits)]
+            result = tune(space, self.objective, max_trials=max_trials,
+                          time_budget_s=max(0.0, time_budget_s - (time.monotonic() - start)),
+                          seed=self.seed, initial=known, prior=list(prior or ()), patience=patience or None,
+                          candidates=[c.as_dict() for c in valid], callback=on_trial)
+            if progress is True and result.trials:
+                sys.stderr.write("\n")
+            history = [(json.dumps(dict(c), sort_keys=True, separators=(",", ":")), v)
+                       for c, v in result.trials]
+
+        winner, win_t, aten_t = self._decide([(c, v) for c, v in history if math.isfinite(v)], aten1)
+        # wrong configurations are stored as failures: nothing may learn that they are fast
+        history = [(c, math.inf if c in self.wrong else v) for c, v in history]
+        entry = Entry(*key, winner=winner, time_ms=win_t.median_ms, aten_ms=aten_t.median_ms,
+                      trials=len(history), source="tuned")
+        log.info("%s: %s (%.4g ms, aten %.4g ms, %d trials, %d failed, %d wrong)", self.name,
+                 "aten" if winner == "aten" else winner, entry.time_ms, entry.aten_ms, len(history),
+                 len(self.failed), len(self.wrong))
+        return entry, history
+
+    def _decide(self, measured: list[tuple[str, float]], aten1: Timing) -> tuple[str, Timing, Timing]:
+        """Verify the best, re-time the top ones and aten, and pick a winner beyond the noise."""
+        ranked = [c for c, _ in sorted(measured, key=lambda cv: cv[1])]
+        top: list[str] = []
+        for c in ranked[:MAX_VERIFY]:
+            if self.correct(c):
+                top.append(c)
+                if len(top) == RETIME_TOP:
+                    break
+        aten2 = self.time_aten()
+        retimed = []
+        for c in top:
+            t = self.time_config(c)
+            if t is not None:
+                retimed.append((t.median_ms, c, t))
+        if not retimed:
+            return "aten", aten2, aten2
+        _, best, best_t = min(retimed)
+        drift = abs(aten1.median_ms - aten2.median_ms) / aten2.median_ms if aten2.median_ms > 0 else 0.0
+        noise = max(MIN_MARGIN, aten2.spread, best_t.spread, drift)
+        if best_t.median_ms < aten2.median_ms * (1 - noise):
+            return best, best_t, aten2
+        log.debug("%s: best configuration %s (%.4g ms) does not beat aten (%.4g ms) beyond the noise "
+                  "(%.1f%%)", self.name, best, best_t.median_ms, aten2.median_ms, noise * 100)
+        return "aten", aten2, aten2
