@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import itertools
 import json
 import logging
 import math
@@ -131,6 +132,15 @@ def parse_fingerprint_key(key: str):
     if fp.key != key:
         raise BundleError(f"{key[:120]!r} is not a device fingerprint key")
     return fp
+
+
+def incompatibility(a: Any, b: Any) -> str | None:
+    """None when choices tuned on fingerprint ``a`` may be used on ``b``, else why not: they must share
+    the GPU name, compute capability, multiprocessor count and kernel sources, and the torch and Triton
+    major.minor versions (``device.compatible``; patch versions and local tags may differ)."""
+    from .device import incompatibility as why
+
+    return why(a, b)
 
 
 def device_record(fp: Any) -> DeviceRecord:
@@ -446,10 +456,14 @@ class _Table:
                     if not _IDENT.match(v):
                         self._bad_value(col, name, lambda x, v=v: x == v)
             if list in types:
+                lists = [v for v in col if type(v) is list]
+                flat = list(itertools.chain.from_iterable(lists))
+                if max(map(len, lists)) > MAX_SEQUENCE or (flat and (
+                        set(map(type, flat)) != {int} or min(flat) < 0 or max(flat) >= MAX_DIM)):
+                    self._bad_value(col, name, lambda v: type(v) is list and (
+                        len(v) > MAX_SEQUENCE or any(type(x) is not int or not 0 <= x < MAX_DIM for x in v)),
+                        f"must be a list of at most {MAX_SEQUENCE} integers in [0, {MAX_DIM})")
                 col = tuple(tuple(v) if type(v) is list else v for v in col)
-                for v in set(v for v in col if type(v) is tuple):
-                    if len(v) > MAX_SEQUENCE or any(type(x) is not int or not 0 <= x < MAX_DIM for x in v):
-                        self._bad_value(col, name, lambda x, v=v: x == v)
             keycols.append(col)
         index: dict[tuple, int] = {}
         keys = list(zip(*keycols))
@@ -484,6 +498,9 @@ class _Table:
                 got = self._full(i, limits)
             except BundleError as e:
                 got = e
+            except Exception as e:  # family code choking on hostile values: still just a bad entry
+                got = BundleError(f"{self.where}.rows[{i}]: not a valid {self.family} entry "
+                                  f"({type(e).__name__}: {str(e)[:200]})")
             self._done[i] = got
         if isinstance(got, BundleError):
             raise got
@@ -545,9 +562,12 @@ class Bundle:
             BundleError: the first invalid entry, naming it and its field.
         """
         out = []
-        for t in self.tables.values():
-            for i in sorted(t.index.values()):
-                out.append(t.entry(i))
+        try:
+            for t in self.tables.values():
+                for i in sorted(t.index.values()):
+                    out.append(t.entry(i))
+        except BundleError as e:
+            raise BundleError(f"{self.source}: {e}") from None
         return out
 
     def find(self, device_key: str, family: str, problem: Any) -> BundleEntry | None:
@@ -740,10 +760,7 @@ def load(path: str | os.PathLike) -> Bundle:
 def validate(path: str | os.PathLike) -> Bundle:
     """Read the bundle at ``path`` and validate every entry fully (both stages); returns it."""
     b = load(path)
-    try:
-        b.entries()
-    except BundleError as e:
-        raise BundleError(f"{os.fspath(path)}: {e}") from None
+    b.entries()
     return b
 
 
@@ -803,10 +820,7 @@ def merge(bundles: Iterable[Bundle]) -> Bundle:
     for b in bundles:
         for d in b.devices:
             devices.setdefault(d.key, d)
-        try:
-            entries.extend(b.entries())
-        except BundleError as e:
-            raise BundleError(f"{b.source}: {e}") from None
+        entries.extend(b.entries())
     return Bundle.from_entries(entries, devices=devices.values())
 
 
