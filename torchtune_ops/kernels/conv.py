@@ -272,6 +272,8 @@ class ConvProblem:
 def _pair(v: int | tuple[int, ...] | list[int], what: str) -> tuple[int, int]:
     if isinstance(v, int):
         return (v, v)
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return v
     t = tuple(int(i) for i in v)
     if len(t) == 1:
         return (t[0], t[0])
@@ -459,6 +461,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Va
         raise ValueError(f"stride and dilation must be positive, got {stride!r}, {dilation!r}")
     if isinstance(padding, int) and padding >= 0:
         pt = pb = pl = pr = padding
+    elif type(padding) is tuple and len(padding) == 2 and min(padding) >= 0:
+        pt, pb, pl, pr = padding[0], padding[0], padding[1], padding[1]
     else:
         pt, pb, pl, pr = resolve_padding(padding, kernel=(r, s), stride=(sh, sw), dilation=(dh, dw))
     p_out = (h + pt + pb - dh * (r - 1) - 1) // sh + 1
@@ -481,14 +485,15 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Va
         else:
             out.copy_(_torch_activation(bias.float(), activation).to(out.dtype).view(1, k, 1, 1).expand_as(out))
         return out
-    if m > _INT32_MAX or max(_max_offset(x), _max_offset(out), w.numel()) > _INT32_MAX:
+    if (x.numel() > _INT32_MAX or out.numel() > _INT32_MAX or m > _INT32_MAX or w.numel() > _INT32_MAX) and \
+            max(_max_offset(x), _max_offset(out), w.numel(), m) > _INT32_MAX:
         raise UnsupportedProblem("conv2d kernels index one image (and the row count) with 32-bit integers")
 
     has_pad = (pt | pb | pl | pr) != 0
     b_arg = bias if bias is not None else out  # any pointer; never read without HAS_BIAS
     sx, sww, sy = x.stride(), w.stride(), out.stride()
     if cg == 1:
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(k, block_n),)
+        grid = (-(-m // block_m) * -(-k // block_n),)
         kernel, args, consts = _conv2d_depthwise_kernel, (
             x, w, b_arg, out, h, wd, p_out, q_out, m, k, k // groups,
             sx[0], sx[1], sx[2], sx[3], sww[0], sww[2], sww[3], sy[0], sy[1], sy[2], sy[3],
@@ -502,7 +507,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Va
         else:
             prec = "tf32"  # unused by 16-bit dots; Triton's default
         upcast = _compat.UPCAST_BF16_DOT and x.dtype == torch.bfloat16
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(kg, block_n), groups)
+        grid = (-(-m // block_m) * -(-kg // block_n), groups)
         kernel, args, consts = _conv2d_kernel, (
             x, w, b_arg, out, h, wd, p_out, q_out, m, cg, kg, cg * r * s,
             sx[0], sx[1], sx[2], sx[3], sww[0], sww[1], sww[2], sww[3], sy[0], sy[1], sy[2], sy[3],
