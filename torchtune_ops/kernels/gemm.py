@@ -1,0 +1,546 @@
+"""The GEMM kernel family: ``C = act(alpha * A @ B + beta * bias)``, batched, any strides, fused epilogue.
+
+Three layers: the Triton kernels (``_gemm_kernel`` and the split-K epilogue), the launcher ``gemm()``
+that the custom ops call, and ``GemmFamily`` (space, validity, known configurations, inputs, reference)
+that the tuner searches. The space and the problem description live in ``gemm_space`` (pure Python).
+
+Kernel design (for Hopper and Ampere):
+- grouped tile order (GROUP_M rows of tiles share B tiles in L2); batch folded into grid axis 0, split-K
+  programs on axis 1;
+- fp32 accumulation; float32 operands use ``input_precision`` "ieee" or "tf32" following
+  ``torch.get_float32_matmul_precision()``; under the interpreter bf16 operands are upcast to fp32
+  before ``tl.dot`` (``_compat.UPCAST_BF16_DOT``), since it multiplies bf16 as raw bits;
+- the main K loop runs without masks: M/N edges are wrapped (``% M``) on an operand's strided dim and
+  masked only on its contiguous dim (keeping vectorised loads), the K remainder is one peeled, masked
+  iteration, left out entirely when BLOCK_K * SPLIT_K divides K (EVEN_K);
+- with TMA=1 on Hopper (and under the interpreter, which emulates them), operands are read through
+  tensor descriptors (``tl.make_tensor_descriptor``), whose out-of-bounds zero fill needs no masks;
+  ``gemm()`` falls back to pointers when the strides or the alignment do not allow descriptors;
+- epilogue fused: alpha, bias (scalar, row, column or full, any strides, in fp32), activation, cast on
+  store; SPLIT_K > 1 adds fp32 partial sums atomically into a zeroed workspace and a second small
+  kernel applies the epilogue (nondeterministic, so the space drops it under deterministic algorithms).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ..errors import UnsupportedProblem
+from . import _compat
+from .base import Config, DeviceLimits, KernelFamily, Value
+from .gemm_space import (DTYPE_NAMES, TORCH_DTYPES, GemmProblem, check, gemm_problem, known_configs,
+                         space)
+
+__all__ = ["gemm", "GemmFamily", "GemmProblem", "gemm_problem", "GEMM", "ACTIVATIONS"]
+
+ACTIVATIONS = {"none": 0, "relu": 1, "gelu_tanh": 2, "silu": 3}
+# BIAS constexpr: how the epilogue reads the bias.
+_NO_BIAS, _BIAS_VALUE, _BIAS_SCALAR, _BIAS_ROW, _BIAS_COL, _BIAS_FULL = range(6)
+_INT32_MAX = 2**31 - 1
+_EPILOGUE_BLOCK = 64
+
+
+@triton.jit
+def _tile_order(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M tile rows are walked column by column, so their B tiles stay in L2."""
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, bias_ptr, stride_xm, stride_xn, beta, bias_value,
+              BIAS: tl.constexpr, ACT: tl.constexpr):
+    """acc (fp32, alpha already applied) + beta * bias, then the activation, all in fp32."""
+    if BIAS == 1:  # a Python number, beta already applied
+        acc += bias_value
+    elif BIAS == 2:  # one element, broadcast
+        acc += beta * tl.load(bias_ptr).to(tl.float32)
+    elif BIAS == 3:  # a row vector over N
+        x = tl.load(bias_ptr + rn * stride_xn, mask=rn < N, other=0.0)
+        acc += beta * x.to(tl.float32)[None, :]
+    elif BIAS == 4:  # a column vector over M
+        x = tl.load(bias_ptr + rm * stride_xm, mask=rm < M, other=0.0)
+        acc += beta * x.to(tl.float32)[:, None]
+    elif BIAS == 5:  # a full M x N matrix
+        x = tl.load(bias_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn,
+                    mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0)
+        acc += beta * x.to(tl.float32)
+    if ACT == 1:  # relu; NaN stays NaN like torch.relu
+        acc = tl.where(acc < 0.0, 0.0, acc)
+    elif ACT == 2:  # gelu, tanh approximation: 0.5 x (1 + tanh(z)) == x * sigmoid(2 z)
+        # exp's argument is capped at 80 so it stays finite (the quotient is ~0 there either way)
+        z2 = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc / (1.0 + tl.exp(tl.minimum(-z2, 80.0)))
+    elif ACT == 3:  # silu
+        acc = acc / (1.0 + tl.exp(tl.minimum(-acc, 80.0)))
+    return acc
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr,
+    M, N, K,
+    stride_ab, stride_am, stride_ak,
+    stride_bb, stride_bk, stride_bn,
+    stride_cb, stride_cm, stride_cn,
+    stride_xb, stride_xm, stride_xn,
+    alpha, beta, bias_value,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    A_ROW: tl.constexpr, A_COL: tl.constexpr, B_ROW: tl.constexpr, B_COL: tl.constexpr,
+    BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr, INDEX_64: tl.constexpr,
+):
+    # A_ROW: A's K dim is contiguous; A_COL: its M dim is (A transposed). At most one is set.
+    # B_ROW: B's N dim is contiguous; B_COL: its K dim is (B transposed, e.g. a linear weight).
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tiles = num_pid_m * num_pid_n
+    pid_b = (pid // tiles).to(tl.int64)
+    pid_m, pid_n = _tile_order(pid % tiles, num_pid_m, num_pid_n, GROUP_M)
+    a_ptr += pid_b * stride_ab
+    b_ptr += pid_b * stride_bb
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    STEP: tl.constexpr = BLOCK_K * SPLIT_K
+
+    if USE_TMA:
+        # Descriptors zero-fill out-of-bounds reads: no masks, no wrapping.
+        if A_ROW:
+            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                               block_shape=[BLOCK_M, BLOCK_K])
+        else:
+            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[K, M], strides=[stride_ak, 1],
+                                               block_shape=[BLOCK_K, BLOCK_M])
+        if B_ROW:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        for ki in range(0, tl.cdiv(K, STEP)):
+            off_k = (ki * SPLIT_K + pid_k) * BLOCK_K
+            if A_ROW:
+                a = a_desc.load([off_m, off_k])
+            else:
+                a = a_desc.load([off_k, off_m]).T
+            if B_ROW:
+                b = b_desc.load([off_k, off_n])
+            else:
+                b = b_desc.load([off_n, off_k]).T
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        # On an operand's contiguous dim keep offsets contiguous (vector loads) and mask the edge;
+        # on its strided dim wrap the edge instead (wrapped rows/columns are never stored).
+        if A_COL:
+            am = tl.max_contiguous(tl.multiple_of(rm, BLOCK_M), BLOCK_M)
+        else:
+            am = rm % M
+        if B_ROW:
+            bn = tl.max_contiguous(tl.multiple_of(rn, BLOCK_N), BLOCK_N)
+        else:
+            bn = rn % N
+        if INDEX_64:
+            am = am.to(tl.int64)
+            bn = bn.to(tl.int64)
+            rk_off = rk.to(tl.int64)
+        else:
+            rk_off = rk
+        a_ptrs = a_ptr + am[:, None] * stride_am + rk_off[None, :] * stride_ak
+        b_ptrs = b_ptr + rk_off[:, None] * stride_bk + bn[None, :] * stride_bn
+        a_step = STEP * stride_ak
+        b_step = STEP * stride_bk
+        k_full = K // STEP
+        for _ in range(0, k_full):
+            if A_COL:
+                a = tl.load(a_ptrs, mask=(rm < M)[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs)
+            if B_ROW:
+                b = tl.load(b_ptrs, mask=(rn < N)[None, :], other=0.0)
+            else:
+                b = tl.load(b_ptrs)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += a_step
+            b_ptrs += b_step
+        if not EVEN_K:  # the K remainder: one masked iteration
+            k_ok = rk < K - k_full * STEP
+            if A_COL:
+                a = tl.load(a_ptrs, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            if B_ROW:
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
+            else:
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if INDEX_64:
+        cm = rm.to(tl.int64)
+        cn = rn.to(tl.int64)
+    else:
+        cm = rm
+        cn = rn
+    c_ptrs = c_ptr + pid_b * stride_cb + cm[:, None] * stride_cm + cn[None, :] * stride_cn
+    acc = acc * alpha
+    if SPLIT_K == 1:
+        acc = _epilogue(acc, cm, cn, M, N, bias_ptr + pid_b * stride_xb, stride_xm, stride_xn, beta,
+                        bias_value, BIAS, ACT)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    else:  # c_ptr is the zeroed fp32 workspace; _splitk_epilogue_kernel finishes
+        tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _splitk_epilogue_kernel(
+    ws_ptr, c_ptr, bias_ptr,
+    M, N,
+    stride_cb, stride_cm, stride_cn,
+    stride_xb, stride_xm, stride_xn,
+    beta, bias_value,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS: tl.constexpr, ACT: tl.constexpr, INDEX_64: tl.constexpr,
+):
+    """Bias, activation and cast of the summed split-K workspace (contiguous B x M x N, fp32)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tiles = tl.cdiv(M, BLOCK_M) * num_pid_n
+    pid_b = (pid // tiles).to(tl.int64)
+    pid = pid % tiles
+    rm = (pid // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INDEX_64:
+        rm = rm.to(tl.int64)
+        rn = rn.to(tl.int64)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    acc = tl.load(ws_ptr + pid_b * M * N + rm[:, None] * N + rn[None, :], mask=mask, other=0.0)
+    acc = _epilogue(acc, rm, rn, M, N, bias_ptr + pid_b * stride_xb, stride_xm, stride_xn, beta,
+                    bias_value, BIAS, ACT)
+    c_ptrs = c_ptr + pid_b * stride_cb + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------------
+
+_DOT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
+# Config -> (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SPLIT_K, TMA)
+_PARSED: dict[Config, tuple[int, ...]] = {}
+_TORCH_ACT = {1: F.relu, 2: lambda x: F.gelu(x, approximate="tanh"), 3: F.silu}
+
+
+def _parse(config: Config | Mapping[str, Value]) -> tuple[int, ...]:
+    key = config if isinstance(config, Config) else Config.from_dict(config)
+    p = _PARSED.get(key)
+    if p is None:
+        try:
+            p = (int(key["BLOCK_M"]), int(key["BLOCK_N"]), int(key["BLOCK_K"]), int(key.get("GROUP_M", 8)),
+                 int(key.get("num_warps", 4)), int(key.get("num_stages", 3)), int(key.get("SPLIT_K", 1)),
+                 int(key.get("TMA", 0)))
+        except KeyError as e:
+            raise ValueError(f"GEMM config {key} lacks {e}") from None
+        _PARSED[key] = p
+    return p
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Largest element offset a view reaches from its data pointer."""
+    return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+def _dot_precision(dtype: torch.dtype, precision: str | None) -> str:
+    if dtype != torch.float32:
+        return "tf32"  # ignored by tl.dot for 16-bit operands
+    if precision is None:
+        precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee', 'tf32' or None, got {precision!r}")
+    return precision
+
+
+def _tma_usable(device: torch.device) -> bool:
+    if not _compat.HAS_TENSOR_DESCRIPTOR:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return _compat.INTERPRET  # the interpreter emulates descriptors: lets CPU tests cover the path
+
+
+def _tma_aligned(t: torch.Tensor, lead: int, batch_stride: int) -> bool:
+    es = t.element_size()
+    return (lead > 0 and (lead * es) % 16 == 0 and (batch_stride * es) % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+def _apply_torch_act(x: torch.Tensor, act: int) -> torch.Tensor:
+    return _TORCH_ACT[act](x) if act else x
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Value], bias=None,
+         alpha: float = 1.0, beta: float = 1.0, activation: str = "none", out: torch.Tensor | None = None,
+         precision: str | None = None) -> torch.Tensor:
+    """``act(alpha * a @ b + beta * bias)`` with the Triton GEMM kernel and ``config``.
+
+    Args:
+        a: M x K or B x M x K operand, float16/bfloat16/float32, any strides (used as they are).
+        b: K x N or B x K x N operand of a's dtype and device, any strides. A 2-D operand beside a 3-D
+            one, or a batch of 1, is broadcast over the batch (batch stride 0).
+        config: a GEMM configuration (``Config`` or mapping with BLOCK_M, BLOCK_N, BLOCK_K and optionally
+            GROUP_M=8, num_warps=4, num_stages=3, SPLIT_K=1, TMA=0). It is not validated here:
+            ``GEMM.check`` is the tuner's job.
+        bias: None (default), a Python number, or a tensor broadcastable to the result (0-d, N, M x 1,
+            M x N, B x M x N, ...; any strides and float dtype; added in fp32).
+        alpha: scale of the product (default 1.0).
+        beta: scale of the bias (default 1.0); with beta == 0 the bias is not read (as torch.addmm).
+        activation: "none" (default), "relu", "gelu_tanh" or "silu", applied after the bias.
+        out: optional result buffer of the result's shape, a's dtype and device, any strides; it must
+            not overlap the inputs. Default: a new contiguous tensor.
+        precision: float32 dot precision, "ieee" or "tf32"; None (default) follows
+            ``torch.get_float32_matmul_precision()`` ("highest" -> "ieee"). Ignored for 16-bit dtypes.
+
+    Returns:
+        ``out`` (or a new tensor) holding the result: M x N, or B x M x N when an operand is 3-D.
+
+    Raises:
+        UnsupportedProblem: dtypes, devices or ranks the kernel does not cover.
+        ValueError: mismatched shapes, a bad ``out``, activation or config.
+    """
+    bm, bn, bk, gm, warps, stages, sk, tma = _parse(config)
+    act = ACTIVATIONS.get(activation)
+    if act is None:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    dtype, device = a.dtype, a.device
+    if dtype not in _DOT_DTYPES or b.dtype != dtype:
+        raise UnsupportedProblem(f"GEMM needs float16/bfloat16/float32 operands of one dtype, got {a.dtype}, {b.dtype}")
+    if b.device != device:
+        raise UnsupportedProblem(f"operands on different devices: {a.device}, {b.device}")
+    ad, bd = a.dim(), b.dim()
+    if ad not in (2, 3) or bd not in (2, 3):
+        raise UnsupportedProblem(f"GEMM takes 2-D or 3-D operands, got {ad}-D and {bd}-D")
+    M, K = a.shape[-2], a.shape[-1]
+    K2, N = b.shape[-2], b.shape[-1]
+    if K != K2:
+        raise ValueError(f"inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+    sa, sb = a.stride(), b.stride()
+    batched = ad == 3 or bd == 3
+    if batched:
+        ba = a.shape[0] if ad == 3 else 1
+        bb = b.shape[0] if bd == 3 else 1
+        if ba != bb and ba != 1 and bb != 1:
+            raise ValueError(f"batch sizes differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+        batch = max(ba, bb)
+        sab = sa[0] if ba > 1 else 0
+        sbb = sb[0] if bb > 1 else 0
+        shape = (batch, M, N)
+    else:
+        batch, sab, sbb, shape = 1, 0, 0, (M, N)
+    sam, sak, sbk, sbn = sa[-2], sa[-1], sb[-2], sb[-1]
+
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    elif tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
+        raise ValueError(f"out must be {shape} {dtype} on {device}, got {tuple(out.shape)} {out.dtype} "
+                         f"on {out.device}")
+    if M == 0 or N == 0 or batch == 0:
+        return out
+
+    # Bias: how the epilogue reads it.
+    bias_t, bias_value, sxb, sxm, sxn = a, 0.0, 0, 0, 0
+    if bias is None or beta == 0:
+        bias_kind = _NO_BIAS
+    elif not isinstance(bias, torch.Tensor):
+        bias_kind, bias_value = _BIAS_VALUE, float(beta) * float(bias)
+    else:
+        if bias.device != device:
+            raise UnsupportedProblem(f"bias on {bias.device}, operands on {device}")
+        try:
+            bias_t = bias.expand(shape)
+        except RuntimeError:
+            raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to {shape}") from None
+        st = bias_t.stride()
+        sxb, sxm, sxn = (st if batched else (0,) + st)
+        bias_kind = (_BIAS_SCALAR if sxm == 0 and sxn == 0 else _BIAS_ROW if sxm == 0
+                     else _BIAS_COL if sxn == 0 else _BIAS_FULL)
+
+    if K == 0:  # the product is empty: the result is act(beta * bias)
+        if bias_kind == _NO_BIAS:
+            out.zero_()
+        elif bias_kind == _BIAS_VALUE:
+            out.fill_(float(_apply_torch_act(torch.tensor(bias_value), act)))
+        else:
+            out.copy_(_apply_torch_act(float(beta) * bias_t.float(), act).expand(shape))
+        return out
+
+    a_row = sak == 1
+    a_col = not a_row and sam == 1
+    b_row = sbn == 1
+    b_col = not b_row and sbk == 1
+    use_tma = False
+    if tma and (a_row or a_col) and (b_row or b_col) and _tma_usable(device):
+        use_tma = (_tma_aligned(a, sam if a_row else sak, sab) and _tma_aligned(b, sbk if b_row else sbn, sbb))
+    index_64 = max(_extent(a), _extent(b), _extent(out), _extent(bias_t)) > _INT32_MAX or \
+        batch * M * N > _INT32_MAX
+
+    if sk > 1:
+        c = torch.zeros((batch, M, N), dtype=torch.float32, device=device)
+        scb, scm, scn = M * N, N, 1
+    else:
+        c = out
+        so = out.stride()
+        scb, scm, scn = so if batched else (0,) + so
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn) * batch, sk)
+    dev_guard = device.type == "cuda" and device.index != torch.cuda.current_device()
+    if dev_guard:
+        guard = torch.cuda.device(device)
+        guard.__enter__()
+    try:
+        if use_tma and device.type == "cuda":
+            _compat.ensure_tma_allocator()
+        _gemm_kernel[grid](
+            a, b, c, bias_t, M, N, K,
+            sab, sam, sak, sbb, sbk, sbn, scb, scm, scn, sxb, sxm, sxn,
+            float(alpha), float(beta), bias_value,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, SPLIT_K=sk, EVEN_K=K % (bk * sk) == 0,
+            A_ROW=a_row, A_COL=a_col, B_ROW=b_row, B_COL=b_col, BIAS=bias_kind, ACT=act,
+            PRECISION=_dot_precision(dtype, precision),
+            UPCAST=_compat.UPCAST_BF16_DOT and dtype == torch.bfloat16,
+            USE_TMA=use_tma, INDEX_64=index_64, num_warps=warps, num_stages=stages,
+        )
+        if sk > 1:
+            so = out.stride()
+            ocb, ocm, ocn = so if batched else (0,) + so
+            eg = (triton.cdiv(M, _EPILOGUE_BLOCK) * triton.cdiv(N, _EPILOGUE_BLOCK) * batch,)
+            _splitk_epilogue_kernel[eg](
+                c, out, bias_t, M, N, ocb, ocm, ocn, sxb, sxm, sxn, float(beta), bias_value,
+                BLOCK_M=_EPILOGUE_BLOCK, BLOCK_N=_EPILOGUE_BLOCK, BIAS=bias_kind, ACT=act,
+                INDEX_64=index_64, num_warps=4,
+            )
+    finally:
+        if dev_guard:
+            guard.__exit__(None, None, None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Family
+# ---------------------------------------------------------------------------------------------------
+
+def _unpack(inputs: tuple):
+    """(a, b[, bias[, alpha[, beta]]]) -> (a, b, bias, alpha, beta)."""
+    a, b, *rest = inputs
+    rest += [None, 1.0, 1.0][len(rest):]
+    return a, b, rest[0], float(rest[1]), float(rest[2])
+
+
+def _operand(lead: tuple[int, ...], rows: int, cols: int, layout: str, dtype: torch.dtype,
+             device, gen: torch.Generator) -> torch.Tensor:
+    kw = dict(dtype=dtype, device=device, generator=gen)
+    if layout == "row":
+        return torch.randn(*lead, rows, cols, **kw)
+    if layout == "col":
+        return torch.randn(*lead, cols, rows, **kw).transpose(-1, -2)
+    return torch.randn(*lead, rows, 2 * cols, **kw)[..., ::2]  # neither dim contiguous
+
+
+class GemmFamily(KernelFamily):
+    """The GEMM family: mm, addmm, bmm, baddbmm and linear with a fused bias/activation epilogue."""
+
+    name = "gemm"
+    problem_type = GemmProblem
+
+    def space(self, problem: GemmProblem) -> dict[str, tuple[Value, ...]]:
+        return space(problem)
+
+    def check(self, config: Mapping[str, Value], problem: GemmProblem, limits: DeviceLimits) -> str | None:
+        return check(config, problem, limits)
+
+    def known_configs(self, problem: GemmProblem, limits: DeviceLimits) -> list[Config]:
+        return known_configs(problem, limits)
+
+    def make_inputs(self, problem: GemmProblem, device: torch.device | str, *, seed: int = 0) -> tuple:
+        """(a, b, bias) with the problem's layouts; 3-D operands for bmm/baddbmm or batch > 1; bias as a
+        0-d tensor (scalar), N (row), M x 1 (col) or [B x] M x N (full)."""
+        device = torch.device(device)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        dtype = TORCH_DTYPES[problem.dtype]
+        p = problem
+        lead = (p.batch,) if p.op in ("bmm", "baddbmm") or p.batch > 1 else ()
+        a = _operand(lead, p.M, p.K, p.a_layout, dtype, device, gen)
+        b = _operand(lead, p.K, p.N, p.b_layout, dtype, device, gen)
+        shapes = {"none": None, "scalar": (), "row": (p.N,), "col": (p.M, 1), "full": lead + (p.M, p.N)}
+        shape = shapes[p.bias]
+        bias = None if shape is None else torch.randn(shape, dtype=dtype, device=device, generator=gen)
+        return a, b, bias
+
+    def reference(self, problem: GemmProblem, inputs: tuple) -> torch.Tensor:
+        """torch.mm/addmm/bmm/baddbmm/linear with alpha and beta, then torch's activation."""
+        a, b, bias, alpha, beta = _unpack(inputs)
+        if a.dim() == 3 or b.dim() == 3:
+            batch = max(a.shape[0] if a.dim() == 3 else 1, b.shape[0] if b.dim() == 3 else 1)
+            a3 = a.expand(batch, *a.shape[-2:])
+            b3 = b.expand(batch, *b.shape[-2:])
+            if bias is None:
+                r = torch.bmm(a3, b3)
+                r = r * alpha if alpha != 1 else r
+            else:
+                if not isinstance(bias, torch.Tensor):
+                    bias = torch.tensor(bias, dtype=a.dtype, device=a.device)
+                r = torch.baddbmm(bias.expand(batch, a.shape[-2], b.shape[-1]), a3, b3, beta=beta, alpha=alpha)
+        elif problem.op == "linear" and alpha == 1 and beta == 1 and (bias is None or bias.dim() == 1):
+            r = F.linear(a, b.t(), bias)
+        elif bias is None:
+            r = torch.mm(a, b)
+            r = r * alpha if alpha != 1 else r
+        else:
+            if not isinstance(bias, torch.Tensor):
+                bias = torch.tensor(bias, dtype=a.dtype, device=a.device)
+            r = torch.addmm(bias, a, b, beta=beta, alpha=alpha)
+        act = ACTIVATIONS[problem.activation]
+        return _apply_torch_act(r, act)
+
+    def launch(self, config: Config | Mapping[str, Value], problem: GemmProblem, inputs: tuple,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        a, b, bias, alpha, beta = _unpack(inputs)
+        return gemm(a, b, config=config, bias=bias, alpha=alpha, beta=beta, activation=problem.activation,
+                    out=out, precision=problem.precision)
+
+    def flops(self, problem: GemmProblem) -> float:
+        return 2.0 * problem.batch * problem.M * problem.N * problem.K
+
+    def tolerance(self, problem: GemmProblem) -> float:
+        """Relative error norm accepted against PyTorch: output rounding of the dtype with margin;
+        float32 "ieee" is tight, "tf32" (10-bit mantissa products) looser."""
+        if problem.dtype == "float32":
+            return 1e-4 if problem.precision == "ieee" else 1e-2
+        return {"float16": 1e-2, "bfloat16": 2e-2}[problem.dtype]
+
+
+GEMM = GemmFamily()

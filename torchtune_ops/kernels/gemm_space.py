@@ -1,0 +1,287 @@
+"""GEMM problems and the GEMM configuration space (pure Python: no Triton here).
+
+A ``GemmProblem`` is what the tuner keys on: the op, the sizes, the dtype, the operand layouts and the
+epilogue. The space is BLOCK_M/N/K x GROUP_M x num_warps x num_stages x SPLIT_K x TMA; ``check`` rejects
+what cannot run (shared memory, registers), what cannot help (blocks far larger than the problem, stages
+beyond the K loop, SPLIT_K where there are enough output tiles, GROUP_M where it changes nothing) and
+what is forbidden (SPLIT_K under deterministic algorithms, TMA off Hopper). ``known_configs`` is
+Inductor's and Triton's tutorial lists fitted to the problem the way Inductor fits them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import torch
+
+from ..errors import UnsupportedProblem
+from .base import Config, DeviceLimits, Value
+
+OPS = ("mm", "addmm", "bmm", "baddbmm", "linear")
+ELEMENT_SIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+LAYOUTS = ("row", "col", "strided")
+BIAS_KINDS = ("none", "scalar", "row", "col", "full")
+ACTIVATIONS = ("none", "relu", "gelu_tanh", "silu")
+PRECISIONS = ("ieee", "tf32")
+
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+BLOCKS = (16, 32, 64, 128, 256)
+GROUP_MS = (1, 4, 8)
+WARPS = (2, 4, 8)
+STAGES = (1, 2, 3, 4, 5)
+SPLIT_KS = (1, 2, 4, 8, 16)
+TMAS = (0, 1)
+
+#: Streaming multiprocessors assumed where the device has none to tell (the interpreter): an H100's.
+NOMINAL_SMS = 132
+#: Most registers a thread may spend on the fp32 accumulator (Inductor's exhaustive-search rule).
+MAX_ACC_REGS = 255
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); GROUP_M = 8 for all. See /work/shared/KNOWN_CONFIGS.md.
+INDUCTOR_MM = (
+    (32, 32, 16, 1, 2), (32, 32, 128, 2, 4), (32, 64, 32, 5, 8), (64, 32, 32, 5, 8),
+    (64, 32, 128, 5, 4), (64, 64, 16, 2, 4), (64, 64, 32, 2, 4), (64, 64, 64, 3, 8),
+    (64, 64, 128, 5, 4), (64, 128, 32, 3, 4), (64, 128, 32, 4, 8), (64, 128, 64, 3, 4),
+    (64, 128, 128, 4, 4), (128, 64, 32, 3, 4), (128, 64, 32, 4, 8), (128, 128, 32, 2, 8),
+    (128, 128, 32, 3, 4), (128, 128, 64, 3, 4), (128, 128, 64, 5, 8), (128, 128, 128, 4, 8),
+)
+TRITON_TUTORIAL = (
+    (128, 256, 64, 3, 8), (64, 256, 32, 4, 4), (128, 128, 32, 4, 4), (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 5, 2), (32, 64, 32, 5, 2),
+    (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (256, 64, 128, 4, 4), (64, 256, 128, 4, 4),
+    (128, 128, 128, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 32, 64, 4, 4),
+)
+# Inductor's persistent-TMA list (Hopper) and its skinny-M (mixed_mm) list.
+INDUCTOR_PERSISTENT = (
+    (128, 256, 64, 3, 8), (128, 128, 64, 3, 8), (128, 128, 128, 3, 8), (128, 128, 128, 3, 4),
+    (128, 128, 64, 4, 8), (128, 128, 64, 5, 8), (256, 128, 64, 4, 8), (128, 128, 64, 5, 4),
+)
+INDUCTOR_SKINNY = ((16, 128, 256, 3, 4), (16, 128, 256, 5, 8))
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmProblem:
+    """One GEMM: ``C[b] = act(alpha * A[b] @ B[b] + beta * bias)`` with A: M x K, B: K x N.
+
+    ``batch`` is 1 for the 2-D ops; ``a_layout``/``b_layout`` are "row" (last dim contiguous), "col"
+    (second-to-last contiguous, e.g. a transposed operand) or "strided"; ``precision`` is "tf32" for
+    float32 under PyTorch's "high"/"medium" matmul precision, else "ieee".
+    """
+
+    op: str
+    batch: int
+    M: int
+    N: int
+    K: int
+    dtype: str
+    a_layout: str = "row"
+    b_layout: str = "row"
+    bias: str = "none"
+    activation: str = "none"
+    precision: str = "ieee"
+
+    def __post_init__(self):
+        for field, value, allowed in (("op", self.op, OPS), ("dtype", self.dtype, ELEMENT_SIZE),
+                                      ("a_layout", self.a_layout, LAYOUTS), ("b_layout", self.b_layout, LAYOUTS),
+                                      ("bias", self.bias, BIAS_KINDS), ("activation", self.activation, ACTIVATIONS),
+                                      ("precision", self.precision, PRECISIONS)):
+            if value not in allowed:
+                raise ValueError(f"GemmProblem.{field} must be one of {tuple(allowed)}, got {value!r}")
+        if min(self.batch, self.M, self.N, self.K) < 0:
+            raise ValueError("GemmProblem sizes must be non-negative")
+
+    @property
+    def element_size(self) -> int:
+        return ELEMENT_SIZE[self.dtype]
+
+
+def layout_of(t: torch.Tensor) -> str:
+    """"row" if the last dim is contiguous, "col" if the one before it is, else "strided"."""
+    st = t.stride()
+    if st[-1] == 1:
+        return "row"
+    if st[-2] == 1:
+        return "col"
+    return "strided"
+
+
+def bias_kind(bias, M: int, N: int) -> str:
+    """The ``GemmProblem.bias`` kind of a bias broadcast to an (M, N) (or (B, M, N)) result."""
+    if bias is None:
+        return "none"
+    if not isinstance(bias, torch.Tensor) or bias.dim() == 0 or bias.numel() == 1:
+        return "scalar"
+    shape = bias.shape
+    if bias.dim() == 1 or shape[-2] == 1:
+        return "row"
+    if shape[-1] == 1:
+        return "col"
+    return "full"
+
+
+def matmul_precision(dtype: str) -> str:
+    """"tf32" for float32 when PyTorch's float32 matmul precision is not "highest", else "ieee"."""
+    if dtype == "float32" and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def gemm_problem(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none",
+                 op: str = "mm") -> GemmProblem:
+    """Describe ``act(a @ b + bias)`` as a GemmProblem (cheap: shapes and strides only).
+
+    Args:
+        a: [B,] M x K operand (any strides).
+        b: [B,] K x N operand (any strides); for ``linear`` pass the transposed weight (``weight.t()``).
+        bias: None (default), a Python number or 0-d/1-element tensor ("scalar"), an N-vector or 1 x N
+            ("row"), an M x 1 tensor ("col") or an [B,] M x N tensor ("full").
+        activation: "none" (default), "relu", "gelu_tanh" or "silu".
+        op: the PyTorch op this call stands for: "mm" (default), "addmm", "bmm", "baddbmm" or "linear".
+
+    Raises:
+        UnsupportedProblem: a dtype other than float16/bfloat16/float32, or mixed dtypes.
+    """
+    dtype = DTYPE_NAMES.get(a.dtype)
+    if dtype is None or b.dtype != a.dtype:
+        raise UnsupportedProblem(f"GEMM supports float16/bfloat16/float32 operands of one dtype, "
+                                 f"got {a.dtype} and {b.dtype}")
+    sa, sb = a.shape, b.shape
+    batch = sa[0] if len(sa) == 3 else (sb[0] if len(sb) == 3 else 1)
+    M, K, N = sa[-2], sa[-1], sb[-1]
+    return GemmProblem(op, batch, M, N, K, dtype, layout_of(a), layout_of(b), bias_kind(bias, M, N),
+                       activation, matmul_precision(dtype))
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _blocks_for(dim: int) -> tuple[int, ...]:
+    cap = max(16, _pow2_at_least(dim))
+    return tuple(b for b in BLOCKS if b <= cap)
+
+
+def space(problem: GemmProblem) -> dict[str, tuple[Value, ...]]:
+    """The GEMM space for ``problem``: blocks up to the problem's size (next power of two, at least 16),
+    SPLIT_K only where K allows a full BLOCK_K per split and the problem has few output tiles."""
+    bms, bns = _blocks_for(problem.M), _blocks_for(problem.N)
+    tiles_at_largest = problem.batch * _cdiv(problem.M, bms[-1]) * _cdiv(problem.N, bns[-1])
+    if torch.are_deterministic_algorithms_enabled() or tiles_at_largest >= 2 * NOMINAL_SMS:
+        splits = (1,)
+    else:
+        splits = tuple(s for s in SPLIT_KS if s == 1 or problem.K // s >= 16)
+    return {"BLOCK_M": bms, "BLOCK_N": bns, "BLOCK_K": _blocks_for(problem.K), "GROUP_M": GROUP_MS,
+            "num_warps": WARPS, "num_stages": STAGES, "SPLIT_K": splits, "TMA": TMAS}
+
+
+def tma_possible(problem: GemmProblem, limits: DeviceLimits) -> bool:
+    """Whether tensor descriptors can serve this problem on this device, assuming operands that are
+    contiguous in their layout (``launch`` re-checks the real strides and falls back to pointers)."""
+    if not limits.is_hopper or "strided" in (problem.a_layout, problem.b_layout):
+        return False
+    es = problem.element_size
+    a_lead = problem.K if problem.a_layout == "row" else problem.M
+    b_lead = problem.N if problem.b_layout == "row" else problem.K
+    return (a_lead * es) % 16 == 0 and (b_lead * es) % 16 == 0
+
+
+def check(config: Mapping[str, Value], problem: GemmProblem, limits: DeviceLimits) -> str | None:
+    """None when ``config`` is valid for ``problem`` on ``limits``, else the reason (see module doc)."""
+    try:
+        bm, bn, bk = int(config["BLOCK_M"]), int(config["BLOCK_N"]), int(config["BLOCK_K"])
+        gm, warps, stages = int(config["GROUP_M"]), int(config["num_warps"]), int(config["num_stages"])
+        sk, tma = int(config.get("SPLIT_K", 1)), int(config.get("TMA", 0))
+    except (KeyError, TypeError, ValueError) as e:
+        return f"malformed GEMM config: {e!r}"
+    if bm not in BLOCKS or bn not in BLOCKS or bk not in BLOCKS:
+        return "block sizes must be powers of two in 16..256"
+    if gm < 1 or warps not in (1, 2, 4, 8, 16) or stages < 1 or sk not in SPLIT_KS or tma not in TMAS:
+        return "GROUP_M >= 1, num_warps in 1..16 (power of 2), num_stages >= 1, SPLIT_K in 1..16, TMA 0/1"
+    M, N, K = problem.M, problem.N, problem.K
+    if bm > max(16, _pow2_at_least(M)) or bn > max(16, _pow2_at_least(N)) or bk > max(16, _pow2_at_least(K)):
+        return "a block is larger than the problem (next power of two)"
+    if bm * bn < 128 * warps:
+        return "more warps than 16x8 MMA tiles in the block"
+    if _cdiv(bm * bn, warps * 32) > MAX_ACC_REGS:
+        return "accumulator needs more than 255 registers per thread"
+    es = problem.element_size
+    if not limits.interpreter and stages * (bm * bk + bk * bn) * es > limits.smem_per_block:
+        return (f"shared memory {stages * (bm * bk + bk * bn) * es} B exceeds the device's "
+                f"{limits.smem_per_block} B")
+    if sk > 1:
+        if torch.are_deterministic_algorithms_enabled():
+            return "SPLIT_K > 1 uses atomics: not deterministic"
+        if K // sk < bk:
+            return "K / SPLIT_K is smaller than BLOCK_K"
+        sms = NOMINAL_SMS if limits.interpreter else limits.num_sms
+        tiles = problem.batch * _cdiv(M, bm) * _cdiv(N, bn)
+        if tiles >= sms:
+            return "enough output tiles to fill the device without SPLIT_K"
+        if tiles * sk > 4 * sms:
+            return "SPLIT_K splits K into more programs than 4 waves"
+    if stages > max(2, _cdiv(K, bk * sk) + 1):
+        return "more pipeline stages than K iterations"
+    npm, npn = _cdiv(M, bm), _cdiv(N, bn)
+    if gm != 8 and (npm <= 1 or npn <= 1):
+        return "GROUP_M changes nothing with one tile row or column (8 stands for all)"
+    if gm == 4 and npm <= 4:
+        return "GROUP_M=4 orders tiles like GROUP_M=8 here"
+    if tma and not tma_possible(problem, limits):
+        return "tensor descriptors need Hopper, row/col layouts and 16-byte aligned leading strides"
+    return None
+
+
+def _fit(entry: tuple[int, int, int, int, int], problem: GemmProblem) -> dict[str, Value]:
+    """Fit one (BM, BN, BK, stages, warps) entry to the problem like Inductor does: blocks clamped to
+    the dims' next power of two (at least 16), warps to one per 256 accumulator elements (at least 2)."""
+    bm, bn, bk, stages, warps = entry
+    bm = max(min(bm, _pow2_at_least(problem.M)), 16)
+    bn = max(min(bn, _pow2_at_least(problem.N)), 16)
+    bk = max(min(bk, _pow2_at_least(problem.K)), 16)
+    warps = max(2, min(warps, bm * bn // 256))
+    stages = min(stages, max(2, _cdiv(problem.K, bk) + 1))
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
+            "num_stages": stages, "SPLIT_K": 1, "TMA": 0}
+
+
+def _split_variant(cfg: dict[str, Value], problem: GemmProblem, limits: DeviceLimits) -> dict | None:
+    sms = NOMINAL_SMS if limits.interpreter else limits.num_sms
+    tiles = problem.batch * _cdiv(problem.M, int(cfg["BLOCK_M"])) * _cdiv(problem.N, int(cfg["BLOCK_N"]))
+    for sk in (16, 8, 4, 2):
+        if tiles * sk <= 2 * sms and problem.K // sk >= int(cfg["BLOCK_K"]):
+            iters = _cdiv(problem.K, int(cfg["BLOCK_K"]) * sk)
+            return dict(cfg, SPLIT_K=sk, num_stages=min(int(cfg["num_stages"]), max(2, iters + 1)))
+    return None
+
+
+def known_configs(problem: GemmProblem, limits: DeviceLimits) -> list[Config]:
+    """Triton's tutorial list, Inductor's mm list (and its persistent list on Hopper, its skinny-M list
+    for M <= 64), fitted to the problem, with TMA on where possible, then SPLIT_K variants for problems
+    with few output tiles; filtered by ``check`` and deduplicated, in that order."""
+    entries = list(TRITON_TUTORIAL) + list(INDUCTOR_MM)
+    if limits.is_hopper:
+        entries += INDUCTOR_PERSISTENT
+    if problem.M <= 64:
+        entries = list(INDUCTOR_SKINNY) + entries
+    base = [_fit(e, problem) for e in entries]
+    ordered: list[dict[str, Value]] = []
+    if tma_possible(problem, limits):
+        ordered += [dict(c, TMA=1) for c in base]
+        ordered += base[:8]  # the pointer path too, in case descriptors lose on this shape
+    else:
+        ordered += base
+    ordered += [v for v in (_split_variant(c, problem, limits) for c in ordered[:12]) if v is not None]
+    seen: set[Config] = set()
+    out: list[Config] = []
+    for c in ordered:
+        cfg = Config.from_dict(c)
+        if cfg not in seen and check(c, problem, limits) is None:
+            seen.add(cfg)
+            out.append(cfg)
+    return out
