@@ -115,10 +115,9 @@ class ShapeRecorder:
             size = os.fstat(fd).st_size
             if size < self._offset:  # the file was truncated or replaced: read it all again
                 self._offset, self._lines = 0, set()
-            last = b"\n"
+            last = os.pread(fd, 1, size - 1) if size else b"\n"
             if size > self._offset:
                 data = os.pread(fd, size - self._offset, self._offset)
-                last = data[-1:]
                 # only complete lines count; a torn last line (a writer killed mid-line) is not a record
                 complete = data[: data.rfind(b"\n") + 1]
                 for raw in complete.decode("utf-8", "replace").splitlines():
@@ -186,14 +185,14 @@ def note(family: str, problem: Mapping[str, Any], *, key: Hashable | None = None
 def read_shapes(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     """Read a shape file back: the distinct ``(family, problem dict)`` pairs in file order.
 
-    Every line is validated like a bundle's problem (known family, known fields, sane values); blank lines
-    and a torn last line are skipped.
+    Every record is validated like a bundle's problem (known family, known fields, sane values); blank
+    lines and lines that are not JSON (torn by a writer killed mid-line) are skipped with one warning.
 
     Args:
         path: the shape file.
 
     Raises:
-        BundleError: a line is not a valid record (the message names the line number and field).
+        BundleError: a JSON line is not a valid record (the message names the line number and field).
         OSError: the file cannot be read.
     """
     from . import bundles
@@ -205,17 +204,16 @@ def read_shapes(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
         data = f.read()
     text = data.decode("utf-8", "replace")
     lines = text.split("\n")
-    out, seen = [], set()
+    out, seen, skipped = [], set(), 0
     for i, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         where = f"{p}:{i}"
         try:
             obj = json.loads(raw, parse_constant=bundles.reject_constant)
-        except (ValueError, RecursionError) as e:
-            if i == len(lines):  # a torn last line: a writer was killed mid-line
-                continue
-            raise BundleError(f"{where}: not valid JSON ({e})") from None
+        except (ValueError, RecursionError):
+            skipped += 1  # a line torn by a writer killed mid-line (or junk): not a record
+            continue
         if not isinstance(obj, dict) or set(obj) != {"family", "problem"}:
             raise BundleError(f"{where}: a record must be an object with exactly 'family' and 'problem'")
         family = bundles.check_family(obj["family"], where)
@@ -224,4 +222,6 @@ def read_shapes(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
         if canon not in seen:
             seen.add(canon)
             out.append((family, problem))
+    if skipped:
+        log.warning("torchtune_ops: %s: skipped %d line(s) that are not JSON (torn writes?)", p, skipped)
     return out
