@@ -369,7 +369,12 @@ class Store:
         mem = self._memory_db()
         if self.path.is_file():
             base = self.path.absolute().as_uri()
-            for query in ("?mode=ro", "?mode=ro&immutable=1"):
+            # Without a WAL file the database is at rest: open it immutable, which creates no -wal/-shm
+            # files. With one (a writer is active, or died), read through it; immutable is the fallback.
+            queries = ("?mode=ro", "?mode=ro&immutable=1")
+            if not os.path.exists(f"{self.path}-wal"):
+                queries = queries[::-1]
+            for query in queries:
                 src = None
                 try:
                     src = self._connect(base + query, uri=True)
