@@ -1,0 +1,269 @@
+"""The custom ops called directly: fake impls (opcheck), results and gradients against PyTorch, the run-time
+dispatch (aten for what the kernels do not cover, tuned kernels, the store, fall-back on failure, bucketing,
+background tuning)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchtune_ops.ops  # noqa: F401  (registers the ops)
+from torchtune_ops import dispatch, settings
+from torchtune_ops.timing import FakeTimer
+
+ops = torch.ops.torchtune_ops
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch():
+    dispatch.reset()
+    dispatch.set_tune_options(timer=None)
+    yield
+    dispatch.reset()
+    dispatch.set_tune_options(timer=None)
+
+
+@pytest.fixture
+def kernels_win():
+    """Tuning on with a fake timer under which every Triton configuration beats aten (fast, deterministic)."""
+    dispatch.set_tune_options(timer=FakeTimer({"aten": 10.0}, default=1.0))
+    with settings.override(autotune=True, max_trials=2, time_budget=30):
+        yield
+
+
+def _act(x, act):
+    return {"relu": torch.relu, "silu": F.silu, "none": lambda y: y,
+            "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}[act](x)
+
+
+def _close(a, b, tol=1e-4):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fake impls and autograd registration (torch.library.opcheck).
+
+def _samples():
+    r = torch.randn
+    return [
+        ("mm", (r(5, 7, requires_grad=True), r(7, 3, requires_grad=True))),
+        ("mm", (r(1, 1), r(1, 13))),
+        ("addmm", (r(3, requires_grad=True), r(5, 7, requires_grad=True), r(7, 3, requires_grad=True), 0.5, 2.0)),
+        ("addmm", (r(5, 1), r(5, 7), r(7, 3).t().contiguous().t())),
+        ("bmm", (r(2, 5, 7, requires_grad=True), r(2, 7, 3, requires_grad=True))),
+        ("baddbmm", (r(5, 3, requires_grad=True), r(2, 5, 7, requires_grad=True), r(2, 7, 3), 1.0, 0.5)),
+        ("mm_act", (r(5, 7, requires_grad=True), r(7, 3, requires_grad=True), r(3, requires_grad=True), "gelu_tanh")),
+        ("mm_act", (r(5, 7), r(7, 3), None, "silu")),
+        ("conv2d", (r(2, 3, 9, 9, requires_grad=True), r(4, 3, 3, 3, requires_grad=True), r(4, requires_grad=True),
+                    [1, 1], [1, 1], [1, 1], 1)),
+        ("conv2d", (r(2, 4, 7, 6).to(memory_format=torch.channels_last), r(4, 2, 3, 1), None, [2, 1], [0, 1],
+                    [1, 2], 2)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", _samples(), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(ops, name).default, args)
+
+
+def test_fake_impl_raises_pytorchs_error_for_bad_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a, b = torch.empty(3, 4), torch.empty(5, 6)
+        with pytest.raises(RuntimeError):
+            ops.mm(a, b)
+    with pytest.raises(RuntimeError):
+        ops.mm(torch.randn(3, 4), torch.randn(5, 6))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results and gradients against PyTorch, through aten (tuning off) and through tuned kernels.
+
+SHAPES = [(1, 1, 1), (7, 13, 5), (33, 17, 29), (2, 67, 3)]
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["aten", "tuned"])
+@pytest.mark.parametrize("M,K,N", SHAPES)
+def test_gemm_ops_match_torch_forward_and_backward(M, K, N, tuned, request):
+    if tuned:
+        request.getfixturevalue("kernels_win")
+    torch.manual_seed(M * 100 + K)
+    a = torch.randn(M, K, requires_grad=True)
+    b = torch.randn(N, K).t().requires_grad_()   # column-major operand, as a linear's weight.t()
+    bias = torch.randn(N, requires_grad=True)
+    cases = [
+        (lambda: ops.mm(a, b), lambda: torch.mm(a, b)),
+        (lambda: ops.addmm(bias, a, b, 0.5, 2.0), lambda: torch.addmm(bias, a, b, beta=0.5, alpha=2.0)),
+        (lambda: ops.mm_act(a, b, bias, "gelu_tanh"), lambda: F.gelu(torch.addmm(bias, a, b), approximate="tanh")),
+        (lambda: ops.mm_act(a, b, None, "relu"), lambda: torch.relu(torch.mm(a, b))),
+        (lambda: ops.mm_act(a, b, bias, "silu"), lambda: F.silu(torch.addmm(bias, a, b))),
+    ]
+    for ours, ref in cases:
+        out, expect = ours(), ref()
+        _close(out, expect)
+        g = torch.randn_like(expect)
+        got = torch.autograd.grad(out, (a, b, bias), g, allow_unused=True)
+        want = torch.autograd.grad(expect, (a, b, bias), g, allow_unused=True)
+        for x, y in zip(got, want):
+            if y is None:
+                assert x is None or float(x.abs().max()) == 0.0
+            else:
+                _close(x, y, 1e-3)
+    st = dispatch.stats()["ops"]
+    if tuned:
+        assert sum(c.get("tuned", 0) + c.get("store", 0) for c in st.values()) > 0
+    else:
+        assert all(c.get("tuned", 0) == 0 for c in st.values())
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["aten", "tuned"])
+def test_batched_ops_match_torch(tuned, request):
+    if tuned:
+        request.getfixturevalue("kernels_win")
+    a = torch.randn(3, 5, 11, requires_grad=True)
+    b = torch.randn(3, 11, 7, requires_grad=True)
+    bias = torch.randn(5, 7, requires_grad=True)
+    for ours, ref in ((lambda: ops.bmm(a, b), lambda: torch.bmm(a, b)),
+                      (lambda: ops.baddbmm(bias, a, b, 0.25, 3.0),
+                       lambda: torch.baddbmm(bias, a, b, beta=0.25, alpha=3.0))):
+        out, expect = ours(), ref()
+        _close(out, expect)
+        g = torch.randn_like(expect)
+        for x, y in zip(torch.autograd.grad(out, (a, b), g), torch.autograd.grad(expect, (a, b), g)):
+            _close(x, y, 1e-3)
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["aten", "tuned"])
+@pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 1, 1, 1), (2, 0, 1, 1), (1, 2, 2, 2), (1, 1, 1, 4)])
+def test_conv2d_matches_torch_forward_and_backward(stride, padding, dilation, groups, tuned, request):
+    if tuned:
+        request.getfixturevalue("kernels_win")
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 7, 9, requires_grad=True)
+    w = torch.randn(8, 4 // groups, 3, 3, requires_grad=True)
+    bias = torch.randn(8, requires_grad=True)
+    args = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
+    out = ops.conv2d(x, w, bias, *args)
+    expect = F.conv2d(x, w, bias, stride, padding, dilation, groups)
+    _close(out, expect)
+    g = torch.randn_like(expect)
+    for p, q in zip(torch.autograd.grad(out, (x, w, bias), g), torch.autograd.grad(expect, (x, w, bias), g)):
+        _close(p, q, 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.int64, torch.complex64])
+def test_unsupported_dtypes_go_to_aten(dtype, kernels_win):
+    a = (torch.randn(6, 5) * 4).to(dtype)
+    b = (torch.randn(5, 3) * 4).to(dtype)
+    assert torch.equal(ops.mm(a, b), torch.mm(a, b))
+    if dtype.is_floating_point:
+        x, w = torch.randn(1, 2, 5, 5, dtype=dtype), torch.randn(3, 2, 3, 3, dtype=dtype)
+        assert torch.equal(ops.conv2d(x, w, None, [1, 1], [0, 0], [1, 1], 1), F.conv2d(x, w))
+    st = dispatch.stats()
+    assert {p["source"] for p in st["problems"]} == {"unsupported"}
+    assert all(c.get("tuned", 0) == 0 for c in st["ops"].values())
+
+
+def test_zero_size_and_mixed_dtypes(kernels_win):
+    a, b = torch.randn(0, 5), torch.randn(5, 3)
+    _close(ops.mm(a, b), torch.mm(a, b))
+    bias, a0, b0 = torch.randn(3), torch.randn(4, 0), torch.randn(0, 3)
+    _close(ops.addmm(bias, a0, b0, 0.5, 1.0), torch.addmm(bias, a0, b0, beta=0.5))
+    with pytest.raises(RuntimeError):
+        ops.mm(torch.randn(4, 5), torch.randn(5, 3, dtype=torch.float64))
+    assert all(c.get("tuned", 0) == 0 for c in dispatch.stats()["ops"].values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch behaviour.
+
+def test_tuning_off_tunes_nothing_and_writes_nothing():
+    from torchtune_ops.store import default_store
+
+    a, b = torch.randn(9, 10), torch.randn(10, 11)
+    _close(ops.mm(a, b), torch.mm(a, b))
+    st = dispatch.stats()
+    assert st["ops"]["mm"] == {"misses": 1, "untuned": 1, "calls": 1, "hits": 0}
+    assert default_store().entries() == []
+
+
+def test_second_call_is_a_memory_hit_and_store_serves_after_reset(kernels_win):
+    a, b = torch.randn(9, 10), torch.randn(10, 11)
+    for _ in range(3):
+        _close(ops.mm(a, b), torch.mm(a, b))
+    c = dispatch.stats()["ops"]["mm"]
+    assert (c["calls"], c["hits"], c["misses"], c["tuned"]) == (3, 2, 1, 1)
+    [p] = dispatch.stats()["problems"]
+    assert p["kernel"] != "aten" and p["trials"] >= 1
+    dispatch.reset()
+    _close(ops.mm(a, b), torch.mm(a, b))
+    c = dispatch.stats()["ops"]["mm"]
+    assert c.get("store") == 1 and c.get("tuned", 0) == 0
+
+
+def test_aten_is_kept_when_it_wins():
+    dispatch.set_tune_options(timer=FakeTimer({"aten": 1.0}, default=10.0))
+    with settings.override(autotune=True, max_trials=2):
+        a, b = torch.randn(9, 10), torch.randn(10, 11)
+        _close(ops.mm(a, b), torch.mm(a, b))
+    [p] = dispatch.stats()["problems"]
+    assert p["kernel"] == "aten" and p["source"] == "tuned"
+
+
+def test_failing_kernel_falls_back_with_one_warning(kernels_win, monkeypatch):
+    from torchtune_ops.kernels import gemm as kgemm
+
+    a, b = torch.randn(9, 10), torch.randn(10, 11)
+    ops.mm(a, b)                       # tuned and stored
+    dispatch.reset()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected kernel failure")
+
+    monkeypatch.setattr(kgemm, "gemm", boom)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            _close(ops.mm(a, b), torch.mm(a, b))
+        _close(ops.mm(a.t().contiguous().t(), b), torch.mm(a, b))   # same problem? other layout, new key
+    ours = [w for w in caught if "torchtune_ops" in str(w.message)]
+    assert len(ours) == 1
+    assert dispatch.stats()["ops"]["mm"]["failures"] == 1
+    dispatch.reset()
+    with settings.override(strict=True):
+        with pytest.raises(RuntimeError, match="injected"):
+            ops.mm(a, b)
+
+
+def test_pow2_bucketing_tunes_one_problem_for_many_m(kernels_win):
+    b = torch.randn(10, 11)
+    with settings.override(bucket="pow2"):
+        for m in (5, 6, 7, 8):
+            a = torch.randn(m, 10)
+            _close(ops.mm(a, b), torch.mm(a, b))
+    c = dispatch.stats()["ops"]["mm"]
+    assert c["tuned"] == 1 and c["store"] == 3
+
+
+def test_background_tuning_serves_aten_then_swaps_the_winner_in(kernels_win):
+    a, b = torch.randn(9, 10), torch.randn(10, 11)
+    with settings.override(autotune="background"):
+        _close(ops.mm(a, b), torch.mm(a, b))
+        assert dispatch.stats()["problems"][0]["source"] == "background"
+        dispatch.wait_background()
+        _close(ops.mm(a, b), torch.mm(a, b))
+    sources = {p["source"] for p in dispatch.stats()["problems"]}
+    assert sources == {"store"}
+
+
+def test_settings_overrides_travel_in_opts():
+    """An op called with an opts string uses those settings on a miss, whatever the environment says."""
+    dispatch.set_tune_options(timer=FakeTimer({"aten": 10.0}, default=1.0))
+    opts = dispatch.encode_opts({"autotune": "on", "max_trials": 2})
+    a, b = torch.randn(9, 10), torch.randn(10, 11)
+    _close(ops.mm(a, b, opts), torch.mm(a, b))
+    _close(ops.mm(a, b), torch.mm(a, b))            # no opts: environment (tuning off) -> store hit
+    c = dispatch.stats()["ops"]["mm"]
+    assert c["tuned"] == 1 and c["store"] == 1

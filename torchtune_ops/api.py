@@ -1,0 +1,122 @@
+"""What users call: ``optimize(model)`` and ``explain()``.
+
+    import torchtune_ops
+    model = torchtune_ops.optimize(model, autotune=True)   # tune each new problem once, then cache it
+    model(x)
+    torchtune_ops.explain()                                 # which kernel every problem ran
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, TextIO
+
+import torch
+
+from . import settings
+
+__all__ = ["optimize", "explain", "explain_text"]
+
+
+def optimize(model_or_fn: Any, *, autotune: bool | str | None = None, cache_dir: str | os.PathLike | None = None,
+             max_trials: int | None = None, time_budget_s: float | None = None, dynamic: bool | None = None,
+             compiler: str = "inductor", fullgraph: bool = False, bucket: str | None = None,
+             strict: bool | None = None, mode: str | None = None, **compile_kwargs: Any) -> Any:
+    """Compile ``model_or_fn`` so that its matmuls and convolutions run tuned Triton kernels.
+
+    The result is ``torch.compile(model_or_fn, backend=<torchtune_ops backend>)``: a module's parameters,
+    buffers, ``state_dict`` and attributes are the original's. Arguments given here take precedence over
+    the ``TORCHTUNE_OPS_*`` environment variables, for this model only (they travel with its graphs).
+
+    Args:
+        model_or_fn: an ``nn.Module`` or a function.
+        autotune: True/"on" tunes each problem the first time it appears on a device (blocking), "background"
+            serves PyTorch's kernel while a thread tunes, False/"off" never tunes; None (default): the
+            environment's ``TORCHTUNE_OPS_AUTOTUNE`` (off unless set).
+        cache_dir: directory of the tuning cache; None (default): ``TORCHTUNE_OPS_CACHE_DIR`` or the user
+            cache directory.
+        max_trials: most configurations measured per problem; None (default): ``TORCHTUNE_OPS_MAX_TRIALS``.
+        time_budget_s: most seconds of tuning per problem; None (default): ``TORCHTUNE_OPS_TIME_BUDGET``.
+        dynamic: torch.compile's ``dynamic`` (True: compile once for varying sizes; tuning still happens per
+            real shape at run time). Default None (PyTorch's automatic dynamic shapes).
+        compiler: "inductor" (default) compiles everything else with Inductor; "eager" runs the AOT graphs
+            as Python (fast compiles, for debugging and tests).
+        fullgraph: torch.compile's ``fullgraph`` (default False).
+        bucket: "pow2" tunes GEMMs with M rounded up to a power of two (many batch sizes share a tuned
+            configuration); None (default): ``TORCHTUNE_OPS_BUCKET``.
+        strict: True raises kernel failures instead of falling back to PyTorch; None: ``TORCHTUNE_OPS_STRICT``.
+        mode: torch.compile's mode ("reduce-overhead" uses CUDA graphs); default None.
+        **compile_kwargs: further ``torch.compile`` arguments; ``options`` is merged into the backend's
+            options (Inductor config patches).
+
+    Returns:
+        The compiled module or function. With ``TORCHTUNE_OPS_DISABLE=1`` it is plain ``torch.compile``
+        (Inductor or AOT eager), with no custom op in its graphs.
+    """
+    overrides = {"autotune": autotune, "cache_dir": os.fspath(cache_dir) if cache_dir is not None else None,
+                 "max_trials": max_trials, "time_budget": time_budget_s, "bucket": bucket, "strict": strict}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    with settings.override(**overrides):  # validates now: a bad value fails here, not at the first call
+        s = settings.current()
+    if isinstance(autotune, (bool, str)):
+        overrides["autotune"] = s.autotune
+    options = dict(compile_kwargs.pop("options", None) or {})
+    options["compiler"] = compiler
+    options["settings"] = overrides
+    if compiler not in ("inductor", "eager"):
+        raise settings.SettingsError(f"compiler must be 'inductor' or 'eager', got {compiler!r}")
+    from .backend import torchtune_ops_backend
+
+    def backend(gm, example_inputs):
+        return torchtune_ops_backend(gm, example_inputs, mode=mode, options=options)
+
+    backend.__name__ = "torchtune_ops"
+    return torch.compile(model_or_fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph, **compile_kwargs)
+
+
+def explain_text() -> str:
+    """The text ``explain()`` prints: per op the cache hit/miss counts, then per problem its shape, kernel
+    and where the choice came from."""
+    from . import backend, dispatch
+
+    st = dispatch.stats()
+    lines = []
+    counts = backend.intercepted()
+    if counts:
+        lines.append("intercepted at compile time: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    lines.append(f"{'op':<9} {'calls':>8} {'hits':>8} {'misses':>7} {'tuned':>6} {'store':>6} {'aten':>6} "
+                 f"{'failed':>6}")
+    for op, c in sorted(st["ops"].items()):
+        aten = c.get("unsupported", 0) + c.get("untuned", 0) + c.get("background", 0)
+        lines.append(f"{op:<9} {c.get('calls', 0):>8} {c.get('hits', 0):>8} {c.get('misses', 0):>7} "
+                     f"{c.get('tuned', 0):>6} {c.get('store', 0):>6} {aten:>6} "
+                     f"{c.get('failed', 0) + c.get('failures', 0):>6}")
+    if st["problems"]:
+        lines.append("")
+        lines.append(f"{'op':<9} {'dtype':<9} {'shape':<40} {'source':<12} {'calls':>7}  kernel")
+        for p in st["problems"]:
+            lines.append(f"{p['op']:<9} {p['dtype']:<9} {p['shape']:<40} {p['source']:<12} {p['calls']:>7}  "
+                         f"{p['kernel']}")
+    return "\n".join(lines)
+
+
+def explain(*, file: TextIO | None = None, print_it: bool = True) -> dict[str, Any]:
+    """Print (to ``file``, default stdout) and return what the intercepted ops did in this process.
+
+    Args:
+        file: where to print; None (default): sys.stdout.
+        print_it: False returns the data without printing (default True).
+
+    Returns:
+        ``{"intercepted": {...}, "ops": {...}, "problems": [...]}``: the compile-time interception counts
+        (``backend.intercepted()``), per-op run-time counts (calls, hits, misses, and how each miss was
+        resolved: tuned, store, untuned, unsupported, failed, background) and one row per problem (op,
+        shape, dtype, kernel: "aten" or the configuration, source, calls, times and trials when tuned).
+    """
+    from . import backend, dispatch
+
+    data = dict(dispatch.stats())
+    data["intercepted"] = backend.intercepted()
+    if print_it:
+        print(explain_text(), file=file or sys.stdout)
+    return data
