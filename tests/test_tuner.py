@@ -390,3 +390,49 @@ def test_default_patience_stops_a_search_that_stopped_improving(store):
     e = tune_problem(ScaleFamily(), PROBLEM, device="cpu", store=store, timer=timer, fingerprint=FP,
                      max_trials=18)
     assert e.trials == 11 and e.winner == cfg(BLOCK=4, MODE="row", UNROLL=1)
+
+
+TWO_TUNERS = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from test_tuner import PROBLEM, ScaleFamily, FP
+from torchtune_ops.store import Store
+from torchtune_ops.timing import FakeTimer
+from torchtune_ops.tuner import tune_problem
+
+class SlowTimer(FakeTimer):
+    def __call__(self, fn, *, key):
+        time.sleep(0.02)
+        return super().__call__(fn, key=key)
+
+start = float(sys.argv[3])
+while time.time() < start:
+    time.sleep(0.005)
+st = Store.open(sys.argv[2])
+timer = SlowTimer({"aten": 1.0, '{"BLOCK":2,"MODE":"col","UNROLL":1}': 0.5}, default=0.9)
+e = tune_problem(ScaleFamily(), PROBLEM, device="cpu", store=st, timer=timer, fingerprint=FP,
+                 max_trials=18, patience=0, wait_s=60)
+print(e.winner, e.source, len(timer.calls))
+"""
+
+
+def test_two_processes_tuning_the_same_problem_store_one_result(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "shared.sqlite"
+    Store.open(path).close()
+    start = time.time() + 2.0
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_TUNERS, str(Path(__file__).parent), str(path),
+                               str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    results = sorted(o[0].split() for o in outs)
+    best = '{"BLOCK":2,"MODE":"col","UNROLL":1}'
+    assert [r[0] for r in results] == [best, best]  # both use the same answer
+    assert sorted(int(r[2]) for r in results)[0] == 0  # the waiting process measured nothing
+    with Store.open(path) as st:
+        assert len(st.entries()) == 1 and len({t.run for t in st.trials()}) == 1
+        assert len(st.trials()) == 18 and not st.claimed(*st.entries()[0].key)
