@@ -22,6 +22,7 @@ Kernel design (for Hopper and Ampere):
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import torch
@@ -270,9 +271,8 @@ def _parse(config: Config | Mapping[str, Value]) -> tuple[int, ...]:
     return p
 
 
-def _extent(t: torch.Tensor) -> int:
-    """Largest element offset a view reaches from its data pointer."""
-    return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a jit function: slow to call from Python
 
 
 def _dot_precision(dtype: torch.dtype, precision: str | None) -> str:
@@ -285,6 +285,7 @@ def _dot_precision(dtype: torch.dtype, precision: str | None) -> str:
     return precision
 
 
+@functools.lru_cache(maxsize=None)
 def _tma_usable(device: torch.device) -> bool:
     if not _compat.HAS_TENSOR_DESCRIPTOR:
         return False
@@ -380,12 +381,15 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
     else:
         if bias.device != device:
             raise UnsupportedProblem(f"bias on {bias.device}, operands on {device}")
-        try:
-            bias_t = bias.expand(shape)
-        except RuntimeError:
-            raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to {shape}") from None
-        st = bias_t.stride()
-        sxb, sxm, sxn = (st if batched else (0,) + st)
+        if bias.dim() == 1 and bias.shape[0] == N:  # the common linear bias: skip expand()
+            bias_t, sxb, sxm, sxn = bias, 0, 0, bias.stride(0)
+        else:
+            try:
+                bias_t = bias.expand(shape)
+            except RuntimeError:
+                raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to {shape}") from None
+            st = bias_t.stride()
+            sxb, sxm, sxn = (st if batched else (0,) + st)
         bias_kind = (_BIAS_SCALAR if sxm == 0 and sxn == 0 else _BIAS_ROW if sxm == 0
                      else _BIAS_COL if sxn == 0 else _BIAS_FULL)
 
@@ -405,17 +409,19 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
     use_tma = False
     if tma and (a_row or a_col) and (b_row or b_col) and _tma_usable(device):
         use_tma = (_tma_aligned(a, sam if a_row else sak, sab) and _tma_aligned(b, sbk if b_row else sbn, sbb))
-    index_64 = max(_extent(a), _extent(b), _extent(out), _extent(bias_t)) > _INT32_MAX or \
-        batch * M * N > _INT32_MAX
-
+    so = out.stride()
+    ocb, ocm, ocn = so if batched else (0,) + so
+    # Largest element offsets reached (all sizes >= 1 here): int64 offsets in the kernel past 2**31.
+    bm1, m1, n1, k1 = batch - 1, M - 1, N - 1, K - 1
+    index_64 = max(bm1 * sab + m1 * sam + k1 * sak, bm1 * sbb + k1 * sbk + n1 * sbn,
+                   bm1 * sxb + m1 * sxm + n1 * sxn, bm1 * ocb + m1 * ocm + n1 * ocn,
+                   batch * M * N) > _INT32_MAX
     if sk > 1:
         c = torch.zeros((batch, M, N), dtype=torch.float32, device=device)
         scb, scm, scn = M * N, N, 1
     else:
-        c = out
-        so = out.stride()
-        scb, scm, scn = so if batched else (0,) + so
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn) * batch, sk)
+        c, scb, scm, scn = out, ocb, ocm, ocn
+    grid = (_cdiv(M, bm) * _cdiv(N, bn) * batch, sk)
     dev_guard = device.type == "cuda" and device.index != torch.cuda.current_device()
     if dev_guard:
         guard = torch.cuda.device(device)
@@ -434,9 +440,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
             USE_TMA=use_tma, INDEX_64=index_64, num_warps=warps, num_stages=stages,
         )
         if sk > 1:
-            so = out.stride()
-            ocb, ocm, ocn = so if batched else (0,) + so
-            eg = (triton.cdiv(M, _EPILOGUE_BLOCK) * triton.cdiv(N, _EPILOGUE_BLOCK) * batch,)
+            eg = (_cdiv(M, _EPILOGUE_BLOCK) * _cdiv(N, _EPILOGUE_BLOCK) * batch,)
             _splitk_epilogue_kernel[eg](
                 c, out, bias_t, M, N, ocb, ocm, ocn, sxb, sxm, sxn, float(beta), bias_value,
                 BLOCK_M=_EPILOGUE_BLOCK, BLOCK_N=_EPILOGUE_BLOCK, BIAS=bias_kind, ACT=act,
