@@ -478,3 +478,42 @@ def test_ctrl_c_during_a_write_rolls_back(st):
     assert [e.problem for e in st.entries()] == [entry(0).problem]
     st.put(entry(2))  # the store is still usable
     assert len(st.entries()) == 2
+
+
+def test_a_file_replaced_by_another_process_is_followed(path, st):
+    st.put(entry(0))
+    os.replace(path, path.with_name("moved-aside"))  # as another process does with a corrupt file
+    with Store.open(path) as other:
+        other.put(entry(1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CacheWarning)
+            st.put(entry(2))  # written to the new file, not the moved one
+        assert other.get(*entry(2).key) == entry(2)
+    assert st.mode == "disk" and st.get(*entry(1).key) == entry(1)
+
+
+def test_a_vanished_directory_is_recreated_with_one_warning(path, st):
+    import shutil
+
+    st.put(entry(0))
+    shutil.rmtree(path.parent)
+    with pytest.warns(CacheWarning) as rec:
+        st.put(entry(1))
+        st.put(entry(2))
+    assert len(cache_warnings(rec)) == 1 and "vanished" in str(rec[0].message)
+    assert st.mode == "disk" and path.exists()
+    with Store.open(path) as other:
+        assert [e.problem for e in other.entries()] == sorted([entry(1).problem, entry(2).problem])
+
+
+def test_a_vanished_directory_that_cannot_be_recreated_gives_memory(path, st):
+    import shutil
+
+    st.put(entry(0))
+    shutil.rmtree(path.parent)
+    path.parent.write_text("now a file")
+    with pytest.warns(CacheWarning) as rec:
+        st.put(entry(1))
+    assert len(cache_warnings(rec)) == 1 and st.mode == "memory"
+    assert st.get(*entry(0).key, refresh=True) == entry(0)  # copied from the old connection
+    assert st.get(*entry(1).key, refresh=True) == entry(1)

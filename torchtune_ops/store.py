@@ -346,11 +346,11 @@ class Store:
         return conn
 
     def _open_disk(self) -> None:
+        """(Re)open the file; the connection in use, if any, stays the source of a memory fallback until
+        the new one works."""
         for attempt in (0, 1):
             try:
-                self._conn = self._connect_disk()
-                self.mode = "disk"
-                return
+                conn = self._connect_disk()
             except OSError as e:
                 self._to_memory(f"cannot create or open {self.path}: {e}")
                 return
@@ -363,6 +363,24 @@ class Store:
                     continue
                 self._to_memory(f"cannot use {self.path}: {e}")
                 return
+            old, self._conn, self.mode = self._conn, conn, "disk"
+            if old is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    old.close()
+            return
+
+    def _check_file(self) -> None:
+        """Reconnect when the file we use is no longer the one at ``path``: another process moved a
+        corrupt file aside (silently), or the file or directory vanished (one warning, then recreated)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._open_disk()  # recreates it, or falls back to memory with its own warning
+            if self.mode == "disk":
+                self._warn("vanished", f"torchtune_ops cache {self.path} vanished; started a new one")
+            return
+        if (st.st_dev, st.st_ino) != self._ident:
+            self._open_disk()
 
     def _open_readonly(self) -> None:
         self.mode = "readonly"
@@ -460,6 +478,8 @@ class Store:
         with self._lock:
             if os.getpid() != self._pid:
                 self._after_fork()
+            elif self.mode == "disk":
+                self._check_file()
             for _ in range(3):
                 try:
                     return fn(self._conn)
@@ -477,13 +497,12 @@ class Store:
     _orphans: list = []  # connections inherited through fork: never used, never closed
 
     def _after_fork(self) -> None:
-        Store._orphans.append(self._conn)
         self._set_owner()
-        if self.mode == "disk":
+        if self.mode == "disk":  # a file connection must not be used across fork: open a new one
+            Store._orphans.append(self._conn)
+            self._conn = None
             self._open_disk()
-        else:
-            # a forked memory database is a private copy already; keep using it
-            pass
+        # a memory database is a private copy in the child already: keep using it
 
     # ---------------------------------------------------------------- entries
 
