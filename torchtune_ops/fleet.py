@@ -1,0 +1,691 @@
+"""Tuning across a fleet: many workers on many machines share one problem list through a relational
+database (PostgreSQL for a fleet, SQLite for one machine; the same code path, through SQLAlchemy).
+
+Coordination model (docs/fleet.md has the reasoning): the queue is an Optuna study in Optuna's RDB storage,
+and Optuna's own distributed machinery does the scheduling; we add no scheduler of our own.
+
+- A *job* is one study, named after the job and the device fingerprint, so workers on different GPU models
+  form separate queues. Each problem is one trial of the study, enqueued (``WAITING``) by the worker that
+  created the study; the others wait for the study's ``ready`` mark before they start.
+- A worker takes a problem by asking the study for a trial: Optuna moves one ``WAITING`` trial to
+  ``RUNNING`` under a row lock, so one problem goes to exactly one worker.
+- While it tunes, the worker's heartbeat (Optuna's, every ``heartbeat_s``) is its lease. A worker killed at
+  any moment stops beating; after ``lease_s`` any other worker marks its trial failed and Optuna's
+  ``RetryHeartbeatStaleTrialCallback`` enqueues the same problem again, for someone else to take.
+- The problem is tuned by ``tuner.tune_problem`` into a private temporary store; then the entry and its
+  full trial history are written to the shared results tables in one transaction, and only then is the
+  Optuna trial completed. A worker killed before that transaction loses only the problem it was tuning;
+  one killed after it loses nothing (whoever takes the retried problem finds the result and does not tune).
+- The results tables (``torchtune_ops_entries_v<N>``, ``torchtune_ops_trials_v<N>``, the columns of the
+  local cache) are what inference hosts read: ``RemoteCache`` opens them read-only, ``pull`` copies them into
+  a local cache, and ``export_bundle`` writes them as a bundle (``bundles`` format).
+
+    from torchtune_ops import fleet
+    fleet.run_worker(storage="postgresql://tuner@db:5432/tuning", problems=record.read_shapes("shapes.jsonl"))
+    fleet.pull(storage="postgresql://reader@db:5432/tuning")       # on an inference host
+
+Needs the ``fleet`` extra: ``pip install 'torchtune-ops[fleet]'`` (SQLAlchemy and psycopg).
+"""
+from __future__ import annotations
+
+try:
+    import sqlalchemy as sa
+except ImportError as _e:  # pragma: no cover - exercised by a subprocess test
+    raise ImportError("torchtune_ops.fleet needs SQLAlchemy and a PostgreSQL driver; install them with: "
+                      "pip install 'torchtune-ops[fleet]'") from _e
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import socket
+import tempfile
+import time
+import uuid
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from .errors import TorchTuneOpsError
+from .store import SCHEMA_VERSION, Entry, Store, Trial, problem_key
+
+__all__ = ["FleetError", "WorkerReport", "DEFAULT_HEARTBEAT_S", "DEFAULT_LEASE_S", "normalize_url",
+           "job_name", "study_name", "run_worker", "job_status", "Results", "RemoteCache", "pull",
+           "export_bundle"]
+
+log = logging.getLogger("torchtune_ops")
+
+#: seconds between a worker's heartbeats while it tunes a problem
+DEFAULT_HEARTBEAT_S = 10
+#: seconds without a heartbeat after which a worker's problem is given to another worker
+DEFAULT_LEASE_S = 60
+#: prefix of every study this module creates in the Optuna storage
+STUDY_PREFIX = "torchtune_ops"
+
+
+class FleetError(TorchTuneOpsError):
+    """The fleet cannot proceed: a bad storage URL, an unknown job, or a job whose set-up never finished."""
+
+
+def normalize_url(url: str) -> str:
+    """The SQLAlchemy URL for ``url``: a plain ``postgresql://`` or ``postgres://`` URL gets the psycopg
+    (version 3) driver that the ``fleet`` extra installs; anything else is returned as is."""
+    if not isinstance(url, str) or "://" not in url:
+        raise FleetError(f"not a database URL: {url!r} (expected postgresql://... or sqlite:///PATH)")
+    scheme, rest = url.split("://", 1)
+    if scheme in ("postgresql", "postgres"):
+        return "postgresql+psycopg://" + rest
+    return url
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        # many processes on one file: wait for each other's transactions instead of failing at once
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2}
+
+
+def _retry(what: str, fn: Callable[[], Any], *, attempts: int = 6) -> Any:
+    """Run ``fn``, retrying on database errors: workers started at once race to create the same tables
+    (PostgreSQL reports the loser as a duplicate), and a second try then finds them made."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except sa.exc.SQLAlchemyError as e:
+            if i == attempts - 1:
+                raise
+            log.debug("torchtune_ops fleet: %s failed (%s); retrying", what, e)
+            time.sleep(0.2 + random.random() * 0.5 * (i + 1))
+
+
+# ------------------------------------------------------------------------------------------- results
+
+_meta = sa.MetaData()
+_entries = sa.Table(
+    f"torchtune_ops_entries_v{SCHEMA_VERSION}", _meta,
+    sa.Column("fingerprint", sa.String(1000), primary_key=True),
+    sa.Column("family", sa.String(100), primary_key=True),
+    sa.Column("problem", sa.String(4000), primary_key=True),
+    sa.Column("winner", sa.Text, nullable=False),
+    sa.Column("time_ms", sa.Float, nullable=False),
+    sa.Column("aten_ms", sa.Float, nullable=False),
+    sa.Column("trials", sa.Integer, nullable=False),
+    sa.Column("created", sa.String(40), nullable=False),
+    sa.Column("source", sa.String(100), nullable=False),
+)
+_trials = sa.Table(
+    f"torchtune_ops_trials_v{SCHEMA_VERSION}", _meta,
+    sa.Column("fingerprint", sa.String(1000), primary_key=True),
+    sa.Column("family", sa.String(100), primary_key=True),
+    sa.Column("problem", sa.String(4000), primary_key=True),
+    sa.Column("run", sa.String(64), primary_key=True),
+    sa.Column("ordinal", sa.Integer, primary_key=True),
+    sa.Column("config", sa.Text, nullable=False),
+    sa.Column("value_ms", sa.Float, nullable=True),  # NULL: the configuration failed
+    sa.Column("worker", sa.String(300), nullable=False),
+)
+_ENTRY_COLS = ("fingerprint", "family", "problem", "winner", "time_ms", "aten_ms", "trials", "created",
+               "source")
+
+
+def _make_engine(url: str, *, readonly: bool) -> sa.Engine:
+    url = normalize_url(url)
+    try:
+        engine = sa.create_engine(url, **_engine_kwargs(url))
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as e:
+        raise FleetError(f"cannot use the database URL {url!r}: {e}") from e
+    sqlite = engine.dialect.name == "sqlite"
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        try:
+            if sqlite:
+                cur.execute("PRAGMA query_only = ON" if readonly else "PRAGMA journal_mode = WAL")
+            elif readonly and engine.dialect.name == "postgresql":
+                # the server itself refuses writes on this connection
+                cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        finally:
+            cur.close()
+        if not sqlite:
+            dbapi_conn.commit()
+
+    return engine
+
+
+def _entry(row: Any) -> Entry:
+    return Entry(*(row._mapping[c] for c in _ENTRY_COLS))
+
+
+class Results:
+    """The shared results tables of one database, for writing (workers) and reading.
+
+    Args:
+        url: the database URL (``postgresql://user@host:port/db`` or ``sqlite:///path``).
+        readonly: open read-only (default False); the database refuses writes, and the tables are not
+            created (a missing table reads as empty).
+    """
+
+    def __init__(self, url: str, *, readonly: bool = False) -> None:
+        self.url = normalize_url(url)
+        self.readonly = readonly
+        self.engine = _make_engine(url, readonly=readonly)
+        if not readonly:
+            _retry("creating the results tables", lambda: _meta.create_all(self.engine))
+
+    def _read(self, stmt: Any) -> list[Any]:
+        try:
+            with self.engine.connect() as c:
+                return list(c.execute(stmt))
+        except sa.exc.ProgrammingError:
+            if self.readonly and not sa.inspect(self.engine).has_table(_entries.name):
+                return []  # nothing was ever written
+            raise
+        except sa.exc.OperationalError:
+            if self.readonly and self.engine.dialect.name == "sqlite" \
+                    and not sa.inspect(self.engine).has_table(_entries.name):
+                return []
+            raise
+
+    def get(self, fingerprint: str, family: str, problem: str) -> Entry | None:
+        """The entry for (fingerprint key, family name, problem key), or None."""
+        rows = self._read(sa.select(_entries).where(_entries.c.fingerprint == fingerprint,
+                                                    _entries.c.family == family,
+                                                    _entries.c.problem == problem))
+        return _entry(rows[0]) if rows else None
+
+    def entries(self, fingerprint: str | None = None, *, family: str | None = None) -> list[Entry]:
+        """Every entry, optionally of one fingerprint key and/or family, in key order (the same
+        signature as ``Store.entries``, so ``bundles.export_store`` takes a ``Results``)."""
+        q = sa.select(_entries)
+        if fingerprint is not None:
+            q = q.where(_entries.c.fingerprint == fingerprint)
+        if family is not None:
+            q = q.where(_entries.c.family == family)
+        q = q.order_by(_entries.c.fingerprint, _entries.c.family, _entries.c.problem)
+        return [_entry(r) for r in self._read(q)]
+
+    def trials(self, fingerprint: str | None = None, family: str | None = None, *,
+               problem: str | None = None) -> list[Trial]:
+        """The recorded measurements, optionally filtered, ordered by key, run and ordinal."""
+        t = _trials.c
+        q = sa.select(t.fingerprint, t.family, t.problem, t.run, t.ordinal, t.config, t.value_ms)
+        for col, v in ((t.fingerprint, fingerprint), (t.family, family), (t.problem, problem)):
+            if v is not None:
+                q = q.where(col == v)
+        q = q.order_by(t.fingerprint, t.family, t.problem, t.run, t.ordinal)
+        return [Trial(*r[:6], math.inf if r[6] is None else r[6]) for r in self._read(q)]
+
+    def runs(self, fingerprint: str | None = None) -> dict[tuple[str, str, str], list[str]]:
+        """(fingerprint, family, problem) -> the workers that stored a tuning run of it (one per run)."""
+        t = _trials.c
+        q = sa.select(t.fingerprint, t.family, t.problem, t.run, t.worker).distinct()
+        if fingerprint is not None:
+            q = q.where(t.fingerprint == fingerprint)
+        out: dict[tuple[str, str, str], list[str]] = {}
+        for fp, fam, prob, _run, worker in self._read(q):
+            out.setdefault((fp, fam, prob), []).append(worker)
+        return out
+
+    def done(self, fingerprint: str) -> set[tuple[str, str]]:
+        """The (family, problem key) pairs that have an entry for ``fingerprint``."""
+        q = sa.select(_entries.c.family, _entries.c.problem).where(_entries.c.fingerprint == fingerprint)
+        return {(r[0], r[1]) for r in self._read(q)}
+
+    def put(self, entry: Entry, trials: Iterable[tuple[str, float | None]] = (), *,
+            worker: str = "") -> Entry:
+        """Store ``entry`` and its trial history in one transaction; returns the entry now stored.
+
+        When the key already has an entry, the faster one (smaller ``time_ms``) stays (the existing one
+        on a tie); the trials are always appended as a new run.
+        """
+        if self.readonly:
+            raise FleetError("this results database was opened read-only")
+        run = uuid.uuid4().hex
+        rows = [{"fingerprint": entry.fingerprint, "family": entry.family, "problem": entry.problem,
+                 "run": run, "ordinal": i, "config": cfg,
+                 "value_ms": None if ms is None or not math.isfinite(ms) else float(ms), "worker": worker}
+                for i, (cfg, ms) in enumerate(trials)]
+        values = dict(zip(_ENTRY_COLS, dataclasses.astuple(entry)))
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif self.engine.dialect.name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:  # pragma: no cover - we document PostgreSQL and SQLite only
+            raise FleetError(f"unsupported database {self.engine.dialect.name!r}: use PostgreSQL or SQLite")
+        stmt = insert(_entries).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["fingerprint", "family", "problem"],
+            set_={c: stmt.excluded[c] for c in _ENTRY_COLS[3:]},
+            where=_entries.c.time_ms > stmt.excluded.time_ms)
+
+        def write() -> Entry:
+            with self.engine.begin() as c:
+                c.execute(stmt)
+                if rows:
+                    c.execute(sa.insert(_trials), rows)
+                got = c.execute(sa.select(_entries).where(_entries.c.fingerprint == entry.fingerprint,
+                                                          _entries.c.family == entry.family,
+                                                          _entries.c.problem == entry.problem)).one()
+            return _entry(got)
+
+        return _retry("storing a result", write, attempts=3)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Results":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class RemoteCache:
+    """The fleet's results as a read-only cache for inference hosts: hits are served from memory after
+    the first query; ``preload`` fetches every entry of a device at once.
+
+    Args:
+        storage: the database URL (a PostgreSQL role with SELECT rights is enough).
+        miss_ttl_s: how long a miss is remembered before the database is asked again (default 60 s).
+    """
+
+    def __init__(self, storage: str, *, miss_ttl_s: float = 60.0) -> None:
+        self.results = Results(storage, readonly=True)
+        self.miss_ttl_s = miss_ttl_s
+        self._mem: dict[tuple[str, str, str], Entry] = {}
+        self._missed: dict[tuple[str, str, str], float] = {}
+
+    def get(self, fingerprint: str, family: str, problem: str, *, refresh: bool = False) -> Entry | None:
+        """The entry for (fingerprint key, family name, problem key), or None (``refresh``: ask the
+        database even when memory has an answer)."""
+        key = (fingerprint, family, problem)
+        if not refresh:
+            if key in self._mem:
+                return self._mem[key]
+            t = self._missed.get(key)
+            if t is not None and time.monotonic() - t < self.miss_ttl_s:
+                return None
+        e = self.results.get(*key)
+        if e is None:
+            self._missed[key] = time.monotonic()
+        else:
+            self._mem[key] = e
+            self._missed.pop(key, None)
+        return e
+
+    def preload(self, fingerprint: str | None = None) -> int:
+        """Fetch every entry (of one fingerprint key, or all) into memory; returns how many."""
+        got = self.results.entries(fingerprint)
+        for e in got:
+            self._mem[e.key] = e
+            self._missed.pop(e.key, None)
+        return len(got)
+
+    def entries(self, fingerprint: str | None = None, *, family: str | None = None) -> list[Entry]:
+        """Every entry in the database (see ``Results.entries``)."""
+        return self.results.entries(fingerprint, family=family)
+
+    def close(self) -> None:
+        self.results.close()
+
+    def __enter__(self) -> "RemoteCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def pull(*, storage: str, store: Store | None = None, fingerprint: str | None = None) -> int:
+    """Copy the fleet's results into a local cache, keeping the faster entry where both have one.
+
+    Args:
+        storage: the database URL (read-only access is enough).
+        store: the local cache; None (default) is ``store.default_store()``.
+        fingerprint: copy only this fingerprint key's entries; None (default) copies every device's.
+
+    Returns:
+        How many entries were copied.
+    """
+    from .store import default_store
+
+    store = store if store is not None else default_store()
+    with Results(storage, readonly=True) as res:
+        got = res.entries(fingerprint)
+    for e in got:
+        store.put(e, policy="faster")
+    return len(got)
+
+
+def export_bundle(*, storage: str, path: str | os.PathLike, fingerprint: str | None = None,
+                  family: str | None = None) -> int:
+    """Write the fleet's results (of one fingerprint key and/or family, or all) as a bundle file.
+
+    Args:
+        storage: the database URL (read-only access is enough).
+        path: the bundle file to write.
+        fingerprint: only this fingerprint key's entries; None (default): all.
+        family: only this family's entries; None (default): all.
+
+    Returns:
+        How many entries the bundle holds.
+    """
+    from . import bundles
+
+    with Results(storage, readonly=True) as res:
+        bundle = bundles.export_store(res, fingerprint=fingerprint, family=family)
+    bundles.write(bundle, path)
+    return len(bundle.entries())
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+def job_name(problems: Iterable[tuple[str, str]]) -> str:
+    """The default job name of a problem list: a hash of its sorted (family, problem key) pairs, so
+    workers started the same way, on the same shape file, join the same job."""
+    h = hashlib.sha256()
+    for fam, key in sorted(set(problems)):
+        h.update(f"{fam}\0{key}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def study_name(job: str, fingerprint: str) -> str:
+    """The Optuna study of ``job`` on devices with fingerprint key ``fingerprint``."""
+    return f"{STUDY_PREFIX}:{job}:{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+
+
+def _optuna_storage(url: str, *, heartbeat_s: int, lease_s: int) -> Any:
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    url = normalize_url(url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _retry("opening the Optuna storage", lambda: RDBStorage(
+            url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=heartbeat_s, grace_period=lease_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None)))
+
+
+def _resolve(problems: Iterable[tuple[str, Mapping[str, Any]]], families: Mapping[str, Any]
+             ) -> list[tuple[str, str]]:
+    """(family name, problem dict) pairs -> distinct (family name, canonical problem key) pairs, each
+    validated by its family (an unknown family or field raises FleetError)."""
+    out, seen = [], set()
+    for fam_name, pdict in problems:
+        fam = families.get(fam_name)
+        if fam is None:
+            raise FleetError(f"unknown kernel family {fam_name!r} (known: {sorted(families)})")
+        try:
+            key = problem_key(fam.problem_to_dict(fam.problem_from_dict(pdict)))
+        except (TypeError, ValueError) as e:
+            raise FleetError(f"invalid {fam_name} problem {pdict!r}: {e}") from e
+        if (fam_name, key) not in seen:
+            seen.add((fam_name, key))
+            out.append((fam_name, key))
+    return out
+
+
+def _open_job(storage: Any, results: Results, *, name: str, fingerprint: str,
+              problems: list[tuple[str, str]] | None, force: bool, wait_ready_s: float) -> Any:
+    """Create the job's study and queue its problems, or join it once its creator has queued them."""
+    import optuna
+
+    sampler = optuna.samplers.RandomSampler(seed=0)  # never consulted: every trial is a queued problem
+    if problems is not None:
+        try:
+            study = optuna.create_study(storage=storage, study_name=name, direction="minimize",
+                                        sampler=sampler)
+        except optuna.exceptions.DuplicatedStudyError:
+            study = None
+        if study is not None:  # we created it: queue what is not done yet, then mark it ready
+            study.set_user_attr("fingerprint", fingerprint)
+            done = set() if force else results.done(fingerprint)
+            todo = [p for p in problems if p not in done]
+            for fam, key in todo:
+                study.enqueue_trial({}, user_attrs={"family": fam, "problem": key})
+            study.set_user_attr("problems", len(problems))
+            study.set_user_attr("queued", len(todo))
+            study.set_user_attr("ready", True)
+            log.info("torchtune_ops fleet: job %s created with %d problems (%d already tuned)", name,
+                     len(problems), len(problems) - len(todo))
+            return study
+    try:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except KeyError as e:  # Optuna's way of saying "no such study"
+        raise FleetError(f"no fleet job {name!r} in this database; give the problem list to create it") \
+            from e
+    deadline = time.monotonic() + wait_ready_s
+    while not study.user_attrs.get("ready"):
+        if time.monotonic() > deadline:
+            raise FleetError(f"fleet job {name!r} was never set up completely (its creator stopped while "
+                             "queueing problems); start the workers again under another job name")
+        time.sleep(0.2)
+    return study
+
+
+@dataclasses.dataclass
+class WorkerReport:
+    """What one ``run_worker`` call did: problems tuned, problems found already tuned (a retried problem
+    whose first worker stored its result before dying, or a result from an earlier job), problems that
+    failed (their errors, by problem key), and the wall-clock seconds."""
+
+    job: str
+    study: str
+    worker: str
+    tuned: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    reused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+class _ProblemFailed(Exception):
+    """Internal: tuning one problem raised; recorded on the trial, the worker goes on."""
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_worker(*, storage: str, problems: Iterable[tuple[str, Mapping[str, Any]]] | None = None,
+               job: str | None = None, device: Any = None, timer: Any = None,
+               max_trials: int | None = None, time_budget_s: float | None = None, seed: int = 0,
+               progress: bool | Callable[[Any], None] | None = None, force: bool = False,
+               heartbeat_s: float = DEFAULT_HEARTBEAT_S, lease_s: float = DEFAULT_LEASE_S,
+               poll_s: float = 1.0, wait_ready_s: float = 300.0, fingerprint: Any = None,
+               families: Mapping[str, Any] | None = None, max_problems: int | None = None,
+               on_problem: Callable[[str, str, str], None] | None = None) -> WorkerReport:
+    """Tune a shared problem list together with every other worker on the same database, until nothing
+    is left: no problem waiting and none being tuned by a live worker.
+
+    Start any number of workers the same way, on any number of machines: the first one creates the job
+    and queues the problems; the others join it. Each problem is tuned by exactly one worker; a worker
+    killed at any moment loses nothing already stored, and its current problem goes to another worker
+    ``lease_s`` seconds after its last heartbeat.
+
+    Args:
+        storage: the database URL: ``postgresql://user@host:port/db`` (several machines) or
+            ``sqlite:///path/to/file`` (one machine).
+        problems: (family name, problem dict) pairs, e.g. ``record.read_shapes(path)``. Needed by the
+            worker that creates the job; a worker given only ``job`` joins an existing one. Problems the
+            database already has a result for (on this device) are not queued, unless ``force``.
+        job: the job name; None (default): derived from the problem list (``job_name``), so workers
+            given the same list join the same job.
+        device: where to tune; None (default): the current CUDA device, else CPU (Triton interpreter).
+        timer: the tuner's timer (``timing.Timer``); None (default): the real one for ``device``.
+        max_trials, time_budget_s, seed, progress: passed to ``tuner.tune_problem`` (None: the settings'
+            defaults; seed 0; no progress line).
+        force: queue and tune problems even when a result exists (the faster one is kept). Default False.
+        heartbeat_s: seconds between heartbeats while tuning (default 10; rounded up to whole seconds).
+        lease_s: seconds without a heartbeat after which a problem is given to another worker (default
+            60; whole seconds, more than ``heartbeat_s``). Must be the same for every worker of a job.
+        poll_s: while other workers are still tuning, how often to look for work (default 1 s).
+        wait_ready_s: how long a joining worker waits for the job's creator to finish queueing (300 s).
+        fingerprint: the device fingerprint key to tune and store under; None (default): the device's.
+        families: kernel families by name; None (default): the registered ones.
+        max_problems: stop after this many problems (tuned, reused or failed); None (default): no limit.
+        on_problem: called as ``on_problem(event, family, problem_key)`` with event "start", "tuned",
+            "reused" or "failed" (default none); for progress displays.
+
+    Returns:
+        A ``WorkerReport``.
+
+    Raises:
+        FleetError: a bad URL, an unknown job, an invalid problem, or a job never set up completely.
+        KeyboardInterrupt: re-raised after the current problem is put back in the queue.
+    """
+    import optuna
+
+    from .device import fingerprint as device_fingerprint
+    from .kernels.base import families as registered_families
+
+    start = time.monotonic()
+    heartbeat_i = max(1, math.ceil(heartbeat_s))
+    lease_i = max(heartbeat_i + 1, math.ceil(lease_s))
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if fingerprint is None:
+        fingerprint = device_fingerprint(device)
+    fp = fingerprint if isinstance(fingerprint, str) else fingerprint.key
+    fams = dict(families) if families is not None else dict(registered_families())
+    keys = _resolve(problems, fams) if problems is not None else None
+    if job is None:
+        if keys is None:
+            raise FleetError("give the problem list, or the name of an existing job")
+        job = job_name(keys)
+    name = study_name(job, fp)
+    worker = _worker_id()
+    report = WorkerReport(job=job, study=name, worker=worker)
+
+    notify = on_problem or (lambda *a: None)
+
+    results = Results(storage)
+    with tempfile.TemporaryDirectory(prefix="torchtune-ops-worker-") as tmp, \
+            _quiet_optuna(), contextlib.closing(results):
+        ostorage = _optuna_storage(storage, heartbeat_s=heartbeat_i, lease_s=lease_i)
+        study = _open_job(ostorage, results, name=name, fingerprint=fp, problems=keys, force=force,
+                          wait_ready_s=wait_ready_s)
+        local = Store.open(os.path.join(tmp, "tuning.sqlite"), readonly=False)
+
+        def objective(trial: Any) -> float:
+            attrs = trial.user_attrs
+            if "problem" not in attrs:  # a fresh trial, not a queued problem: the queue was empty
+                raise optuna.TrialPruned()
+            fam_name, key = attrs["family"], attrs["problem"]
+            trial.set_user_attr("worker", worker)
+            notify("start", fam_name, key)
+            done = None if force else results.get(fp, fam_name, key)
+            if done is not None:  # stored by a worker that died before completing the trial
+                trial.set_user_attr("outcome", "reused")
+                report.reused.append((fam_name, key))
+                notify("reused", fam_name, key)
+                return done.time_ms
+            try:
+                entry = _tune_one(fams[fam_name], key, local=local, device=device, timer=timer,
+                                  max_trials=max_trials, time_budget_s=time_budget_s, seed=seed,
+                                  progress=progress, fp=fp)
+                history = [(t.config, t.value_ms) for t in local.trials(fp, fam_name, problem=key)]
+                stored = results.put(entry, history, worker=worker)
+                local.delete(fp, fam_name, key)
+            except (KeyboardInterrupt, SystemExit):
+                # give the problem back at once rather than after the lease
+                study.enqueue_trial({}, user_attrs={"family": fam_name, "problem": key})
+                raise
+            except Exception as e:  # one problem's failure must not stop the fleet: record it, go on
+                msg = f"{type(e).__name__}: {e}"[:2000]
+                log.warning("torchtune_ops fleet: tuning %s %s failed: %s", fam_name, key, msg)
+                trial.set_user_attr("error", msg)
+                report.failed[key] = msg
+                notify("failed", fam_name, key)
+                raise _ProblemFailed(msg) from e
+            trial.set_user_attr("outcome", "tuned")
+            trial.set_user_attr("winner", stored.winner if stored.is_aten else "triton")
+            report.tuned.append((fam_name, key))
+            notify("tuned", fam_name, key)
+            return stored.time_ms
+
+        def handled() -> int:
+            return len(report.tuned) + len(report.reused) + len(report.failed)
+
+        waiting_states = (optuna.trial.TrialState.WAITING,)
+        running_states = (optuna.trial.TrialState.RUNNING,)
+        queue_empty = False
+        try:
+            while max_problems is None or handled() < max_problems:
+                if not queue_empty:
+                    before = len(report.tuned), len(report.reused), len(report.failed)
+                    study.optimize(objective, n_trials=1, catch=(_ProblemFailed,))
+                    queue_empty = (len(report.tuned), len(report.reused), len(report.failed)) == before
+                    continue
+                # the queue looked empty: give back a dead worker's problem if its lease ran out,
+                # then wait while live workers may still fail and give theirs back
+                optuna.storages.fail_stale_trials(study)
+                if study.get_trials(deepcopy=False, states=waiting_states):
+                    queue_empty = False
+                    continue
+                if not study.get_trials(deepcopy=False, states=running_states):
+                    break
+                time.sleep(poll_s)
+        finally:
+            local.close()
+    report.elapsed_s = time.monotonic() - start
+    return report
+
+
+def _tune_one(family: Any, key: str, *, local: Store, device: Any, timer: Any, max_trials: int | None,
+              time_budget_s: float | None, seed: int, progress: Any, fp: str) -> Entry:
+    from .tuner import tune_problem
+
+    problem = family.problem_from_dict(json.loads(key))
+    return tune_problem(family, problem, device=device, store=local, max_trials=max_trials,
+                        time_budget_s=time_budget_s, timer=timer, seed=seed, progress=progress,
+                        force=True, wait_s=0.0, fingerprint=fp)
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Optuna logs every finished trial at INFO; a worker reports per problem itself."""
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+def job_status(*, storage: str, job: str, fingerprint: str) -> dict[str, Any]:
+    """Where a job stands: trials by state, problems queued at creation, and per problem key its
+    outcomes. ``fingerprint`` is the device fingerprint key the workers tune under.
+
+    Returns:
+        ``{"study": name, "ready": bool, "problems": n, "states": {"COMPLETE": n, ...},
+        "outcomes": {problem key: [(state, outcome or error, worker), ...]}}``
+    """
+    import optuna
+
+    name = study_name(job, fingerprint)
+    ostorage = _optuna_storage(storage, heartbeat_s=DEFAULT_HEARTBEAT_S, lease_s=DEFAULT_LEASE_S)
+    try:
+        study = optuna.load_study(study_name=name, storage=ostorage)
+    except KeyError as e:
+        raise FleetError(f"no fleet job {name!r} in this database") from e
+    states: dict[str, int] = {}
+    outcomes: dict[str, list[tuple[str, str, str]]] = {}
+    for t in study.get_trials(deepcopy=False):
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+        key = t.user_attrs.get("problem")
+        if key is None:
+            continue  # a fresh trial handed out while the queue was empty
+        what = t.user_attrs.get("outcome") or t.user_attrs.get("error") or ""
+        outcomes.setdefault(key, []).append((t.state.name, what, t.user_attrs.get("worker", "")))
+    attrs = study.user_attrs
+    return {"study": name, "ready": bool(attrs.get("ready")), "problems": attrs.get("problems", 0),
+            "states": states, "outcomes": outcomes}
