@@ -21,6 +21,7 @@ from torchtune_ops.store import CacheWarning, Entry, Store, canonical_json, defa
 
 
 def entry(i: int = 0, *, fp: str = "gpu-a", ms: float = 1.0, winner: str = "aten", **kw) -> Entry:
+    kw.setdefault("created", "2026-01-02T03:04:05Z")  # fixed, so that entry(i) == entry(i)
     return Entry(fp, "gemm", problem_key({"M": i, "N": 7, "dtype": "float16"}), winner, ms,
                  kw.pop("aten_ms", 2.0), kw.pop("trials", 3), **kw)
 
@@ -517,3 +518,28 @@ def test_a_vanished_directory_that_cannot_be_recreated_gives_memory(path, st):
     assert len(cache_warnings(rec)) == 1 and st.mode == "memory"
     assert st.get(*entry(0).key, refresh=True) == entry(0)  # copied from the old connection
     assert st.get(*entry(1).key, refresh=True) == entry(1)
+
+
+@pytest.mark.parametrize("hold_s, degrades", [(0.1, False), (3.0, True)])
+def test_a_busy_database_is_retried_then_given_up(path, hold_s, degrades):
+    import threading
+
+    Store.open(path).close()
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")  # another process in a long write transaction
+    threading.Timer(hold_s, lambda: blocker.execute("COMMIT")).start()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with Store.open(path, busy_timeout_s=0.2) as s:
+            assert s.put(entry()) == entry() and s.get(*entry().key, refresh=True) == entry()
+            assert s.mode == ("memory" if degrades else "disk")
+    assert len(cache_warnings(rec)) == (1 if degrades else 0)
+    time.sleep(max(0.0, hold_s - 0.2))
+    blocker.close()
+
+
+def test_entry_created_defaults_to_now_in_utc():
+    import re
+
+    e = Entry("fp", "gemm", "{}", "aten", 1.0, 1.0)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", e.created) and e.source == "tuned"

@@ -191,12 +191,16 @@ _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
 
 
 def _classify(e: sqlite3.Error) -> str:
-    """'bug' (raise), 'corrupt' (move aside) or 'unusable' (fall back to memory)."""
+    """'bug' (raise), 'corrupt' (move aside), 'busy' (retry, then as unusable) or 'unusable' (fall back
+    to memory)."""
     if isinstance(e, (sqlite3.ProgrammingError, sqlite3.InterfaceError, sqlite3.IntegrityError)):
         return "bug"
     code = getattr(e, "sqlite_errorcode", None)  # Python >= 3.11
     if code is not None:
-        return "corrupt" if code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB) else "unusable"
+        primary = code & 0xFF
+        if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            return "corrupt"
+        return "busy" if primary in (_SQLITE_BUSY, _SQLITE_LOCKED) else "unusable"
     # Python 3.10: corrupt/not-a-database errors are plain DatabaseError, I/O problems OperationalError
     return "corrupt" if type(e) is sqlite3.DatabaseError else "unusable"
 
@@ -480,13 +484,18 @@ class Store:
                 self._after_fork()
             elif self.mode == "disk":
                 self._check_file()
-            for _ in range(3):
+            for attempt in range(4):
                 try:
                     return fn(self._conn)
                 except sqlite3.Error as e:
                     kind = _classify(e)
-                    if kind == "bug" or self.mode != "disk":
+                    if kind == "bug":
                         raise
+                    if self.mode != "disk":
+                        raise CacheError(f"the in-memory cache failed: {e}") from e
+                    if kind == "busy" and attempt < 2:  # e.g. another process recovering the WAL
+                        time.sleep(0.05 * (attempt + 1))
+                        continue
                     if kind == "corrupt":
                         self._move_aside(e)
                         self._open_disk()
