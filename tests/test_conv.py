@@ -195,6 +195,18 @@ def test_strided_views_in_and_out(device):
     assert torch.isnan(holder[:, 0]).all() and torch.isnan(holder[:, 6]).all() and torch.isnan(holder[..., 1::2]).all()
 
 
+@pytest.mark.parametrize("case", [CASES[4], CASES[8]], ids=lambda c: c.name)
+def test_64bit_offsets_path(case, device, monkeypatch):
+    """Tensors over 2**31 elements switch image offsets to 64 bits (forced here on small tensors)."""
+    from torchtune_ops.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "_needs_int64", lambda t: True)
+    x, w, b = _inputs(case, torch.float32, "nhwc", device, bias=True)
+    cfg = Config.of(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
+    y = conv2d(x, w, config=cfg, bias=b, precision="ieee", **case.kwargs())
+    assert relative_error(y.cpu(), _reference64(x, w, b, case)) <= 1e-5
+
+
 def test_zero_input_channels_give_bias(device):
     x = torch.randn(2, 0, 5, 5, device=device)
     w = torch.randn(3, 0, 3, 3, device=device)

@@ -89,7 +89,7 @@ def _conv2d_kernel(
     syn, syc, syp, syq,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     R: tl.constexpr, S: tl.constexpr,
-    HAS_PAD: tl.constexpr, FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
+    HAS_PAD: tl.constexpr, FLAT_K: tl.constexpr, EVEN_C: tl.constexpr, BIG: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -108,8 +108,12 @@ def _conv2d_kernel(
     q = pq - p * Q
     ih0 = p * STRIDE_H - PAD_H
     iw0 = q * STRIDE_W - PAD_W
-    x_rows = x_ptr + img.to(tl.int64) * sxn + (g * CG).to(tl.int64) * sxc + (ih0 * sxh + iw0 * sxw)
-    w_cols = w_ptr + (g * KG + n_ld).to(tl.int64) * swk
+    if BIG:  # tensors over 2**31 elements: 64-bit image offsets
+        img = img.to(tl.int64)
+    x_rows = img * sxn + (ih0 * sxh + iw0 * sxw)
+    x_ptr += (g * CG).to(tl.int64) * sxc
+    w_ptr += (g * KG).to(tl.int64) * swk
+    w_cols = n_ld * swk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
@@ -127,8 +131,9 @@ def _conv2d_kernel(
                 ih = ih0[:, None] + dh[None, :]
                 iw = iw0[:, None] + dw[None, :]
                 a_mask = a_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_rows[:, None] + (c * sxc + dh * sxh + dw * sxw)[None, :], mask=a_mask, other=0.0)
-            b = tl.load(w_cols[None, :] + (c * swc + r * swr + s * sws)[:, None], mask=k_ok[:, None],
+            a = tl.load(x_ptr + (x_rows[:, None] + (c * sxc + dh * sxh + dw * sxw)[None, :]), mask=a_mask,
+                        other=0.0)
+            b = tl.load(w_ptr + (w_cols[None, :] + (c * swc + r * swr + s * sws)[:, None]), mask=k_ok[:, None],
                         other=0.0)
             acc = _mma(a, b, acc, PRECISION, UPCAST)
     else:
@@ -139,8 +144,8 @@ def _conv2d_kernel(
             r = rs // S
             s = rs - r * S
             c = c0 + offs_k
-            a_ptrs = x_rows[:, None] + (r * DIL_H * sxh + s * DIL_W * sxw) + (c * sxc)[None, :]
-            b_ptrs = w_cols[None, :] + (r * swr + s * sws) + (c * swc)[:, None]
+            a_ptrs = x_ptr + (x_rows[:, None] + (r * DIL_H * sxh + s * DIL_W * sxw) + (c * sxc)[None, :])
+            b_ptrs = w_ptr + (w_cols[None, :] + (r * swr + s * sws) + (c * swc)[:, None])
             if HAS_PAD:
                 ih = ih0 + r * DIL_H
                 iw = iw0 + s * DIL_W
@@ -163,8 +168,8 @@ def _conv2d_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + g * KG + n_ld).to(tl.float32)[None, :]
     acc = _activate(acc, ACT)
-    y_rows = y_ptr + img.to(tl.int64) * syn + (p * syp + q * syq)
-    y_ptrs = y_rows[:, None] + ((g * KG + offs_n) * syc)[None, :]
+    y_rows = img * syn + (p * syp + q * syq)
+    y_ptrs = y_ptr + (g * KG).to(tl.int64) * syc + (y_rows[:, None] + (offs_n * syc)[None, :])
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < KG)[None, :])
 
 
@@ -177,7 +182,7 @@ def _conv2d_depthwise_kernel(
     syn, syc, syp, syq,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     R: tl.constexpr, S: tl.constexpr,
-    HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    HAS_PAD: tl.constexpr, BIG: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # One input channel per group: output channel k reads input channel k // MULT; no reduction over
@@ -193,15 +198,17 @@ def _conv2d_depthwise_kernel(
     q = pq - p * Q
     ih0 = p * STRIDE_H - PAD_H
     iw0 = q * STRIDE_W - PAD_W
-    x_rows = x_ptr + img.to(tl.int64) * sxn + (ih0 * sxh + iw0 * sxw)
+    if BIG:
+        img = img.to(tl.int64)
+    x_rows = img * sxn + (ih0 * sxh + iw0 * sxw)
     x_cols = (n_ld // MULT) * sxc
-    w_cols = w_ptr + n_ld.to(tl.int64) * swk
+    w_cols = n_ld * swk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for rs in range(0, R * S):
         r = rs // S
         s = rs - r * S
-        a_ptrs = x_rows[:, None] + (r * DIL_H * sxh + s * DIL_W * sxw) + x_cols[None, :]
+        a_ptrs = x_ptr + (x_rows[:, None] + (r * DIL_H * sxh + s * DIL_W * sxw) + x_cols[None, :])
         if HAS_PAD:
             ih = ih0 + r * DIL_H
             iw = iw0 + s * DIL_W
@@ -209,14 +216,14 @@ def _conv2d_depthwise_kernel(
             a = tl.load(a_ptrs, mask=sp_ok[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs)
-        wv = tl.load(w_cols + (r * swr + s * sws))
+        wv = tl.load(w_ptr + (w_cols + (r * swr + s * sws)))
         acc += a.to(tl.float32) * wv.to(tl.float32)[None, :]
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + n_ld).to(tl.float32)[None, :]
     acc = _activate(acc, ACT)
-    y_rows = y_ptr + img.to(tl.int64) * syn + (p * syp + q * syq)
-    y_ptrs = y_rows[:, None] + (offs_n * syc)[None, :]
+    y_rows = img * syn + (p * syp + q * syq)
+    y_ptrs = y_ptr + (y_rows[:, None] + (offs_n * syc)[None, :])
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < KOUT)[None, :])
 
 
@@ -386,9 +393,15 @@ def _use_flat_k(cg: int, r: int, s: int, block_k: int) -> bool:
     return flat < 0.8 * blocked
 
 
-def _max_offset(t: torch.Tensor) -> int:
-    # largest element offset inside one image (dims 1..3)
-    return sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]) if n > 0)
+def _max_offset(t: torch.Tensor, first_dim: int = 1) -> int:
+    # largest element offset over dims first_dim.. (1: inside one image)
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape[first_dim:], t.stride()[first_dim:]) if n > 0)
+
+
+def _needs_int64(t: torch.Tensor) -> bool:
+    if t.numel() <= _INT32_MAX and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    return _max_offset(t, 0) > _INT32_MAX
 
 
 def _torch_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -433,6 +446,20 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Va
         InvalidConfig: a config without the needed entries.
         ValueError: inconsistent shapes or hyper-parameters.
     """
+    out, plan = _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out, precision)
+    if plan is not None:
+        kernel, grid, args, consts, num_warps, num_stages = plan
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        else:
+            kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out, precision):
+    """Validate, allocate the output and pick the kernel: (out, None) when nothing is left to launch,
+    else (out, (kernel, grid, args, constexprs, num_warps, num_stages))."""
     if x.dim() != 4 or w.dim() != 4:
         raise UnsupportedProblem(f"conv2d needs 4-D input and weight, got {x.dim()}-D and {w.dim()}-D")
     if x.dtype not in _DTYPES or w.dtype != x.dtype:
@@ -478,16 +505,17 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Va
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     m = n * p_out * q_out
     if m == 0:
-        return out
+        return out, None
     if cg == 0:  # no input channels: the sum is empty
         if bias is None:
             out.zero_()
         else:
             out.copy_(_torch_activation(bias.float(), activation).to(out.dtype).view(1, k, 1, 1).expand_as(out))
-        return out
-    if (x.numel() > _INT32_MAX or out.numel() > _INT32_MAX or m > _INT32_MAX or w.numel() > _INT32_MAX) and \
-            max(_max_offset(x), _max_offset(out), w.numel(), m) > _INT32_MAX:
-        raise UnsupportedProblem("conv2d kernels index one image (and the row count) with 32-bit integers")
+        return out, None
+    big = _needs_int64(x) or _needs_int64(out)
+    if (big or m > _INT32_MAX or _needs_int64(w)) and \
+            max(_max_offset(x), _max_offset(out), _max_offset(w, 0), m) > _INT32_MAX:
+        raise UnsupportedProblem("conv2d kernels index one image, the weight and the rows with 32-bit integers")
 
     has_pad = (pt | pb | pl | pr) != 0
     b_arg = bias if bias is not None else out  # any pointer; never read without HAS_BIAS
@@ -498,7 +526,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Va
             x, w, b_arg, out, h, wd, p_out, q_out, m, k, k // groups,
             sx[0], sx[1], sx[2], sx[3], sww[0], sww[2], sww[3], sy[0], sy[1], sy[2], sy[3],
             sh, sw, pt, pl, dh, dw), dict(
-            R=r, S=s, HAS_PAD=has_pad, HAS_BIAS=bias is not None, ACT=act,
+            R=r, S=s, HAS_PAD=has_pad, BIG=big, HAS_BIAS=bias is not None, ACT=act,
             BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=group_m)
     else:
         kg = k // groups
@@ -513,14 +541,9 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Va
             sx[0], sx[1], sx[2], sx[3], sww[0], sww[1], sww[2], sww[3], sy[0], sy[1], sy[2], sy[3],
             sh, sw, pt, pl, dh, dw), dict(
             R=r, S=s, HAS_PAD=has_pad, FLAT_K=_use_flat_k(cg, r, s, block_k), EVEN_C=cg % block_k == 0,
-            HAS_BIAS=bias is not None, ACT=act, PRECISION="ieee" if upcast else prec, UPCAST=upcast,
+            BIG=big, HAS_BIAS=bias is not None, ACT=act, PRECISION="ieee" if upcast else prec, UPCAST=upcast,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m)
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):
-            kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
-    else:
-        kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
-    return out
+    return out, (kernel, grid, args, consts, num_warps, num_stages)
 
 
 def conv1d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Value],
@@ -598,7 +621,7 @@ class ConvFamily(KernelFamily):
             "BLOCK_K": tuple(b for b in _BLOCKS_K if b <= ck),
             "GROUP_M": _GROUPS_M,
             "num_warps": _WARPS,
-            "num_stages": _STAGES,
+            "num_stages": _STAGES[:3] if problem.depthwise else _STAGES,
         }
 
     def check(self, config: Mapping[str, Value], problem: ConvProblem, limits: DeviceLimits) -> str | None:
@@ -619,8 +642,8 @@ class ConvFamily(KernelFamily):
             return f"accumulator needs {-(-bm * bn // (warps * 32))} registers per thread (> 255)"
         if not limits.interpreter:
             elem = 4 if problem.dtype == "float32" else 2
-            tile = bm * bn if problem.depthwise else bm * bk + bk * bn
-            smem = stages * tile * elem
+            # depthwise: no dot, nothing staged unless the loads get pipelined ((stages - 1) buffers)
+            smem = (stages - 1) * bm * bn * elem if problem.depthwise else stages * (bm * bk + bk * bn) * elem
             if smem > limits.smem_per_block:
                 return f"shared memory {smem} B > {limits.smem_per_block} B"
         return None
