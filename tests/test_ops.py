@@ -59,6 +59,7 @@ def _samples():
                     [1, 1], [1, 1], [1, 1], 1)),
         ("conv2d", (r(2, 4, 7, 6).to(memory_format=torch.channels_last), r(4, 2, 3, 1), None, [2, 1], [0, 1],
                     [1, 2], 2)),
+        ("conv2d_grad_input", (r(2, 4, 7, 9), r(4, 3, 3, 2), [1, 0])),
     ]
 
 

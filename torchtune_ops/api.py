@@ -56,8 +56,13 @@ def optimize(model_or_fn: Any, *, autotune: bool | str | None = None, cache_dir:
     overrides = {"autotune": autotune, "cache_dir": os.fspath(cache_dir) if cache_dir is not None else None,
                  "max_trials": max_trials, "time_budget": time_budget_s, "bucket": bucket, "strict": strict}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    with settings.override(**overrides):  # validates now: a bad value fails here, not at the first call
-        s = settings.current()
+    try:
+        with settings.override(**overrides):  # validates now: a bad value fails here, not at the first call
+            s = settings.current()
+    except settings.SettingsError:
+        raise
+    except ValueError as e:
+        raise settings.SettingsError(f"optimize(): {e}") from None
     if isinstance(autotune, (bool, str)):
         overrides["autotune"] = s.autotune
     options = dict(compile_kwargs.pop("options", None) or {})
@@ -71,7 +76,43 @@ def optimize(model_or_fn: Any, *, autotune: bool | str | None = None, cache_dir:
         return torchtune_ops_backend(gm, example_inputs, mode=mode, options=options)
 
     backend.__name__ = "torchtune_ops"
-    return torch.compile(model_or_fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph, **compile_kwargs)
+    compiled = torch.compile(model_or_fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph, **compile_kwargs)
+    if isinstance(model_or_fn, torch.nn.Module) and type(compiled) is _optimized_module_type():
+        compiled.__class__ = _tuned_module_type()
+    return compiled
+
+
+def _optimized_module_type() -> type:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return OptimizedModule
+
+
+_TUNED: list[type] = []
+
+
+def _tuned_module_type() -> type:
+    """torch.compile's OptimizedModule whose state_dict and named parameters/buffers are the original's
+    (no ``_orig_mod.`` prefix), so checkpoints move freely between the original and the optimized model."""
+    if not _TUNED:
+        base = _optimized_module_type()
+
+        class TunedModule(base):  # type: ignore[misc, valid-type]
+            def state_dict(self, *args, **kwargs):
+                return self._orig_mod.state_dict(*args, **kwargs)
+
+            def load_state_dict(self, *args, **kwargs):
+                return self._orig_mod.load_state_dict(*args, **kwargs)
+
+            def named_parameters(self, *args, **kwargs):
+                return self._orig_mod.named_parameters(*args, **kwargs)
+
+            def named_buffers(self, *args, **kwargs):
+                return self._orig_mod.named_buffers(*args, **kwargs)
+
+        TunedModule.__module__ = __name__
+        _TUNED.append(TunedModule)
+    return _TUNED[0]
 
 
 def explain_text() -> str:

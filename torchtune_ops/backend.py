@@ -11,6 +11,9 @@ functionalization and decomposition), so backward matmuls and convolutions are i
     aten.convolution (2-D, not transposed) -> torchtune_ops.conv2d
     mm or addmm (1-D bias, alpha = beta = 1) whose only user is relu / gelu(tanh) / silu
                                          -> torchtune_ops.mm_act (the activation fused in the epilogue)
+    aten.convolution_backward's input gradient (stride 1, no dilation, one group)
+                                         -> torchtune_ops.conv2d of the output gradient with the flipped,
+                                            transposed weight (weight/bias gradients stay with aten)
 
 A matmul whose result is also needed elsewhere (e.g. saved as the pre-activation for a gelu backward) is not
 fused: it becomes our addmm/mm followed by aten's activation. With Inductor the rewrite is a
@@ -30,6 +33,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import operator
 import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,7 +50,7 @@ _counts_lock = threading.Lock()
 
 def intercepted() -> dict[str, int]:
     """Counts since the last ``reset_counts()``: each of our ops put into a graph ("mm", "addmm", "bmm",
-    "baddbmm", "mm_act", "conv2d"), and ``"skipped:<aten op>"`` for matmul-like ops left to PyTorch
+    "baddbmm", "mm_act", "conv2d", "conv2d_grad_input"), and ``"skipped:<aten op>"`` for matmul-like ops left to PyTorch
     (e.g. transposed or 1-D/3-D convolutions)."""
     with _counts_lock:
         return dict(_counts)
@@ -125,13 +129,69 @@ def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
             _replace(graph, node, ours.op("conv2d"),
                      (x, w, bias, list(stride), list(padding), list(dilation), groups, opts))
             counts["conv2d"] += 1
-        elif t in (aten.convolution_backward.default,):
-            counts["skipped:convolution_backward"] += 1
+        elif t is aten.convolution_backward.default:
+            done = _rewrite_conv_backward(graph, node, opts)
+            if done:
+                counts["conv2d_grad_input"] += 1
+            elif node.args[10][0]:   # an input gradient left to aten
+                counts["skipped:convolution_backward"] += 1
     graph.eliminate_dead_code()
     graph.lint()
     with _counts_lock:
         _counts.update(counts)
     return dict(counts)
+
+
+def _fake_val(target, args: tuple):
+    """The fake result of ``target(*args)`` where args are nodes (their meta vals) or constants."""
+    vals = [_val(a) if isinstance(a, torch.fx.Node) else a for a in args]
+    mode = torch._guards.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None:
+        return None
+    with mode:
+        return target(*vals)
+
+
+def _rewrite_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, opts: str) -> bool:
+    """Input gradient of a stride-1, undilated, ungrouped conv2d as our conv2d_grad_input (a tuned conv2d of
+    the output gradient with the flipped, transposed weight); weight and bias gradients stay with aten."""
+    aten = torch.ops.aten
+    grad, x, w, _bias_sizes, stride, padding, dilation, transposed, _op, groups, mask = node.args[:11]
+    wv = _val(w)
+    if (transposed or not mask[0] or wv is None or wv.dim() != 4 or list(stride) != [1, 1]
+            or list(dilation) != [1, 1] or groups != 1):
+        return False
+    kh, kw = wv.shape[2], wv.shape[3]
+    if not (isinstance(kh, int) and isinstance(kw, int) and padding[0] < kh and padding[1] < kw):
+        return False
+    getters = [u for u in node.users if u.target is operator.getitem]
+    if len(getters) != len(node.users):
+        return False
+    from . import ops as ours
+
+    args = (grad, w, [padding[0], padding[1]], opts)
+    val = _fake_val(ours.op("conv2d_grad_input"), args)
+    if val is None:
+        return False
+    with graph.inserting_before(node):
+        gx = graph.call_function(ours.op("conv2d_grad_input"), args)
+    gx.meta["val"] = val
+    for u in getters:
+        if u.args[1] == 0:
+            gx.meta.update({k: v for k, v in u.meta.items() if k != "val"})
+            u.replace_all_uses_with(gx)
+            graph.erase_node(u)
+    new_mask = [False, mask[1], mask[2]]
+    node.args = node.args[:10] + (new_mask,) + node.args[11:]
+    if not any(new_mask):
+        for u in list(node.users):
+            graph.erase_node(u)
+        graph.erase_node(node)
+    else:
+        nv = _fake_val(aten.convolution_backward.default, node.args)
+        if nv is not None:
+            node.meta["val"] = nv
+    return True
 
 
 def _try_fuse(graph: torch.fx.Graph, node: torch.fx.Node, opts: str) -> bool:

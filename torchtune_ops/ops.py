@@ -24,6 +24,8 @@ Schemas (``Scalar`` arguments as in aten)::
         activation(self @ mat2 + bias), activation in relu | gelu_tanh | silu | none
     conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation,
            int groups, str opts="") -> Tensor
+    conv2d_grad_input(Tensor grad, Tensor weight, int[2] padding, str opts="") -> Tensor
+        the input gradient of a stride-1, undilated, ungrouped conv2d (no autograd of its own)
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ _SCHEMAS = {
     "mm_act": "mm_act(Tensor self, Tensor mat2, Tensor? bias, str activation, str opts=\"\") -> Tensor",
     "conv2d": "conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
               "int[2] dilation, int groups, str opts=\"\") -> Tensor",
+    "conv2d_grad_input": "conv2d_grad_input(Tensor grad, Tensor weight, int[2] padding, str opts=\"\") -> Tensor",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -60,7 +63,23 @@ _IMPLS = {
     "baddbmm": dispatch.baddbmm,
     "mm_act": dispatch.mm_act,
     "conv2d": dispatch.conv2d,
+    "conv2d_grad_input": None,  # defined below
 }
+
+
+def _flipped(w: torch.Tensor) -> torch.Tensor:
+    return w.transpose(0, 1).flip(2, 3)
+
+
+def _conv2d_grad_input(grad, w, padding, opts=""):
+    """Input gradient of a stride-1, undilated, ungrouped conv2d with ``padding``: a conv2d (tuned) of
+    ``grad`` with the flipped, transposed weight."""
+    kh, kw = w.shape[2], w.shape[3]
+    return dispatch.conv2d(grad, _flipped(w), None, [1, 1], [kh - 1 - padding[0], kw - 1 - padding[1]], [1, 1], 1,
+                           opts)
+
+
+_IMPLS["conv2d_grad_input"] = _conv2d_grad_input
 for _name, _fn in _IMPLS.items():
     _lib.impl(_name, _fn, "CPU")
     _lib.impl(_name, _fn, "CUDA")
@@ -112,6 +131,12 @@ def _mm_act_fake(a, b, bias, activation, opts=""):
 @torch.library.register_fake(f"{NAMESPACE}::conv2d", lib=_lib)
 def _conv2d_fake(x, w, bias, stride, padding, dilation, groups, opts=""):
     return torch.conv2d(x, w, bias, stride, padding, dilation, groups)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::conv2d_grad_input", lib=_lib)
+def _conv2d_grad_input_fake(grad, w, padding, opts=""):
+    kh, kw = w.shape[2], w.shape[3]
+    return torch.conv2d(grad, _flipped(w), None, 1, [kh - 1 - padding[0], kw - 1 - padding[1]])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,8 +254,7 @@ def _conv_backward(ctx, g):
     own_gx = (want_x and stride == [1, 1] and dilation == [1, 1] and groups == 1
               and padding[0] < kh and padding[1] < kw)
     if own_gx:
-        wt = w.transpose(0, 1).flip(2, 3)
-        gx = ops.conv2d(g, wt, None, [1, 1], [kh - 1 - padding[0], kw - 1 - padding[1]], [1, 1], 1, ctx.opts)
+        gx = ops.conv2d_grad_input(g, w, padding, ctx.opts)
     mask = [want_x and not own_gx, want_w, want_b]
     if any(mask):
         bias_sizes = list(ctx.bias_shape) if ctx.bias_shape is not None else None
