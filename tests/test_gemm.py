@@ -671,3 +671,24 @@ def test_tma_path_taken_when_aligned(device, monkeypatch):
         a, b = make((M, K), "row", torch.float16, device), make((K, N), layout, torch.float16, device)
         assert_close(gemm(a, b, config=TMA), ref64(a, b), torch.float16)
         assert seen[-1] == want
+
+
+def test_bench_kernels_smoke(tmp_path, monkeypatch):
+    """The benchmark's CPU smoke mode runs (so CI runs it) and writes its JSON and CSV with the machine."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(__import__("sys").modules, "bench_kernels", bench)
+    spec.loader.exec_module(bench)
+    argv = ["--smoke", "--workers", "1", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (jpath,) = tmp_path.glob("*.json")
+    data = json.loads(jpath.read_text())
+    assert {"gpu", "torch", "triton", "date"} <= set(data["meta"])
+    gemm_rows = [r for r in data["rows"] if r["family"] == "gemm"]
+    assert gemm_rows and all(r["n_wrong"] == 0 and r["known_config"] for r in gemm_rows)
+    assert list(tmp_path.glob("*.csv"))
