@@ -1,0 +1,108 @@
+"""The background tuner: one problem at a time, never blocking the caller, winners handed back, a
+per-process budget after which it stops. Uses fake tune functions (no kernels)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from torchtune_ops import background, settings
+
+
+class Fam:
+    name = "gemm"
+
+
+def make(budget_s=None, work_s=0.02, fail=()):
+    calls, done, active, peak = [], [], [0], [0]
+    lock = threading.Lock()
+
+    def tune(family, problem, device, s):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        calls.append((problem, s.time_budget))
+        time.sleep(work_s)
+        with lock:
+            active[0] -= 1
+        if problem in fail:
+            raise RuntimeError("boom")
+        return f"entry-{problem}"
+
+    w = background.BackgroundTuner(tune=tune, on_done=lambda f, k, e: done.append((k, e)), budget_s=budget_s)
+    return w, calls, done, peak
+
+
+def test_tunes_one_at_a_time_in_order_and_hands_back_winners():
+    w, calls, done, peak = make()
+    for p in (1, 7, 13):
+        assert w.submit(Fam, p, ("k", p), "cpu")
+    assert w.join(30)
+    assert [c[0] for c in calls] == [1, 7, 13]
+    assert done == [(("k", 1), "entry-1"), (("k", 7), "entry-7"), (("k", 13), "entry-13")]
+    assert peak[0] == 1
+    assert w.stats()["tuned"] == 3
+
+
+def test_submit_never_waits_for_tuning():
+    w, calls, done, _ = make(work_s=0.5)
+    t0 = time.perf_counter()
+    for p in range(5):
+        w.submit(Fam, p, p, "cpu")
+    assert time.perf_counter() - t0 < 0.1
+    w.stop()
+    w.join(30)
+
+
+def test_same_problem_is_submitted_once():
+    w, calls, done, _ = make()
+    assert w.submit(Fam, 3, "same", "cpu")
+    assert not w.submit(Fam, 3, "same", "cpu")
+    assert w.submit(Fam, 3, "same", "cuda:1")  # another device is another problem
+    w.join(30)
+    assert len(calls) == 2
+
+
+def test_budget_bounds_each_problem_and_stops_the_worker(caplog):
+    w, calls, done, _ = make(budget_s=0.1, work_s=0.04)
+    with settings.override(time_budget=30.0):
+        for p in range(10):
+            w.submit(Fam, p, p, "cpu")
+    assert w.join(30)
+    st = w.stats()
+    assert st["exhausted"] and 2 <= st["tuned"] <= 4
+    assert st["tuned"] + st["dropped"] == 10
+    # each problem got at most the time left, never the full 30 s
+    assert calls[0][1] == pytest.approx(0.1) and all(b <= 0.1 for _, b in calls)
+    assert calls[-1][1] < 0.1
+    assert not w.submit(Fam, 99, 99, "cpu")
+    assert sum("budget" in r.message for r in caplog.records) == 1
+
+
+def test_budget_comes_from_the_settings():
+    w, *_ = make(budget_s=None)
+    with settings.override(background_budget=12.5):
+        w.submit(Fam, 1, 1, "cpu")
+    assert w.budget_s == 12.5
+    w.join(30)
+
+
+def test_a_failing_problem_does_not_stop_the_others(caplog):
+    w, calls, done, _ = make(fail=(2,))
+    for p in (1, 2, 3):
+        w.submit(Fam, p, p, "cpu")
+    w.join(30)
+    assert [k for k, _ in done] == [1, 3]
+    assert w.stats()["failed"] == 1
+    assert any("boom" in r.message for r in caplog.records)
+
+
+def test_process_worker_is_shared_and_reset():
+    background.reset()
+    a = background.worker(tune=lambda *a: None, on_done=lambda *a: None)
+    b = background.worker(tune=lambda *a: 1 / 0, on_done=lambda *a: None)
+    assert a is b and background.current() is a
+    assert background.join(5)
+    background.reset()
+    assert background.current() is None
