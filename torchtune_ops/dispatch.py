@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import queue
 import threading
 import warnings
 from typing import Any, Callable
@@ -370,14 +369,35 @@ def _lookup_or_tune_local(family, problem, pkey, fp, device, s):
     except (TorchTuneOpsError, OSError) as e:
         _warn_once(("store", s.cache_dir), f"torchtune_ops: cache unavailable ({e}); using memory only")
         entry = None
+    shipped = _bundle_entry(family, problem, fp, s)
+    if shipped is not None and (entry is None or shipped.time_ms < entry.time_ms):
+        return shipped, "bundle"
     if entry is not None:
         return entry, "store"
+    if s.record:  # deployment: remember the unseen problem for offline tuning (record.py)
+        from . import record
+
+        record.note(family.name, family.problem_to_dict(problem), key=pkey)
     if not s.tuning:
         return None, "untuned"
     if s.autotune == "background":
         _background().submit(family, problem, pkey, device, s)
         return None, "background"
     return _tune(family, problem, device, store, s), "tuned"
+
+
+def _bundle_entry(family, problem, fp, s):
+    """The entry of the read-only bundles (TORCHTUNE_OPS_BUNDLES, shipped ones) for a device compatible
+    with ``fp``, or None (bundles.py validates them; a bad bundle or entry is skipped with one warning)."""
+    if not s.bundles and not s.use_shipped:
+        return None
+    from . import bundles
+
+    try:
+        return bundles.overlay(s).get(fp, family.name, problem)
+    except (TorchTuneOpsError, OSError, ValueError) as e:
+        _warn_once(("bundles",), f"torchtune_ops: bundles unavailable ({e}); using the cache only")
+        return None
 
 
 def _tune(family, problem, device, store, s):
@@ -501,38 +521,9 @@ def set_tune_options(**options: Any) -> None:
             _TUNE_OPTIONS[k] = v
 
 
-class _Background:
-    """One daemon thread tuning submitted problems one at a time; each winner is swapped into memory."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue = queue.Queue()
-        self.pending: set = set()
-        self.thread = threading.Thread(target=self._work, name="torchtune_ops-tuner", daemon=True)
-        self.thread.start()
-
-    def submit(self, family, problem, pkey, device, s) -> None:
-        k = (family.name, pkey, str(device))
-        with _lock:
-            if k in self.pending:
-                return
-            self.pending.add(k)
-        self.queue.put((family, problem, pkey, device, s))
-
-    def _work(self) -> None:
-        while True:
-            family, problem, pkey, device, s = self.queue.get()
-            try:
-                with settings.override(**dataclasses.asdict(s)):  # the submitter's settings
-                    entry = _tune(family, problem, device, _open_store(s), s)
-            except Exception as e:  # strict mode: report, keep serving
-                log.warning("torchtune_ops: background tuning failed: %s", e)
-                entry = None
-            if entry is not None:
-                _swap_in(family, pkey, entry)
-            self.queue.task_done()
-
-    def join(self) -> None:
-        self.queue.join()
+def _background_tune(family, problem, device, s):
+    with settings.override(**dataclasses.asdict(s)):  # the submitter's settings (time_budget: what is left)
+        return _tune(family, problem, device, _open_store(s), s)
 
 
 def _swap_in(family, pkey: str, entry) -> None:
@@ -544,20 +535,18 @@ def _swap_in(family, pkey: str, entry) -> None:
             del _memo[k]  # the next call resolves again and finds the stored entry
 
 
-_bg: list[_Background] = []
+def _background():
+    """The process's background tuner (background.py: one problem at a time, per-process budget)."""
+    from . import background
 
-
-def _background() -> _Background:
-    with _lock:
-        if not _bg:
-            _bg.append(_Background())
-        return _bg[0]
+    return background.worker(tune=_background_tune, on_done=_swap_in)
 
 
 def wait_background() -> None:
     """Block until the background tuner has finished every submitted problem (tests, demos)."""
-    if _bg:
-        _bg[0].join()
+    from . import background
+
+    background.join()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -593,6 +582,9 @@ def _shape_text(key: tuple) -> str:
 def reset() -> None:
     """Forget every in-memory choice, count and failure mark (the on-disk cache is untouched)."""
     wait_background()
+    from . import background
+
+    background.reset()
     with _lock:
         _memo.clear()
         _failed.clear()
