@@ -332,3 +332,41 @@ def test_empty_bundle_round_trips(tmp_path):
 def test_shipped_bundle_paths_are_json_files():
     for p in B.shipped_bundle_paths():
         assert p.suffix == ".json" and p.is_file()
+
+
+# ------------------------------------------------------------------- deployment through the dispatcher
+def test_deployment_bundle_readonly_and_record_through_the_ops(tmp_path):
+    import torch
+
+    import torchtune_ops.ops  # noqa: F401  (registers the ops)
+    from torchtune_ops import dispatch, settings
+    from torchtune_ops.kernels.gemm import gemm_problem as problem_of
+
+    a, b = torch.randn(9, 10), torch.randn(10, 11)
+    shipped = problem_of(a, b, op="mm")
+    bundle = tmp_path / "deploy.json"
+    B.write(B.Bundle.from_entries([entry(fingerprint("cpu").key, GEMM, shipped)]), bundle)
+    cache = tmp_path / "ro-cache"
+    cache.mkdir()
+    os.chmod(cache, 0o500)
+    shapes = tmp_path / "shapes.jsonl"
+    dispatch.reset()
+    try:
+        with settings.override(readonly=True, autotune=True, bundles=str(bundle), cache_dir=str(cache),
+                               record=str(shapes)):
+            torch.testing.assert_close(torch.ops.torchtune_ops.mm(a, b), torch.mm(a, b), rtol=1e-4, atol=1e-4)
+            c, d = torch.randn(7, 13), torch.randn(13, 5)  # unseen: PyTorch's kernel, recorded, not tuned
+            for _ in range(3):
+                torch.testing.assert_close(torch.ops.torchtune_ops.mm(c, d), torch.mm(c, d))
+            probs = {p["shape"]: p for p in dispatch.stats()["problems"]}
+        assert probs["[9,10] x [10,11]"]["source"] == "bundle"
+        assert probs["[9,10] x [10,11]"]["kernel"] != "aten"
+        assert probs["[7,13] x [13,5]"]["source"] == "untuned"
+        assert os.listdir(cache) == []  # read-only: nothing written, nothing tuned
+        from torchtune_ops import record
+
+        recorded = record.read_shapes(shapes)
+        assert [(f, p["M"], p["N"], p["K"]) for f, p in recorded] == [("gemm", 7, 5, 13)]
+    finally:
+        os.chmod(cache, 0o700)
+        dispatch.reset()
