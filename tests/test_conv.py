@@ -362,7 +362,10 @@ def test_known_configs_are_inductors_clamped_and_valid():
     small = _problem(CASES[1])
     for c in CONV2D.known_configs(small, H100):
         assert c["BLOCK_M"] <= 128 and c["BLOCK_N"] == 16 and c["BLOCK_K"] <= 32
-    assert CONV2D.known_configs(_problem(CASES[8]), H100)
+    dw = _problem(Case("dw", 32, 144, 56, 56, 144, 3, 3, padding=1, groups=144), torch.float16, "nhwc")
+    known_dw, space_dw = CONV2D.known_configs(dw, A100), CONV2D.space(dw)
+    assert known_dw and all(c[k] in space_dw[k] for c in known_dw for k in space_dw)
+    assert all(c in CONV2D.valid_configs(dw, A100) for c in known_dw)
 
 
 def test_config_round_trip():
@@ -386,6 +389,94 @@ def test_family_launch_matches_reference(case, layout, device):
         out = torch.full_like(ref, float("nan"))
         y = CONV2D.launch(cfg, p, inputs, out=out)
         assert y is out and relative_error(y, ref) <= CONV2D.tolerance(p)
+
+
+# ------------------------------------------------------- ahead-of-time compilation for real GPUs, no GPU needed
+
+_AOT_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from torchtune_ops.kernels import conv
+
+results = []
+for item in json.loads(sys.stdin.read()):
+    fn = getattr(conv, item["kernel"])
+    sig, consts, attrs = {}, dict(item["consts"]), {}
+    for i, name in enumerate(fn.arg_names):
+        v = item["args"].get(name)
+        if name in consts:
+            sig[name] = "constexpr"
+        elif isinstance(v, str):  # a tensor: its dtype; torch allocations are 16-byte aligned
+            sig[name] = "*" + v
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif v == 1:  # Triton specialises integer arguments equal to 1 as constants
+            sig[name], consts[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", item["cap"], 32),
+                       options=dict(num_warps=item["num_warps"], num_stages=item["num_stages"]))
+    results.append(k.metadata.shared)
+print(json.dumps(results))
+"""
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _aot_item(case: Case, dtype, layout, cfg: Config, cap: int, bias=True, activation="relu") -> dict:
+    from torchtune_ops.kernels import conv as kconv
+
+    x, w, b = _inputs(case, dtype, layout, "cpu", bias)
+    _, plan = kconv._plan(x, w, cfg, b, case.stride, case.padding, case.dilation, case.groups, activation,
+                          None, None)
+    kernel, _, args, consts, num_warps, num_stages = plan
+    names = kernel.arg_names if hasattr(kernel, "arg_names") else list(kernel.fn.__code__.co_varnames)
+    values = {n: (_TRITON_DTYPE[a.dtype] if isinstance(a, torch.Tensor) else int(a)) for n, a in zip(names, args)}
+    return dict(kernel=kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__, args=values,
+                consts=consts, num_warps=num_warps, num_stages=num_stages, cap=cap)
+
+
+def test_configs_compile_for_hopper_and_ampere_within_checked_shared_memory():
+    """Compile for sm_90 and sm_80 (CPU only, through Triton's CUDA backend and ptxas): the kernels
+    lower on real codegen (not only in the interpreter), and the shared memory the compiler allocates for
+    configurations that ``check`` accepts stays under the device cap -- the riskiest being the accepted
+    configuration with the largest estimate."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    resnet = Case("resnet3x3", 32, 64, 56, 56, 64, 3, 3, padding=1)
+    stem = Case("stem", 8, 3, 224, 224, 64, 7, 7, stride=2, padding=3)
+    pointwise = Case("1x1", 8, 64, 28, 28, 96, 1, 1)
+    depthwise = Case("dw", 8, 96, 28, 28, 96, 3, 3, padding=1, groups=96)
+    items, expect = [], []
+    for cap, limits in ((90, H100), (80, A100)):
+        p = _problem(resnet, torch.float16, "nhwc", bias=True, activation="relu")
+        valid = CONV2D.valid_configs(p, limits)
+        riskiest = max(valid, key=lambda c: c["num_stages"] * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"])
+        chosen = [(resnet, torch.float16, "nhwc", CONV2D.known_configs(p, limits)[0]),
+                  (resnet, torch.float16, "nhwc", riskiest)]
+        if cap == 90:
+            chosen += [
+                (stem, torch.bfloat16, "nhwc", CONV2D.known_configs(_problem(stem, torch.bfloat16, "nhwc"), limits)[3]),
+                (pointwise, torch.float32, "nchw", CONV2D.known_configs(_problem(pointwise), limits)[-1]),
+                (depthwise, torch.float16, "nhwc", CONV2D.known_configs(_problem(depthwise, torch.float16), limits)[0]),
+            ]
+        for case, dtype, layout, cfg in chosen:
+            items.append(_aot_item(case, dtype, layout, cfg, cap))
+            expect.append((limits, cfg))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], input=json.dumps(items), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    for used, (limits, cfg) in zip(shared, expect):
+        assert used <= limits.smem_per_block, (limits.name, cfg, used)
 
 
 # ------------------------------------------------------------------------------------ realistic, on a GPU

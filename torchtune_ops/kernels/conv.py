@@ -650,11 +650,12 @@ class ConvFamily(KernelFamily):
 
     def known_configs(self, problem: ConvProblem, limits: DeviceLimits) -> list[Config]:
         cm, cn, ck = self._caps(problem)
+        max_stages = self.space(problem)["num_stages"][-1]
         cands = []
         for bm, bn, bk, stages, warps in _INDUCTOR_CONV + _MM_EXTRA:
             bm, bn, bk = min(bm, cm), min(bn, cn), min(bk, ck)
             cands.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                              num_warps=max(2, min(warps, bm * bn // 256)), num_stages=stages))
+                              num_warps=max(2, min(warps, bm * bn // 256)), num_stages=min(stages, max_stages)))
         return [c for c in iter_known(cands) if self.check(c.as_dict(), problem, limits) is None]
 
     def make_inputs(self, problem: ConvProblem, device: torch.device | str, *, seed: int = 0) -> tuple:
