@@ -153,7 +153,30 @@ def _make_engine(url: str, *, readonly: bool) -> sa.Engine:
         if not sqlite:
             dbapi_conn.commit()
 
+    if sqlite:
+        _serialize_sqlite(engine, immediate=not readonly)
     return engine
+
+
+def _serialize_sqlite(engine: sa.Engine, *, immediate: bool = True) -> None:
+    """Make every transaction on an SQLite engine a real one, taken with ``BEGIN IMMEDIATE``.
+
+    Python's sqlite3 driver starts a transaction only at the first write, so a read-then-write (Optuna
+    moving a trial from WAITING to RUNNING) is two steps another process can slip between, and two
+    workers would take the same problem. With the driver's own transactions off and ``BEGIN IMMEDIATE``
+    at the start of each of SQLAlchemy's, writers take turns (waiting up to the busy timeout), which makes
+    Optuna's queue as atomic on SQLite as it is on PostgreSQL (where it locks the trial's row).
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    engine.dispose()  # connections made before this point lack the settings
 
 
 def _entry(row: Any) -> Entry:
@@ -404,9 +427,12 @@ def _optuna_storage(url: str, *, heartbeat_s: int, lease_s: int) -> Any:
     url = normalize_url(url)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return _retry("opening the Optuna storage", lambda: RDBStorage(
+        storage = _retry("opening the Optuna storage", lambda: RDBStorage(
             url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=heartbeat_s, grace_period=lease_s,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None)))
+    if storage.engine.dialect.name == "sqlite":
+        _serialize_sqlite(storage.engine)
+    return storage
 
 
 def _resolve(problems: Iterable[tuple[str, Mapping[str, Any]]], families: Mapping[str, Any]
