@@ -322,7 +322,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
         beta: scale of the bias (default 1.0); with beta == 0 the bias is not read (as torch.addmm).
         activation: "none" (default), "relu", "gelu_tanh" or "silu", applied after the bias.
         out: optional result buffer of the result's shape, a's dtype and device, any strides; it must
-            not overlap the inputs. Default: a new contiguous tensor.
+            not overlap ``a`` or ``b`` but may be the bias itself (in-place addmm). Default: a new
+            contiguous tensor.
         precision: float32 dot precision, "ieee" or "tf32"; None (default) follows
             ``torch.get_float32_matmul_precision()`` ("highest" -> "ieee"). Ignored for 16-bit dtypes.
 
