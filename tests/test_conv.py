@@ -294,6 +294,24 @@ def test_precision_follows_pytorch_conv_setting():
             torch.backends.fp32_precision = old
 
 
+def test_precision_and_bf16_workaround_reach_the_kernel():
+    """The interpreter ignores TF32, so only check what the launch passes to the kernel."""
+    from torchtune_ops.kernels import conv as kconv
+
+    cfg = Config.of(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=2, num_stages=1)
+
+    def consts(dtype, precision):
+        x, w = torch.randn(1, 4, 5, 5, dtype=dtype), torch.randn(2, 4, 3, 3, dtype=dtype)
+        return kconv._plan(x, w, cfg, None, 1, 1, 1, 1, "none", None, precision)[1][3]
+
+    for setting in ("tf32", "ieee"):
+        with _compat.conv_fp32_precision_set(setting):
+            assert consts(torch.float32, None)["PRECISION"] == setting
+            assert consts(torch.float32, "ieee")["PRECISION"] == "ieee"  # explicit argument wins
+    assert consts(torch.bfloat16, None)["UPCAST"] is _compat.UPCAST_BF16_DOT
+    assert consts(torch.float16, None)["UPCAST"] is False
+
+
 def test_unsupported_inputs_raise_typed_errors(device):
     cfg = Config.of(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=2, num_stages=1)
     with pytest.raises(UnsupportedProblem):
