@@ -5,11 +5,11 @@ scripts/start_postgres.sh and exports it) or, when unset, is started here with t
 server can be started the PostgreSQL tests fail; they never skip. Each test gets a database of its own.
 """
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -104,58 +104,54 @@ def _entry(key="{}", ms=1.0, fp="fp"):
 
 # ------------------------------------------------------------------------------ several worker processes
 
-WORKER = textwrap.dedent("""
-    import json, sys, time
-    from torchtune_ops import fleet
-    from torchtune_ops.timing import FakeTimer
+def _worker(url, sleep_s, events_path):
+    """One fleet worker (run in a forked process): its events and final report go to ``events_path``."""
+    with open(events_path, "w", buffering=1) as out:
+        def show(event, family, key):
+            out.write(f"{event} {key}\n")
 
-    url, sleep_s, problems, fp = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-    fake = FakeTimer({"aten": 1.0}, default=0.5, run=False)
-
-    def timer(fn, *, key):
-        time.sleep(sleep_s)
-        return fake(fn, key=key)
-
-    def show(event, family, key):
-        print(event, key, flush=True)
-
-    r = fleet.run_worker(storage=url, problems=problems, device="cpu", timer=timer, max_trials=6,
-                         time_budget_s=30, heartbeat_s=1, lease_s=2, poll_s=0.2, on_problem=show,
-                         fingerprint=fp)
-    print("REPORT", json.dumps({"tuned": len(r.tuned), "reused": len(r.reused), "failed": r.failed,
-                                "worker": r.worker}), flush=True)
-""")
+        r = fleet.run_worker(storage=url, problems=PROBLEMS, device="cpu", timer=sleeping_timer(sleep_s),
+                             max_trials=6, time_budget_s=30, heartbeat_s=1, lease_s=2, poll_s=0.2,
+                             on_problem=show, fingerprint=FP)
+        out.write("REPORT " + json.dumps({"tuned": len(r.tuned), "reused": len(r.reused),
+                                          "failed": r.failed, "worker": r.worker}) + "\n")
 
 
-def _spawn(url, sleep_s):
-    # the test's fingerprint key is passed on, so that all agree even while kernel sources change
-    return subprocess.Popen([sys.executable, "-c", WORKER, url, str(sleep_s), json.dumps(PROBLEMS), FP],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+def _spawn(url, sleep_s, events_path):
+    # forked from this process, which has imported torch already: real processes that start at once
+    p = multiprocessing.get_context("fork").Process(target=_worker, args=(url, sleep_s, str(events_path)))
+    p.start()
+    return p
 
 
-def test_three_workers_one_killed(db_url):
+def _lines(path):
+    try:
+        return Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def test_three_workers_one_killed(db_url, tmp_path):
     # the victim measures slowly, so it is surely in the middle of a problem when it is killed
-    victim = _spawn(db_url, 0.3)
-    others = [_spawn(db_url, 0.01) for _ in range(2)]
+    logs = [tmp_path / f"worker{i}.log" for i in range(3)]
+    victim = _spawn(db_url, 0.3, logs[0])
+    others = [_spawn(db_url, 0.01, log) for log in logs[1:]]
     started = None
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = victim.stdout.readline()
-        if not line:
-            break
-        if line.startswith("start "):
-            started = line.split(" ", 1)[1].strip()
-            break
-    assert started is not None, victim.communicate(timeout=30)[1][-3000:]
+    while started is None and time.monotonic() < deadline and victim.is_alive():
+        started = next((ln.split(" ", 1)[1] for ln in _lines(logs[0]) if ln.startswith("start ")), None)
+        time.sleep(0.05)
+    assert started is not None, _lines(logs[0])
     time.sleep(0.3)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(timeout=30)
+    assert victim.exitcode == -signal.SIGKILL
 
     reports = []
-    for p in others:
-        out, err = p.communicate(timeout=90)
-        assert p.returncode == 0, err[-3000:]
-        reports.append(json.loads(out.split("REPORT ", 1)[1]))
+    for p, log in zip(others, logs[1:]):
+        p.join(timeout=90)
+        assert p.exitcode == 0, _lines(log)
+        reports.append(json.loads(_lines(log)[-1].split("REPORT ", 1)[1]))
     assert all(not r["failed"] for r in reports)
 
     # a fresh reader sees every result
