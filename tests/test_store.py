@@ -543,3 +543,35 @@ def test_entry_created_defaults_to_now_in_utc():
 
     e = Entry("fp", "gemm", "{}", "aten", 1.0, 1.0)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", e.created) and e.source == "tuned"
+
+
+OPEN_CORRUPT = """
+    import sys, time, warnings
+    from torchtune_ops.store import Entry, Store, problem_key
+    path, me, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    while time.time() < start:
+        pass
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        s = Store.open(path)
+        for i in range(5):
+            s.put(Entry("gpu-a", "gemm", problem_key({"M": i, "writer": me}), "aten", 1.0, 2.0, 0))
+    print(s.mode, len(rec), flush=True)
+"""
+
+
+def test_processes_opening_a_corrupt_file_at_once_move_it_aside_once(path):
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x01corrupt" * 1000)
+    start = time.time() + 1.5
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(OPEN_CORRUPT), str(path), str(me),
+                               str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for me in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    assert all(o[0].split()[0] == "disk" for o in outs)
+    assert sum(int(o[0].split()[1]) for o in outs) == 1  # one warning among them all
+    aside = [p for p in path.parent.iterdir() if ".corrupt-" in p.name and not p.name.endswith(("-wal", "-shm"))]
+    assert len(aside) == 1 and aside[0].read_bytes() == b"\x01corrupt" * 1000
+    with Store.open(path) as s:
+        assert len(s.entries()) == 20

@@ -225,6 +225,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _dir_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes on ``<path>.lock`` (POSIX flock), for the rare operations that
+    rename the database; where it cannot be had, nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries_v{v} (
     fingerprint TEXT NOT NULL, family TEXT NOT NULL, problem TEXT NOT NULL,
@@ -335,6 +356,8 @@ class Store:
         new = not self.path.exists()
         conn = self._connect(str(self.path))
         try:
+            st = os.stat(self.path)  # the file this connection opened: only that one is ever moved aside
+            self._ident = (st.st_dev, st.st_ino)
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                 conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -342,8 +365,6 @@ class Store:
             if new:
                 with contextlib.suppress(OSError):
                     os.chmod(self.path, 0o600)
-            st = os.stat(self.path)
-            self._ident = (st.st_dev, st.st_ino)
         except BaseException:
             conn.close()
             raise
@@ -363,7 +384,7 @@ class Store:
                 if kind == "bug":
                     raise
                 if kind == "corrupt" and attempt == 0:
-                    self._move_aside(e, check_ident=False)
+                    self._move_aside(e)
                     continue
                 self._to_memory(f"cannot use {self.path}: {e}")
                 return
@@ -440,32 +461,36 @@ class Store:
         self._warn("memory", f"torchtune_ops cache: {reason}; using an in-memory cache for this "
                              "process (tuned choices will not persist)")
 
-    def _move_aside(self, error: BaseException, *, check_ident: bool = True) -> None:
-        """Rename a corrupt database (and its WAL files) aside, once, then reopen a fresh one."""
+    def _move_aside(self, error: BaseException) -> None:
+        """Rename the corrupt database we opened (and its WAL files) aside. When the file at the path is
+        another one already (a process beside us moved ours aside), leave it alone."""
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._conn = None
-        try:
-            st = os.stat(self.path)
-            same = not check_ident or self._ident == (st.st_dev, st.st_ino)
-        except OSError:
-            same = False  # already gone: another process moved it
-        aside = None
-        if same:
-            stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-            n = 1
-            while aside.exists():
-                n += 1
-                aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        with _dir_lock(self.path):  # stat-and-rename must not interleave with another process's
             try:
-                os.replace(self.path, aside)
+                st = os.stat(self.path)
+                same = self._ident == (st.st_dev, st.st_ino)
+            except OSError:
+                same = False  # already gone: another process moved it
+            aside = None
+            if same:
+                stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+                n = 1
+                while aside.exists():
+                    n += 1
+                    aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+                # WAL files first: while the corrupt file is still at the path they are its own; once it
+                # is gone, a process beside us may create a new database with new WAL files there.
                 for suffix in ("-wal", "-shm"):
                     with contextlib.suppress(OSError):
                         os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
-            except OSError:
-                aside = None
+                try:
+                    os.replace(self.path, aside)
+                except OSError:
+                    aside = None
         if aside is not None:
             self._warn("corrupt", f"torchtune_ops cache {self.path} was corrupt ({error}); "
                                   f"moved it aside to {aside} and started a new one")
