@@ -400,7 +400,14 @@ def _config_shape(c: Any, where: str) -> None:
 
 # ------------------------------------------------------------------------------------------ the tables
 def _column_types(col: tuple, where: str, name: str) -> set[type]:
-    types = set(map(type, col))
+    try:
+        # the distinct values' types are the column's types, except that True/1 and False/0 hash alike:
+        # columns holding numbers are scanned in full
+        types = set(map(type, set(col)))
+        if int in types or bool in types or float in types:
+            types = set(map(type, col))
+    except TypeError:  # unhashable values (lists, objects)
+        types = set(map(type, col))
     if not types <= {int, bool, str, list, type(None)}:
         bad = sorted(t.__name__ for t in types - {int, bool, str, list, type(None)})
         raise BundleError(f"{where}: column {name!r} holds values of type {bad}")
