@@ -21,6 +21,7 @@ Steps (docs/cache.md has the reasoning):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -61,15 +62,19 @@ def candidate_failures() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+@dataclasses.dataclass(frozen=True)
 class TuneProgress:
-    """What a ``progress`` callable receives after each measurement."""
+    """What a ``progress`` callable receives after each measurement (times in ms; inf: failed)."""
 
-    __slots__ = ("family", "problem", "trial", "max_trials", "config", "value_ms", "best_config",
-                 "best_ms", "aten_ms")
-
-    def __init__(self, **kw: Any) -> None:
-        for k in self.__slots__:
-            setattr(self, k, kw[k])
+    family: str
+    problem: str  # a short description of the problem
+    trial: int  # 1-based
+    max_trials: int
+    config: dict
+    value_ms: float
+    best_config: dict | None
+    best_ms: float
+    aten_ms: float
 
     def line(self) -> str:
         best = f"{self.best_ms:.4g} ms" if math.isfinite(self.best_ms) else "-"
