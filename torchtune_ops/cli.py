@@ -162,6 +162,11 @@ def _maybe_json(text: str) -> Any:
 def cmd_cache_export(args: argparse.Namespace, out: TextIO) -> int:
     from . import bundles
 
+    if args.storage:  # a fleet's shared results instead of the local cache
+        fp = None if args.all_devices else _local_fingerprint(args.device).key
+        n = _fleet().export_bundle(storage=args.storage, path=args.path, fingerprint=fp, family=args.family)
+        out.write(f"wrote {n} entries from {args.storage} to {args.path}\n")
+        return 0
     store = _open_store(write=False)
     fp = None if args.all_devices else _local_fingerprint(args.device).key
     b = bundles.export_store(store, fingerprint=fp, family=args.family)
@@ -307,10 +312,24 @@ def _load_entry_point(spec: str):
     return model, tuple(inputs)
 
 
+def _fleet():
+    try:
+        from . import fleet
+    except ImportError as e:  # the optional extra is missing: say how to get it
+        raise CliError(str(e)) from None
+    return fleet
+
+
 def cmd_tune(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     s = settings.current()
     if s.readonly:
         raise CliError("read-only mode (TORCHTUNE_OPS_READONLY=1): tuning is off")
+    if args.storage:  # one worker of a fleet sharing the database (docs/fleet.md)
+        if args.model:
+            raise CliError("--storage tunes a shape file (--shapes), not --model")
+        return _fleet().cli_tune(storage=args.storage, shapes=args.shapes, job=args.job, device=args.device,
+                                 max_trials=args.max_trials, time_budget_s=args.time_budget,
+                                 lease_s=args.lease, out=out, err=err)
     import torch
 
     from . import record
@@ -367,12 +386,12 @@ def _tune_model(work: tuple, device: str, args: argparse.Namespace, err: TextIO)
     # Inductor's compile time buys nothing here: only the problems matter, so the rest runs eagerly
     compiled = api.optimize(model, autotune=True, max_trials=args.max_trials, time_budget_s=args.time_budget,
                             compiler="eager")
-    dispatch.set_progress(_progress_printer(err))
+    dispatch.set_tune_options(progress=_progress_printer(err))
     try:
         with torch.no_grad():
             compiled(*inputs)
     finally:
-        dispatch.set_progress(None)
+        dispatch.set_tune_options(progress=None)
     return []
 
 
@@ -465,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="MODULE:FUNCTION returning (model, inputs)")
     t.add_argument("--max-trials", type=int, default=None, help="most configurations measured per problem")
     t.add_argument("--time-budget", type=float, default=None, help="most seconds per problem")
+    t.add_argument("--storage", metavar="URL", help="tune together with other workers through this database "
+                   "(postgresql://... or sqlite:///...; needs torchtune-ops[fleet]; docs/fleet.md)")
+    t.add_argument("--job", help="with --storage: the fleet job's name (default: derived from the shapes)")
+    t.add_argument("--lease", type=float, default=60.0, help="with --storage: seconds without a heartbeat "
+                   "before a worker's problem goes to another worker (default 60)")
     device_opt(t)
 
     c = sub.add_parser("cache", help="inspect and move the cache").add_subparsers(dest="action", required=True,
@@ -479,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("path")
     q.add_argument("--all-devices", action="store_true")
     q.add_argument("--family")
+    q.add_argument("--storage", metavar="URL", help="export a fleet's shared results instead (docs/fleet.md)")
     device_opt(q)
     q = c.add_parser("import", help="read a bundle into the cache")
     q.add_argument("path")

@@ -715,3 +715,30 @@ def job_status(*, storage: str, job: str, fingerprint: str) -> dict[str, Any]:
     attrs = study.user_attrs
     return {"study": name, "ready": bool(attrs.get("ready")), "problems": attrs.get("problems", 0),
             "states": states, "outcomes": outcomes}
+
+
+def cli_tune(*, storage: str, shapes: str | None, job: str | None = None, device: str | None = None,
+             max_trials: int | None = None, time_budget_s: float | None = None,
+             lease_s: float = DEFAULT_LEASE_S, out: Any, err: Any) -> int:
+    """``torchtune-ops tune --shapes FILE --storage URL``: run one fleet worker until the job is done,
+    printing one line per problem to ``err`` and a summary to ``out``; returns the exit status (0, or 1
+    when some problem failed). Arguments are those of ``run_worker``; ``shapes`` is a shape file."""
+    from . import record
+
+    if shapes is None and job is None:
+        raise FleetError("--storage tunes the problems of a shape file: give --shapes FILE (or --job NAME)")
+    problems = record.read_shapes(shapes) if shapes is not None else None
+
+    def show(event: str, family: str, key: str) -> None:
+        if event != "start":
+            err.write(f"[{_worker_id()}] {event}: {family} {key}\n")
+            err.flush()
+
+    r = run_worker(storage=storage, problems=problems, job=job, device=device, max_trials=max_trials,
+                   time_budget_s=time_budget_s, lease_s=lease_s,
+                   heartbeat_s=max(1, min(DEFAULT_HEARTBEAT_S, int(lease_s) // 4)), on_problem=show)
+    out.write(f"worker {r.worker}, job {r.job}: tuned {len(r.tuned)}, already tuned {len(r.reused)}, "
+              f"failed {len(r.failed)} problems in {r.elapsed_s:.1f} s\n")
+    for key, msg in r.failed.items():
+        out.write(f"  failed: {key}: {msg}\n")
+    return 1 if r.failed else 0
