@@ -210,6 +210,21 @@ def test_tune_from_a_shape_file(tmp_path):
     assert r.returncode == 0 and "cached" in r.stdout
 
 
+def test_tune_a_model_entry_point(tmp_path):
+    (tmp_path / "tinymodel.py").write_text(textwrap.dedent("""
+        import torch
+        def build():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.ReLU()), torch.randn(3, 8)
+    """))
+    cache = tmp_path / "c"
+    e = {"PYTHONPATH": str(tmp_path)}
+    r = run("tune", "--model", "tinymodel:build", "--max-trials", 2, "--time-budget", 20, cache=cache, env=e)
+    assert r.returncode == 0, r.stderr
+    assert "1 problems" in r.stdout and "3x12x8 float32" in r.stdout and "trial 1/" in r.stderr
+    assert len(Store.open(cache / "tuning.sqlite", readonly=True).entries()) == 1
+
+
 def test_tune_rejects_a_bad_entry_point(tmp_path):
     assert "MODULE:FUNCTION" in one_line_error(run("tune", "--model", "nocolon", cache=tmp_path / "c"))
     assert "cannot load" in one_line_error(run("tune", "--model", "no_such_mod:f", cache=tmp_path / "c"))

@@ -285,8 +285,11 @@ def _plot(entries: list, path: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- tune
 def _progress_printer(err: TextIO):
+    """One progress line per trial: rewritten in place on a terminal, one line each otherwise."""
+    tty = hasattr(err, "isatty") and err.isatty()
+
     def show(p: Any) -> None:
-        err.write("\r" + p.line()[:160].ljust(100))
+        err.write("\r" + p.line()[:160].ljust(100) if tty else p.line() + "\n")
         err.flush()
     return show
 
