@@ -364,24 +364,35 @@ def test_zero_size_problem_tunes_without_error(store):
 
 # ------------------------------------------------------------------------------------------------ real kernel
 
-def test_real_gemm_through_the_interpreter(tmp_path, device):
-    """A tiny GEMM tuned for real (interpreter on CPU): whatever wins must match PyTorch."""
+def _real_problem(name: str):
+    if name == "gemm":
+        from torchtune_ops.kernels.gemm import GEMM, GemmProblem
+
+        return GEMM, GemmProblem(op="mm", batch=1, M=17, N=13, K=19, dtype="float32")
+    from torchtune_ops.kernels.conv import CONV2D, ConvProblem
+
+    return CONV2D, ConvProblem(N=1, C=3, H=5, W=7, K=4, R=3, S=3, padding=(1, 1, 1, 1), dtype="float32")
+
+
+@pytest.mark.parametrize("name", ["gemm", "conv2d"])
+def test_real_kernel_through_the_interpreter(tmp_path, device, name):
+    """A tiny GEMM / convolution tuned for real (interpreter on CPU): whatever wins must match PyTorch."""
     from torchtune_ops.kernels.base import relative_error
-    from torchtune_ops.kernels.gemm import GEMM, GemmProblem
     from torchtune_ops.timing import make_timer
 
-    problem = GemmProblem(op="mm", batch=1, M=17, N=13, K=19, dtype="float32")
+    family, problem = _real_problem(name)
     with Store.open(tmp_path / "real.sqlite") as st:
-        e = tune_problem(GEMM, problem, device=device, store=st, max_trials=2, time_budget_s=60,
+        e = tune_problem(family, problem, device=device, store=st, max_trials=2, time_budget_s=60,
                          timer=make_timer(device, rep_ms=0.0, min_reps=1))
-        assert st.get(*e.key, refresh=True) == e
-        assert 1 <= e.trials <= 2 and e.aten_ms > 0 and len(st.trials(e.fingerprint, "gemm")) == e.trials
-        assert all(math.isfinite(t.value_ms) for t in st.trials(e.fingerprint, "gemm"))
+        assert st.get(*e.key, refresh=True) == e and e.family == name
+        trials = st.trials(e.fingerprint, name)
+        assert 1 <= e.trials <= 2 and e.aten_ms > 0 and len(trials) == e.trials
+        assert all(math.isfinite(t.value_ms) for t in trials)  # every configuration ran and was right
     if not e.is_aten:
-        inputs = GEMM.make_inputs(problem, device, seed=5)
-        err = relative_error(GEMM.launch(Config.from_dict(e.config()), problem, inputs),
-                             GEMM.reference(problem, inputs))
-        assert err <= GEMM.tolerance(problem)
+        inputs = family.make_inputs(problem, device, seed=5)
+        err = relative_error(family.launch(Config.from_dict(e.config()), problem, inputs),
+                             family.reference(problem, inputs))
+        assert err <= family.tolerance(problem)
 
 
 def test_default_patience_stops_a_search_that_stopped_improving(store):
@@ -436,3 +447,20 @@ def test_two_processes_tuning_the_same_problem_store_one_result(tmp_path):
     with Store.open(path) as st:
         assert len(st.entries()) == 1 and len({t.run for t in st.trials()}) == 1
         assert len(st.trials()) == 18 and not st.claimed(*st.entries()[0].key)
+
+
+@pytest.mark.gpu
+def test_real_gemm_on_the_gpu_is_never_slower_than_aten(tmp_path):
+    from torchtune_ops.kernels.base import relative_error
+    from torchtune_ops.kernels.gemm import GEMM, GemmProblem
+
+    problem = GemmProblem(op="mm", batch=1, M=1000, N=517, K=769, dtype="float16")
+    with Store.open(tmp_path / "gpu.sqlite") as st:
+        e = tune_problem(GEMM, problem, device="cuda", store=st, max_trials=12, time_budget_s=60)
+    assert e.time_ms <= e.aten_ms and e.trials >= 1
+    if not e.is_aten:
+        assert e.time_ms < e.aten_ms * 0.97
+        inputs = GEMM.make_inputs(problem, "cuda", seed=11)
+        err = relative_error(GEMM.launch(Config.from_dict(e.config()), problem, inputs),
+                             GEMM.reference(problem, inputs))
+        assert err <= GEMM.tolerance(problem)

@@ -89,7 +89,8 @@ def _describe(problem_dict: dict[str, Any], width: int = 60) -> str:
 
 
 def _print_line(p: TuneProgress) -> None:
-    sys.stderr.write("\r" + p.line())
+    clear = "\x1b[K" if sys.stderr.isatty() else ""  # erase the rest of a longer previous line
+    sys.stderr.write("\r" + p.line() + clear)
     sys.stderr.flush()
 
 
