@@ -926,8 +926,14 @@ def shipped_bundle_paths() -> list[Path]:
     """The bundles shipped with torchtune_ops: ``*.json`` in ``cache/`` at the repository root (a source
     checkout or editable install) and in the package's ``shipped/`` folder (wheels), in name order."""
     here = Path(__file__).resolve().parent
+    dirs = [here / "shipped"]
+    repo = here.parent
+    # only our own checkout's cache/ (an installed package's parent is site-packages, whose "cache" folder,
+    # if any, is somebody else's)
+    if (repo / "pyproject.toml").is_file() and (repo / "cache" / "suite.py").is_file():
+        dirs.insert(0, repo / "cache")
     out: list[Path] = []
-    for d in (here.parent / "cache", here / "shipped"):
+    for d in dirs:
         if d.is_dir():
             out += sorted(p for p in d.glob("*.json") if p.is_file())
     return out
