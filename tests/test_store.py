@@ -575,3 +575,15 @@ def test_processes_opening_a_corrupt_file_at_once_move_it_aside_once(path):
     assert len(aside) == 1 and aside[0].read_bytes() == b"\x01corrupt" * 1000
     with Store.open(path) as s:
         assert len(s.entries()) == 20
+
+
+def test_remembered_entries_are_served_but_never_written(path, st):
+    shipped = [entry(i, ms=0.5, source="bundle") for i in range(3)]
+    st.put(entry(0, ms=0.9))  # tuned here: takes precedence over the shipped one
+    assert st.remember(shipped) == 3
+    assert st.get(*entry(0).key) == entry(0, ms=0.9)
+    assert st.get(*entry(1).key) == shipped[1] and st.get(*entry(2).key, refresh=True) == shipped[2]
+    assert st.stats()["remembered"] == 3 and len(st.entries()) == 1
+    with Store.open(path) as other:
+        assert other.get(*entry(1).key) is None
+

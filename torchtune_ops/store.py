@@ -301,6 +301,7 @@ class Store:
         self._lock = threading.RLock()
         self._mem: dict[Key, Entry] = {}
         self._missed: dict[Key, float] = {}
+        self._remembered: dict[Key, Entry] = {}
         self._warned: set[str] = set()
         self._set_owner()
 
@@ -560,15 +561,28 @@ class Store:
             f"SELECT {_ENTRY_COLS} FROM entries_v{SCHEMA_VERSION} "
             "WHERE fingerprint=? AND family=? AND problem=?", key).fetchone())
         if row is None:
-            self.misses += 1
-            self._missed[key] = time.monotonic()
-            self._mem.pop(key, None)
-            return None
-        e = Entry(*row)
+            e = self._remembered.get(key)
+            if e is None:
+                self.misses += 1
+                self._missed[key] = time.monotonic()
+                self._mem.pop(key, None)
+                return None
+        else:
+            e = Entry(*row)
         self._mem[key] = e
         self._missed.pop(key, None)
         self.hits += 1
         return e
+
+    def remember(self, entries: Iterable[Entry]) -> int:
+        """Serve ``entries`` in this process without writing them anywhere (e.g. read-only bundles loaded
+        at start). An entry stored in the database for the same key takes precedence. Returns how many."""
+        n = 0
+        for e in entries:
+            self._remembered[e.key] = e
+            self._missed.pop(e.key, None)
+            n += 1
+        return n
 
     def preload(self, fingerprint: str | None = None) -> int:
         """Load every entry (of one fingerprint key, or all) into memory; returns how many."""
@@ -743,6 +757,7 @@ class Store:
                     size += os.stat(f"{self.path}{suffix}").st_size
         return {"path": str(self.path), "mode": self.mode, "schema": v, "entries": n_entries,
                 "fingerprints": n_fps, "trials": n_trials, "claims": n_claims, "bytes": size,
+                "remembered": len(self._remembered),
                 "hits": self.hits, "misses": self.misses}
 
     def close(self) -> None:
