@@ -152,6 +152,8 @@ def _flush_buffer(dev):
 def _bench_cuda(fn, dev, warmup_ms, rep_ms, min_reps, max_reps, flush_l2) -> Timing:
     import torch
 
+    if dev.index is None:  # one flush buffer per physical device, however it is named
+        dev = torch.device("cuda", torch.cuda.current_device())
     with torch.cuda.device(dev):
         flush = _flush_buffer(dev) if flush_l2 else None
         fn()  # compile and warm caches
