@@ -704,3 +704,70 @@ def test_out_may_be_the_bias(device, name):
     ref = ref64(a, b, c, 0.5, 2.0)
     gemm(a, b, config=CONFIGS[name], bias=c, alpha=0.5, beta=2.0, out=c)
     assert_close(c, ref, torch.float32)
+
+
+# Compiles the kernel for real GPUs (sm_90 and sm_80) without one: Triton ships ptxas. Runs in a child
+# process because this one interprets kernels. Prints one JSON list of (name, shared bytes, formula bytes).
+_AOT_SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+from torchtune_ops.kernels import gemm as G
+
+def build(kernel, pointers, const, ones=()):
+    sig, attrs = {}, {}
+    for i, n in enumerate(kernel.arg_names):
+        if n in const or n in ones:
+            sig[n] = "constexpr"
+        elif n in pointers:
+            sig[n] = pointers[n]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif n in ("alpha", "beta", "bias_value"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+            if n.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(kernel, sig, dict(const, **{n: 1 for n in ones}), attrs)
+
+CASES = [  # name, capability, dtype, BM, BN, BK, warps, stages, SPLIT_K, TMA, A_ROW, B_ROW, EVEN_K, BIAS, ACT, INDEX_64
+    ("tma-col-col-bf16-split2-full-gelu", 90, "bf16", 128, 128, 64, 8, 3, 2, True, False, False, True, 5, 2, False),
+    ("tma-row-col-fp16-row-silu", 90, "fp16", 128, 256, 64, 8, 3, 1, True, True, False, True, 3, 3, False),
+    ("ptr-col-row-fp16-oddk-int64", 90, "fp16", 64, 128, 32, 4, 4, 1, False, False, True, False, 4, 1, True),
+    ("ptr-row-col-fp32-tf32-split4", 80, "fp32", 64, 64, 32, 4, 3, 4, False, True, False, False, 2, 0, False),
+]
+out = []
+for name, cap, dt, bm, bn, bk, warps, stages, sk, tma, a_row, b_row, even_k, bias, act, i64 in CASES:
+    const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=sk, EVEN_K=even_k, A_ROW=a_row,
+                 A_COL=not a_row, B_ROW=b_row, B_COL=not b_row, BIAS=bias, ACT=act,
+                 PRECISION="tf32", UPCAST=False, USE_TMA=tma, INDEX_64=i64)
+    ones = ("stride_ak" if a_row else "stride_am", "stride_bn" if b_row else "stride_bk")
+    ptrs = {"a_ptr": "*" + dt, "b_ptr": "*" + dt, "bias_ptr": "*" + dt, "c_ptr": "*" + ("fp32" if sk > 1 else dt)}
+    k = triton.compile(build(G._gemm_kernel, ptrs, const, ones), target=GPUTarget("cuda", cap, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    es = 4 if dt == "fp32" else 2
+    out.append((name, k.metadata.shared, stages * (bm * bk + bk * bn) * es))
+const = dict(BLOCK_M=64, BLOCK_N=64, BIAS=5, ACT=2, INDEX_64=False)
+triton.compile(build(G._splitk_epilogue_kernel, {"ws_ptr": "*fp32", "c_ptr": "*bf16", "bias_ptr": "*bf16"}, const),
+               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+print(json.dumps(out))
+"""
+
+
+def test_kernel_compiles_for_hopper_and_ampere(tmp_path):
+    """The kernel compiles for sm_90 (TMA and pointer paths) and sm_80 with the Triton at hand, and the
+    shared memory it really takes is within what check() assumes (plus barriers)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(results) == 4
+    for name, shared, formula in results:
+        assert 0 < shared <= formula + 256, (name, shared, formula)
