@@ -37,8 +37,10 @@ class ScaleFamily(KernelFamily):
     problem_type = ScaleProblem
 
     def __init__(self, *, wrong: Pred = lambda c: False, fail: Pred = lambda c: False,
-                 error: type[BaseException] = RuntimeError, interrupt: Pred = lambda c: False) -> None:
+                 error: type[BaseException] = RuntimeError, interrupt: Pred = lambda c: False,
+                 interruption: type[BaseException] = KeyboardInterrupt) -> None:
         self.wrong, self.fail, self.error, self.interrupt = wrong, fail, error, interrupt
+        self.interruption = interruption
         self.launches = 0
 
     def space(self, problem):
@@ -63,7 +65,7 @@ class ScaleFamily(KernelFamily):
         self.launches += 1
         cfg = dict(config.as_dict() if isinstance(config, Config) else config)
         if self.interrupt(cfg):
-            raise KeyboardInterrupt
+            raise self.interruption
         if self.fail(cfg):
             raise self.error(f"cannot run {cfg}")
         (x,) = inputs
@@ -253,10 +255,11 @@ def test_force_retunes_and_replaces(store):
     assert len({t.run for t in store.trials(FP)}) == 2  # both histories kept
 
 
-def test_ctrl_c_leaves_no_entry_and_no_claim(store):
-    fam = ScaleFamily(interrupt=lambda c: c["BLOCK"] == 2)
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
+def test_ctrl_c_leaves_no_entry_and_no_claim(store, interruption):
+    fam = ScaleFamily(interrupt=lambda c: c["BLOCK"] == 2, interruption=interruption)
     timer = FakeTimer({"aten": 1.0}, default=0.5)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(interruption):
         run(fam, store, timer)
     key = (FP, "scale", problem_key({"n": 37, "dtype": "float32"}))
     assert store.get(*key, refresh=True) is None
