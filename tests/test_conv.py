@@ -452,6 +452,8 @@ def _aot_item(case: Case, dtype, layout, cfg: Config, cap: int, bias=True, activ
     _, plan = kconv._plan(x, w, cfg, b, case.stride, case.padding, case.dilation, case.groups, activation,
                           None, None)
     kernel, _, args, consts, num_warps, num_stages = plan
+    if "UPCAST" in consts:  # planned in this (interpreting) process: compile what a GPU would run
+        consts = {**consts, "UPCAST": False}
     names = kernel.arg_names if hasattr(kernel, "arg_names") else list(kernel.fn.__code__.co_varnames)
     values = {n: (_TRITON_DTYPE[a.dtype] if isinstance(a, torch.Tensor) else int(a)) for n, a in zip(names, args)}
     return dict(kernel=kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__, args=values,
