@@ -467,3 +467,22 @@ def test_real_gemm_on_the_gpu_is_never_slower_than_aten(tmp_path):
         err = relative_error(GEMM.launch(Config.from_dict(e.config()), problem, inputs),
                              GEMM.reference(problem, inputs))
         assert err <= GEMM.tolerance(problem)
+
+
+def test_the_claim_is_renewed_while_tuning(store):
+    key = (FP, "scale", problem_key({"n": 37, "dtype": "float32"}))
+
+    class SlowTimer(FakeTimer):
+        def __call__(self, fn, *, key):
+            time.sleep(0.06)
+            return super().__call__(fn, key=key)
+
+    refused = []
+    with Store.open(store.path) as other:
+        def probe(p: TuneProgress) -> None:
+            if p.trial in (10, 16):  # well past the 0.4 s lease
+                refused.append(not other.claim(*key, lease_s=60))
+
+        run(ScaleFamily(), store, SlowTimer({"aten": 1.0}, default=0.5), lease_s=0.4, progress=probe)
+        assert refused == [True, True]
+        assert other.claim(*key, lease_s=60)  # released at the end
