@@ -2,7 +2,6 @@
 read-only overlays. Entries are made directly (no tuning), so these tests are fast."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -308,7 +307,7 @@ def test_hostile_messages_name_entry_and_field(tmp_path):
         B.load(p)
 
 
-def test_bundle_strings_are_never_used_as_paths(tmp_path, monkeypatch):
+def test_bundle_strings_are_never_used_as_paths():
     # every string shape a bundle accepts is checked against a whitelist without '/', '\\' or '..'
     for pattern in (B._IDENT, B._NAME, B._VERSION):
         for s in ("../x", "a/b", "a\\b", "~root", "$(id)", "a;b", "`id`", "x|y"):

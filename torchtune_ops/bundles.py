@@ -31,13 +31,12 @@ import gc
 import itertools
 import json
 import logging
-import math
 import os
 import re
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 from .errors import BundleError
 

@@ -171,6 +171,11 @@ def cmd_cache_export(args: argparse.Namespace, out: TextIO) -> int:
     fp = None if args.all_devices else _local_fingerprint(args.device).key
     b = bundles.export_store(store, fingerprint=fp, family=args.family)
     bundles.write(b, args.path)
+    try:  # what we write must load back (e.g. a GPU name with characters the format does not allow)
+        bundles.validate(args.path)
+    except bundles.BundleError:
+        os.unlink(args.path)
+        raise
     out.write(f"wrote {len(b)} entries for {len(b.devices)} device(s) to {args.path}\n")
     return 0
 
