@@ -103,7 +103,10 @@ def test_rewrite_graph_leaves_transposed_convolution():
     assert counts == {"skipped:convolution": 1}
 
 
-def test_inductor_training_and_inference_match_eager():
+def test_inductor_training_and_inference_match_eager(monkeypatch):
+    # Counts grow only when the pass runs: make Inductor compile instead of loading from its caches.
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     torch.manual_seed(1)
     m, x = Net(), torch.randn(3, 3, 5, 5)
     compiled = torch.compile(m, backend="torchtune_ops")
@@ -134,3 +137,29 @@ def test_entry_point_backend_without_importing_the_package(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "COUNTS [('addmm', 2), ('mm', 3)]" in r.stdout or "('mm_act', 1)" in r.stdout, r.stdout
+
+
+_CACHED_SCRIPT = """
+import torch
+m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+x = torch.randn(4, 6)
+with torch.no_grad():
+    out = torch.compile(m, backend="torchtune_ops")(x)
+    torch.testing.assert_close(out, m(x))
+from torchtune_ops import dispatch
+print("CALLS", sum(c["calls"] for c in dispatch.stats()["ops"].values()))
+"""
+
+
+def test_inductor_cache_hit_in_a_new_process_runs_our_ops(tmp_path):
+    """The second process loads the compiled graphs from Inductor's caches (our pass does not run there);
+    the ops must still be registered and run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHTUNE_OPS_")}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+    env["TORCHTUNE_OPS_CACHE_DIR"] = str(tmp_path / "cache")
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", _CACHED_SCRIPT], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        calls = int(r.stdout.split("CALLS ", 1)[1].split()[0])
+        assert calls == 2, r.stdout        # the two linears' addmm

@@ -212,3 +212,31 @@ def test_distributed_rank0_tunes_and_broadcasts(tmp_path):
         results.append(json.loads(out.split("RESULT ", 1)[1]))
     assert results[0]["source"] == "tuned" and results[1]["source"] == "broadcast"
     assert results[0]["kernel"] == results[1]["kernel"] != "aten"
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_cuda_graphs_match_eager(fake_timer):
+    m = nn.Sequential(nn.Linear(64, 128), nn.GELU(approximate="tanh"), nn.Linear(128, 32)).cuda().eval()
+    x = torch.randn(16, 64, device="cuda")
+    om = torchtune_ops.optimize(m, autotune=True, max_trials=2, mode="reduce-overhead")
+    with torch.no_grad():
+        for _ in range(4):
+            out = om(x)
+        torch.testing.assert_close(out, m(x), rtol=1e-2, atol=1e-2)
+    assert backend.intercepted().get("mm_act", 0) + backend.intercepted().get("addmm", 0) >= 2
+
+
+@pytest.mark.gpu
+def test_no_tuning_and_no_state_change_inside_cuda_graph_capture(fake_timer):
+    ops = torch.ops.torchtune_ops
+    a, b = torch.randn(33, 40, device="cuda"), torch.randn(40, 24, device="cuda")
+    with settings.override(autotune=True, max_trials=2):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(s), torch.cuda.graph(g):
+            out = ops.mm(a, b)
+        g.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(out, a @ b, rtol=1e-2, atol=1e-2)
+    assert dispatch.stats()["problems"] == [] and _tuned() == 0

@@ -299,7 +299,8 @@ def torchtune_ops_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
     overrides = dict(opts_in.pop("settings", None) or {})
     if compiler not in ("inductor", "eager"):
         raise settings.SettingsError(f"compiler must be 'inductor' or 'eager', got {compiler!r}")
-    from . import dispatch
+    # Register the ops now: a graph Inductor loads from its caches calls them without running our pass.
+    from . import dispatch, ops  # noqa: F401
 
     with settings.override(**overrides):
         s = settings.current()
