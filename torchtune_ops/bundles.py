@@ -306,7 +306,23 @@ def check_problem(family: str, value: Any, where: str) -> tuple[dict[str, Any], 
     dtype = getattr(problem, "dtype", None)
     if dtype is not None and dtype not in DTYPES:
         raise BundleError(f"{where}: problem.dtype {str(dtype)[:40]!r} is not one of {sorted(DTYPES)}")
-    return fam.problem_to_dict(problem), problem
+    return _to_dict(fam, problem), problem
+
+
+_field_names: dict[type, tuple[str, ...]] = {}
+
+
+def _to_dict(fam: Any, problem: Any) -> dict[str, Any]:
+    """``fam.problem_to_dict(problem)``, without ``dataclasses.asdict``'s deep copy when the family keeps
+    the default (problem fields are immutable scalars and tuples, so a shallow dict is the same dict)."""
+    from .kernels.base import KernelFamily
+
+    if type(fam).problem_to_dict is not KernelFamily.problem_to_dict or not dataclasses.is_dataclass(problem):
+        return fam.problem_to_dict(problem)
+    names = _field_names.get(type(problem))
+    if names is None:
+        names = _field_names[type(problem)] = tuple(f.name for f in dataclasses.fields(problem))
+    return {n: getattr(problem, n) for n in names}
 
 
 # Per family and space: the parameter names and the allowed (parameter, type, value) triples, so that a
