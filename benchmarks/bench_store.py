@@ -11,7 +11,7 @@ Measured on a fresh SQLite file in a temporary directory (the cache's real code 
 - ``put_ms``: ``put`` of one entry with 40 trials (one transaction);
 - ``open_ms``: ``Store.open`` of the filled file; ``open_readonly_ms``: the same in read-only mode (copies
   the file into memory);
-- ``preload_ms``: loading every entry into memory; ``remember_ms``: ``remember`` of every entry (bundles).
+- ``preload_ms``: loading (and validating) every entry into memory; ``remember_ms``: ``remember`` of every entry (bundles).
 
 Each figure is the best of several repeats. Results go to a JSON file (``--out``, default
 benchmarks/results/bench_store-<host>.json) with the machine's name, versions and the date.
@@ -74,7 +74,7 @@ def run(*, entries: int, repeats: int) -> dict:
             res["get_miss_ns"] = round(_best(lambda: st.get(*miss), n=100_000 // repeats, repeats=repeats) * 1e9, 1)
             res["get_refresh_us"] = round(_best(lambda: st.get(*k, refresh=True), n=2000, repeats=repeats) * 1e6, 2)
             extra = iter(range(10**9))
-            res["put_ms"] = round(_best(lambda: st.put(Entry(fp, "conv2d", str(next(extra)), "aten", 1.0, 1.0, 40),
+            res["put_ms"] = round(_best(lambda: st.put(Entry(fp, "conv2d", problem_key({"N": next(extra)}), "aten", 1.0, 1.0, 40),
                                                        trials), n=200, repeats=repeats) * 1e3, 3)
         res["open_ms"] = round(_best(lambda: Store.open(path).close(), n=5, repeats=repeats) * 1e3, 2)
         res["open_readonly_ms"] = round(

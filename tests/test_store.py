@@ -587,3 +587,16 @@ def test_remembered_entries_are_served_but_never_written(path, st):
     with Store.open(path) as other:
         assert other.get(*entry(1).key) is None
 
+
+
+def test_malformed_rows_are_ignored_with_one_warning(st):
+    st.put(entry(0))
+    st.put(entry(1))
+    st._conn.execute(f"UPDATE entries_v{store_mod.SCHEMA_VERSION} SET winner='__import__(\"os\")' "
+                     "WHERE problem=?", (entry(1).problem,))
+    st._conn.execute(f"INSERT INTO entries_v{store_mod.SCHEMA_VERSION} VALUES "
+                     "('gpu-a','gemm','{\"M\":99}','aten',-5.0,1.0,1,'x','tuned')")
+    with pytest.warns(CacheWarning) as rec:
+        assert st.get(*entry(1).key, refresh=True) is None
+        assert [e.problem for e in st.entries()] == [entry(0).problem]
+    assert len(cache_warnings(rec)) == 1 and "malformed" in str(rec[0].message)

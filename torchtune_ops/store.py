@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -125,39 +126,47 @@ class Entry:
         """Build and validate; raises ValueError naming the bad field."""
         if not isinstance(data, Mapping):
             raise ValueError(f"an entry must be an object, got {type(data).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - fields
-        if unknown:
-            raise ValueError(f"unknown entry fields: {sorted(unknown)}")
-        missing = {"fingerprint", "family", "problem", "winner", "time_ms", "aten_ms"} - set(data)
-        if missing:
-            raise ValueError(f"missing entry fields: {sorted(missing)}")
+        keys = data.keys()
+        if not keys <= _FIELDS:
+            raise ValueError(f"unknown entry fields: {sorted(set(keys) - _FIELDS)}")
+        if not keys >= _REQUIRED:
+            raise ValueError(f"missing entry fields: {sorted(_REQUIRED - set(keys))}")
         kw = dict(data)
-        for name in ("fingerprint", "family", "problem", "winner", "created", "source"):
-            if name in kw and (not isinstance(kw[name], str) or len(kw[name]) > 10000):
-                raise ValueError(f"entry field {name!r} must be a string, got {kw[name]!r:.80}")
+        for name in _STRINGS:
+            v = kw.get(name, "")
+            if type(v) is not str or len(v) > 10000:
+                raise ValueError(f"entry field {name!r} must be a string, got {v!r:.80}")
         for name in ("time_ms", "aten_ms"):
             v = kw[name]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"entry field {name!r} must be a finite non-negative number, got {v!r}")
             kw[name] = float(v)
         t = kw.get("trials", 0)
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 10**7:
+        if type(t) is not int or not 0 <= t <= 10**7:
             raise ValueError(f"entry field 'trials' must be a non-negative int, got {t!r}")
-        _check_json_object(kw["problem"], "problem", values=(int, float, str, bool, list, type(None)))
-        if kw["winner"] != "aten":
-            _check_json_object(kw["winner"], "winner", values=(int, str, bool))
+        if not _json_object(kw["problem"], _PROBLEM_VALUES):
+            raise ValueError(f"entry field 'problem' must be a JSON object of simple values: {kw['problem']!r:.80}")
+        if kw["winner"] != "aten" and not _json_object(kw["winner"], _CONFIG_VALUES):
+            raise ValueError(f"entry field 'winner' must be 'aten' or a JSON object of ints, strings and "
+                             f"booleans: {kw['winner']!r:.80}")
         return cls(**kw)
 
 
-def _check_json_object(text: str, name: str, *, values: tuple[type, ...]) -> None:
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Entry))
+_REQUIRED = frozenset(("fingerprint", "family", "problem", "winner", "time_ms", "aten_ms"))
+_STRINGS = ("fingerprint", "family", "problem", "winner", "created", "source")
+_PROBLEM_VALUES = (int, float, str, bool, list, type(None))
+_CONFIG_VALUES = (int, str, bool)
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_object(text: str, values: tuple[type, ...]) -> bool:
+    """Whether ``text`` is a JSON object whose values are of the given types (cached: winners repeat)."""
     try:
         obj = json.loads(text)
     except ValueError:
-        raise ValueError(f"entry field {name!r} is not JSON: {text!r:.80}") from None
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, values)
-                                            for k, v in obj.items()):
-        raise ValueError(f"entry field {name!r} must be a JSON object of simple values: {text!r:.80}")
+        return False
+    return type(obj) is dict and all(isinstance(v, values) for v in obj.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +272,7 @@ CREATE TABLE IF NOT EXISTS claims_v{v} (
 """
 
 _ENTRY_COLS = "fingerprint, family, problem, winner, time_ms, aten_ms, trials, created, source"
+_ENTRY_FIELDS = tuple(c.strip() for c in _ENTRY_COLS.split(","))
 
 
 @contextlib.contextmanager
@@ -568,11 +578,22 @@ class Store:
                 self._mem.pop(key, None)
                 return None
         else:
-            e = Entry(*row)
+            e = self._valid(row)
+            if e is None:
+                return None
         self._mem[key] = e
         self._missed.pop(key, None)
         self.hits += 1
         return e
+
+    def _valid(self, row: tuple) -> Entry | None:
+        """An Entry from a database row, validated like untrusted data; None (one warning) if malformed."""
+        try:
+            return Entry.from_dict(dict(zip(_ENTRY_FIELDS, row)))
+        except ValueError as e:
+            self._warn("invalid", f"torchtune_ops cache {self.path} holds malformed entries ({e}); "
+                                  "they are ignored")
+            return None
 
     def remember(self, entries: Iterable[Entry]) -> int:
         """Serve ``entries`` in this process without writing them anywhere (e.g. read-only bundles loaded
@@ -640,7 +661,7 @@ class Store:
         sql = f"SELECT {_ENTRY_COLS} FROM entries_v{SCHEMA_VERSION}"
         where, args = _where(fingerprint=fingerprint, family=family)
         rows = self._do(lambda c: c.execute(sql + where + " ORDER BY 1, 2, 3", args).fetchall())
-        return [Entry(*r) for r in rows]
+        return [e for e in map(self._valid, rows) if e is not None]
 
     def trials(self, fingerprint: str | None = None, family: str | None = None, *,
                problem: str | None = None) -> list[Trial]:
