@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchtune_ops.errors import UnsupportedProblem
+from torchtune_ops.errors import InvalidConfig, UnsupportedProblem
 from torchtune_ops.kernels import gemm as gemm_mod
 from torchtune_ops.kernels import gemm_space
 from torchtune_ops.kernels.base import CPU_INTERPRETER, Config, DeviceLimits, device_limits, relative_error
@@ -541,7 +541,7 @@ def test_valid_configs_are_in_space_and_pass_check():
     assert len(set(valid)) == len(valid)
 
 
-def test_determinism_excludes_split_k():
+def test_determinism_excludes_split_k(device):
     skinny = GemmProblem("mm", 1, 16, 4096, 11008, "float16")
     before = torch.are_deterministic_algorithms_enabled()
     try:
@@ -550,6 +550,10 @@ def test_determinism_excludes_split_k():
         assert GEMM.check(cfg(16, 128, 64, sk=2), skinny, H100) is not None
         assert all(c["SPLIT_K"] == 1 for c in GEMM.known_configs(skinny, H100))
         assert all(c["SPLIT_K"] == 1 for c in GEMM.valid_configs(skinny, CPU_INTERPRETER))
+        a, b = torch.randn(4, 64, device=device), torch.randn(64, 5, device=device)
+        with pytest.raises(InvalidConfig):  # a SPLIT_K winner tuned earlier must not run now
+            gemm(a, b, config=SPLIT)
+        assert_close(gemm(a, b, config=SMALLEST), ref64(a, b), torch.float32)
     finally:
         torch.use_deterministic_algorithms(before)
     assert max(GEMM.space(skinny)["SPLIT_K"]) == 16

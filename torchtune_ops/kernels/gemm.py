@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..errors import UnsupportedProblem
+from ..errors import InvalidConfig, UnsupportedProblem
 from . import _compat
 from .base import Config, DeviceLimits, KernelFamily, Value
 from .gemm_space import (DTYPE_NAMES, TORCH_DTYPES, GemmProblem, check, gemm_problem, known_configs,
@@ -331,10 +331,14 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
         ``out`` (or a new tensor) holding the result: M x N, or B x M x N when an operand is 3-D.
 
     Raises:
+        InvalidConfig: SPLIT_K > 1 while ``torch.are_deterministic_algorithms_enabled()`` (its atomics
+            make the summation order vary), e.g. a winner tuned before determinism was switched on.
         UnsupportedProblem: dtypes, devices or ranks the kernel does not cover.
         ValueError: mismatched shapes, a bad ``out``, activation or config.
     """
     bm, bn, bk, gm, warps, stages, sk, tma = _parse(config)
+    if sk > 1 and torch.are_deterministic_algorithms_enabled():
+        raise InvalidConfig("SPLIT_K > 1 sums with atomics: not allowed under deterministic algorithms")
     act = ACTIVATIONS.get(activation)
     if act is None:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
