@@ -134,21 +134,22 @@ class Entry:
         kw = dict(data)
         for name in _STRINGS:
             v = kw.get(name, "")
-            if type(v) is not str or len(v) > 10000:
+            if not isinstance(v, str) or len(v) > 10000:
                 raise ValueError(f"entry field {name!r} must be a string, got {v!r:.80}")
         for name in ("time_ms", "aten_ms"):
             v = kw[name]
-            if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"entry field {name!r} must be a finite non-negative number, got {v!r}")
             kw[name] = float(v)
         t = kw.get("trials", 0)
-        if type(t) is not int or not 0 <= t <= 10**7:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= 10**7:
             raise ValueError(f"entry field 'trials' must be a non-negative int, got {t!r}")
         if not _json_object(kw["problem"], _PROBLEM_VALUES):
             raise ValueError(f"entry field 'problem' must be a JSON object of simple values: {kw['problem']!r:.80}")
         if kw["winner"] != "aten" and not _json_object(kw["winner"], _CONFIG_VALUES):
             raise ValueError(f"entry field 'winner' must be 'aten' or a JSON object of ints, strings and "
                              f"booleans: {kw['winner']!r:.80}")
+        kw["trials"] = int(t)
         return cls(**kw)
 
 
