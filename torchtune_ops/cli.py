@@ -230,7 +230,12 @@ def cmd_cache_stats(args: argparse.Namespace, out: TextIO) -> int:
         c[1] += e.winner != "aten"
     st["bytes"] = sum(os.path.getsize(f"{store.path}{sfx}") for sfx in ("", "-wal")
                       if os.path.exists(f"{store.path}{sfx}"))
-    for k in ("path", "mode", "schema", "entries", "fingerprints", "trials", "claims", "bytes"):
+    # (this command opened the cache read-only; say whether tuning processes could write it)
+    probe = store.path
+    while not probe.exists() and probe != probe.parent:  # the nearest thing that exists decides
+        probe = probe.parent
+    st["writable"] = not settings.current().readonly and os.access(probe, os.W_OK)
+    for k in ("path", "writable", "schema", "entries", "fingerprints", "trials", "claims", "bytes"):
         out.write(f"{k:<13} {st.get(k)}\n")
     for fam, (n, won) in sorted(by_family.items()):
         out.write(f"{fam:<13} {n} entries, a Triton kernel won {won}\n")
