@@ -247,3 +247,17 @@ def test_readonly_on_a_read_only_directory_writes_nothing(cache, tmp_path):
         assert sorted(os.listdir(cache)) == sorted(os.path.basename(p) for p in snap)
     finally:
         os.chmod(cache, 0o700)
+
+
+def test_standard_shape_suite_builds():
+    """cache/suite.py, the recipe of the shipped bundles: every layer meets its own input (meta tensors)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from cache import suite
+
+    for fn, layers, inputs in ((suite.gpt2, 20, 100), (suite.llama, 20, 100), (suite.resnet50, 46, 92)):
+        model, xs = fn(device="meta")
+        assert len(model.layers) == layers and len(xs) == inputs
+        outs = model(*xs)
+        assert len(outs) == inputs and all(o.device.type == "meta" for o in outs)
+    model, xs = suite.tiny()
+    assert len(model(*xs)) == len(xs)
