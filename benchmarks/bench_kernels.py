@@ -214,7 +214,7 @@ def bench_problem(suite, name, family, problem, *, device, limits, timer, sweep,
     row = Row(suite, name, family.name, family.problem_to_dict(problem), flops / 1e9)
     inputs = family.make_inputs(problem, device)
     ref = family.reference(problem, inputs)
-    tflops = lambda ms: flops / (ms * 1e-3) / 1e12 if ms > 0 else float("nan")  # noqa: E731
+    tflops = lambda ms: flops / (ms * 1e-3) / 1e12 if 0 < ms < float("inf") else float("nan")  # noqa: E731
     row.aten_tflops = tflops(timer(lambda: family.reference(problem, inputs)))
 
     known = family.known_configs(problem, limits)[:max_known]

@@ -775,3 +775,13 @@ def test_kernel_compiles_for_hopper_and_ampere(tmp_path):
     assert len(results) == 4
     for name, shared, formula in results:
         assert 0 < shared <= formula + 256, (name, shared, formula)
+
+
+@pytest.mark.parametrize("name", ["smallest", "split4", "tma"])
+def test_expanded_operands(device, name):
+    """Stride-0 rows or columns (expand()ed operands) are read as they are."""
+    a = torch.randn(1, 32, dtype=torch.float16, device=device).expand(9, 32)
+    b = torch.randn(32, 1, dtype=torch.float16, device=device).expand(32, 24)
+    out = poisoned((9, 24), torch.float16, device)
+    gemm(a, b, config=CONFIGS[name], out=out)
+    assert_close(out, ref64(a, b), torch.float16)
