@@ -369,3 +369,14 @@ def test_deployment_bundle_readonly_and_record_through_the_ops(tmp_path):
     finally:
         os.chmod(cache, 0o700)
         dispatch.reset()
+
+
+@pytest.mark.parametrize("fp", [H100, fingerprint("cpu"), dataclasses.replace(H100, gpu="A|B weird name")])
+def test_fingerprint_keys_parse_back(fp):
+    assert B.parse_fingerprint_key(fp.key) == fp
+
+
+@pytest.mark.parametrize("key", ["", "H100", "a|cc9|sm1|torch2|triton3|k1", "x|ccA.B|sm1|torch2|triton3|k1"])
+def test_bad_fingerprint_keys_are_refused(key):
+    with pytest.raises(BundleError, match="not a device fingerprint key"):
+        B.parse_fingerprint_key(key)
