@@ -448,7 +448,8 @@ _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 def _aot_item(case: Case, dtype, layout, cfg: Config, cap: int, bias=True, activation="relu") -> dict:
     from torchtune_ops.kernels import conv as kconv
 
-    x, w, b = _inputs(case, dtype, layout, "cpu", bias)
+    # planned like a launch: on the GPU when there is one, else on CPU tensors through the interpreter
+    x, w, b = _inputs(case, dtype, layout, "cuda" if torch.cuda.is_available() else "cpu", bias)
     _, plan = kconv._plan(x, w, cfg, b, case.stride, case.padding, case.dilation, case.groups, activation,
                           None, None)
     kernel, _, args, consts, num_warps, num_stages = plan
