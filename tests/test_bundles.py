@@ -380,3 +380,14 @@ def test_fingerprint_keys_parse_back(fp):
 def test_bad_fingerprint_keys_are_refused(key):
     with pytest.raises(BundleError, match="not a device fingerprint key"):
         B.parse_fingerprint_key(key)
+
+
+@pytest.mark.parametrize("name", ["not json", "path as gpu name", "unknown family", "huge dimension"])
+def test_overlay_skips_a_hostile_bundle_with_a_warning(name, tmp_path, bundle_path, caplog):
+    p = tmp_path / "hostile.json"
+    p.write_text(HOSTILE[name](_base_doc()))
+    ov = B.Overlay([p, bundle_path])
+    assert len(ov.errors) == 1 and str(p) in ov.errors[0]
+    assert sum(str(p) in r.message for r in caplog.records) == 1
+    e = ov.get(fingerprint("cpu").key, "gemm", gemm_problem(127, 257, 67))
+    assert e is not None  # the good bundle still serves
