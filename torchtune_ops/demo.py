@@ -105,14 +105,17 @@ def _time_ms(fn, example, reps: int) -> float:
 
 
 def _table(problems: list[dict]) -> str:
-    head = f"  {'op':<8} {'shape':<34} {'aten ms':>9} {'tuned ms':>9} {'speedup':>8} {'trials':>6}  kernel"
+    head = f"  {'op':<8} {'shape':<46} {'aten ms':>9} {'tuned ms':>9} {'speedup':>8} {'trials':>6}  kernel"
     rows = [head, "  " + "-" * (len(head) + 20)]
     for p in problems:
-        aten, tuned = p.get("aten_ms"), p.get("time_ms")
-        speed = f"{aten / tuned:.2f}x" if aten and tuned else "-"
-        kernel = "aten (PyTorch won)" if p["kernel"] == "aten" else p["kernel"]
-        rows.append(f"  {p['op']:<8} {p['shape']:<34} {_num(aten):>9} {_num(tuned if p['kernel'] != 'aten' else aten):>9} "
-                    f"{speed if p['kernel'] != 'aten' else '1.00x':>8} {p.get('trials') or 0:>6}  {kernel}")
+        aten = p.get("aten_ms")
+        if p["kernel"] == "aten":
+            tuned, speed, kernel = aten, "1.00x", "aten (PyTorch won)"
+        else:
+            tuned, kernel = p.get("time_ms"), p["kernel"]
+            speed = f"{aten / tuned:.2f}x" if aten and tuned else "-"
+        rows.append(f"  {p['op']:<8} {p['shape']:<46} {_num(aten):>9} {_num(tuned):>9} {speed:>8} "
+                    f"{p.get('trials') or 0:>6}  {kernel}")
     return "\n".join(rows)
 
 

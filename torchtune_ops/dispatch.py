@@ -565,13 +565,22 @@ def stats() -> dict[str, Any]:
         for key, c in _memo.items():
             o = ops.setdefault(c.op, {})
             o["calls"] = o.get("calls", 0) + c.calls
-            problems.append({"op": c.op, "shape": _shape_text(key), "dtype": str(key[1]).replace("torch.", ""),
+            problems.append({"op": c.op, "shape": _shape_text(key) + _layout_text(c.problem),
+                             "dtype": str(key[1]).replace("torch.", ""),
                              "kernel": c.kernel, "source": c.source, "calls": c.calls, "time_ms": c.time_ms,
                              "aten_ms": c.aten_ms, "trials": c.trials})
         for o in ops.values():
             o.setdefault("calls", 0)
             o["hits"] = max(o["calls"] - o.get("misses", 0), 0)
     return {"ops": ops, "problems": problems}
+
+
+def _layout_text(problem: Any) -> str:
+    """A note such as " (row, col)" for GEMM operands that are not both row-major; empty otherwise."""
+    la, lb = getattr(problem, "a_layout", "row"), getattr(problem, "b_layout", "row")
+    if la == "row" and lb == "row":
+        return ""
+    return f" ({la}, {lb})"
 
 
 def _shape_text(key: tuple) -> str:

@@ -303,8 +303,10 @@ def _autograd_kernel(name: str, setup: Callable, backward: Callable) -> Callable
     fn = type(f"TorchTuneOps_{name}", (torch.autograd.Function,),
               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
+    grad_enabled, any_requires_grad = torch._C.is_grad_enabled, torch._C._any_requires_grad
+
     def kernel(keyset, *args, **kwargs):
-        if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args, *kwargs.values()):
+        if grad_enabled() and any_requires_grad(*args, *kwargs.values()):
             return fn.apply(*normalize(*args, **kwargs))
         if not keyset.has(_PY) and (keyset.has(_CPU) or keyset.has(_CUDA)):
             return impl(*args, **kwargs)
