@@ -22,7 +22,6 @@ Steps (docs/cache.md has the reasoning):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import sys
@@ -277,6 +276,7 @@ class _Run:
              prior: Sequence[tuple[dict, float]] | None, patience: int,
              progress: bool | Callable[[TuneProgress], None] | None,
              renew: Callable[[], bool], renew_every_s: float) -> tuple[Entry, list[tuple[str, float]]]:
+        from .kernels.base import Config
         from .search import Space, tune
 
         start = time.monotonic()
@@ -309,8 +309,7 @@ class _Run:
                           candidates=[c.as_dict() for c in valid], callback=on_trial)
             if progress is True and result.trials:
                 sys.stderr.write("\n")
-            history = [(json.dumps(dict(c), sort_keys=True, separators=(",", ":")), v)
-                       for c, v in result.trials]
+            history = [(Config.from_dict(c).to_json(), v) for c, v in result.trials]
 
         winner, win_t, aten_t = self._decide([(c, v) for c, v in history if math.isfinite(v)], aten1)
         # wrong configurations are stored as failures: nothing may learn that they are fast
