@@ -13,9 +13,10 @@ dict lookup. Measured:
 - ``no_grad``, ``inference_mode``: the op through the dispatcher minus ``torch.mm``; target at most 5 us;
 - ``autograd``: the same with inputs that require grad (the op records an autograd node), forward only.
 
-Each figure is the best of several repeats of a timed loop, in microseconds per call. Results go to a JSON
-file (``--out``, default benchmarks/results/bench_dispatch-<host>.json) with the machine's name, versions and
-the date.
+Each figure is the best of several repeats of a timed loop, in microseconds per call, as wall time and as
+the thread's CPU time (robust on a shared, loaded machine; the targets are checked on it). Results go to a
+JSON file (``--out``, default benchmarks/results/bench_dispatch-<host>-<date>.json) with the machine's name,
+versions and the date.
 """
 from __future__ import annotations
 
@@ -32,16 +33,19 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _per_call_us(fn, n: int, repeats: int) -> float:
+def _per_call_us(fn, n: int, repeats: int) -> tuple[float, float]:
+    """(wall, thread CPU) microseconds per call, each the best of ``repeats`` loops of ``n`` calls. The CPU
+    figure leaves out time the thread spent descheduled, so it holds on a shared, loaded machine."""
     for _ in range(min(n, 1000)):
         fn()
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         for _ in range(n):
             fn()
-        best = min(best, (time.perf_counter() - t) / n)
-    return best * 1e6
+        cpu = min(cpu, (time.thread_time() - c) / n)
+        wall = min(wall, (time.perf_counter() - t) / n)
+    return wall * 1e6, cpu * 1e6
 
 
 def _machine() -> dict:
@@ -76,11 +80,12 @@ def run(*, device: str, n: int, repeats: int, size: int) -> dict:
 
         def measure(name: str, ours, aten) -> None:
             sync()
-            t_aten = _per_call_us(aten, n, repeats)
-            t_ours = _per_call_us(ours, n, repeats)
+            w_aten, c_aten = _per_call_us(aten, n, repeats)
+            w_ours, c_ours = _per_call_us(ours, n, repeats)
             sync()
-            res[name] = {"aten_us": round(t_aten, 3), "ours_us": round(t_ours, 3),
-                         "added_us": round(t_ours - t_aten, 3)}
+            res[name] = {"aten_us": round(w_aten, 3), "ours_us": round(w_ours, 3),
+                         "added_us": round(w_ours - w_aten, 3), "aten_cpu_us": round(c_aten, 3),
+                         "ours_cpu_us": round(c_ours, 3), "added_cpu_us": round(c_ours - c_aten, 3)}
 
         with torch.no_grad():
             measure("key_lookup", lambda: dispatch.mm(a, b), lambda: torch.mm(a, b))
@@ -91,8 +96,8 @@ def run(*, device: str, n: int, repeats: int, size: int) -> dict:
         ag = a.clone().requires_grad_()
         measure("autograd", lambda: ops.mm.default(ag, b), lambda: torch.mm(ag, b))
     res["targets"] = {"key_lookup_us": 1.0, "inference_added_us": 5.0}
-    res["meets"] = {"key_lookup": res["key_lookup"]["added_us"] <= 1.0,
-                    "inference": res["no_grad"]["added_us"] <= 5.0}
+    res["meets"] = {"key_lookup": res["key_lookup"]["added_cpu_us"] <= 1.0,
+                    "inference": res["no_grad"]["added_cpu_us"] <= 5.0}
     return res
 
 
@@ -106,16 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     n, repeats = (2000, 3) if args.smoke else (50000, 7)
     results = {"machine": _machine(), "device": args.device, "size": args.size, "calls_per_repeat": n,
                "repeats": repeats, "results": run(device=args.device, n=n, repeats=repeats, size=args.size)}
-    out = args.out or os.path.join(HERE, "results", f"bench_dispatch-{platform.node() or 'host'}.json")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    smoke = "-smoke" if args.smoke else ""
+    out = args.out or os.path.join(HERE, "results", f"bench_dispatch{smoke}-{platform.node() or 'host'}-{stamp}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
     r = results["results"]
-    print(f"{'case':<16} {'aten us':>9} {'ours us':>9} {'added us':>9}")
+    print(f"{'case':<16} {'aten us':>9} {'ours us':>9} {'added us':>9}   {'(CPU time:':>10} {'aten':>7} "
+          f"{'ours':>7} {'added)':>7}")
     for k, v in r.items():
         if "added_us" in v:
-            print(f"{k:<16} {v['aten_us']:>9.3f} {v['ours_us']:>9.3f} {v['added_us']:>9.3f}")
-    print(f"targets: key+lookup <= 1 us: {'met' if r['meets']['key_lookup'] else 'NOT met'}; "
+            print(f"{k:<16} {v['aten_us']:>9.3f} {v['ours_us']:>9.3f} {v['added_us']:>9.3f}   {'':>10} "
+                  f"{v['aten_cpu_us']:>7.3f} {v['ours_cpu_us']:>7.3f} {v['added_cpu_us']:>7.3f}")
+    print(f"targets (CPU time): key+lookup <= 1 us: {'met' if r['meets']['key_lookup'] else 'NOT met'}; "
           f"inference <= 5 us added: {'met' if r['meets']['inference'] else 'NOT met'}")
     print(f"wrote {out}")
     return 0

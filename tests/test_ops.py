@@ -228,10 +228,13 @@ def test_failing_kernel_falls_back_with_one_warning(kernels_win, monkeypatch):
         warnings.simplefilter("always")
         for _ in range(3):
             _close(ops.mm(a, b), torch.mm(a, b))
-        _close(ops.mm(a.t().contiguous().t(), b), torch.mm(a, b))   # same problem? other layout, new key
+        # another key (other opts) of the same problem: marked failed, no second warning, no retry
+        _close(ops.mm(a, b, dispatch.encode_opts({"max_trials": 2})), torch.mm(a, b))
     ours = [w for w in caught if "torchtune_ops" in str(w.message)]
     assert len(ours) == 1
-    assert dispatch.stats()["ops"]["mm"]["failures"] == 1
+    st = dispatch.stats()
+    assert st["ops"]["mm"]["failures"] == 1 and st["ops"]["mm"]["failed"] == 1
+    assert {p["source"] for p in st["problems"]} == {"failed"}
     dispatch.reset()
     with settings.override(strict=True):
         with pytest.raises(RuntimeError, match="injected"):
