@@ -324,3 +324,22 @@ def test_import_without_sqlalchemy_names_the_extra():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode != 0
     assert "ImportError" in p.stderr and "pip install 'torchtune-ops[fleet]'" in p.stderr
+
+
+def test_cli_worker_and_export(pg_url, tmp_path):
+    shapes = tmp_path / "shapes.jsonl"
+    shapes.write_text("".join(json.dumps({"family": f, "problem": p}) + "\n" for f, p in PROBLEMS[:2]))
+    env = dict(os.environ, TORCHTUNE_OPS_CACHE_DIR=str(tmp_path / "cache"))
+    run = [sys.executable, "-m", "torchtune_ops"]
+    p = subprocess.run(run + ["tune", "--shapes", str(shapes), "--storage", pg_url, "--max-trials", "2",
+                              "--lease", "8"], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "tuned 2, already tuned 0, failed 0" in p.stdout
+    bundle = tmp_path / "out.json"
+    p = subprocess.run(run + ["cache", "export", str(bundle), "--all-devices", "--storage", pg_url],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(bundles.load(bundle).entries()) == 2
+    # nothing was written to the local cache by either command
+    assert not (tmp_path / "cache" / "tuning.sqlite").exists() or \
+        Store.open(tmp_path / "cache" / "tuning.sqlite").entries() == []

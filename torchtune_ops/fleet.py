@@ -42,8 +42,10 @@ import logging
 import math
 import os
 import random
+import signal
 import socket
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -420,6 +422,32 @@ def study_name(job: str, fingerprint: str) -> str:
     return f"{STUDY_PREFIX}:{job}:{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
 
 
+@contextlib.contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """On PostgreSQL, hold a server-wide advisory lock while tables are checked and created: workers
+    started at once would otherwise collide in CREATE TABLE, and wait and retry. Elsewhere a no-op."""
+    url = normalize_url(url)
+    if not url.startswith("postgresql"):
+        yield
+        return
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as c:
+            c.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
+            c.commit()
+            try:
+                yield
+            finally:
+                c.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                c.commit()
+    finally:
+        engine.dispose()
+
+
+#: the advisory lock key of schema creation (any 64-bit number; this one spells "tto-fleet")
+_LOCK_KEY = 0x74746F2D666C6565
+
+
 def _optuna_storage(url: str, *, heartbeat_s: int, lease_s: int) -> Any:
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -589,10 +617,12 @@ def run_worker(*, storage: str, problems: Iterable[tuple[str, Mapping[str, Any]]
 
     notify = on_problem or (lambda *a: None)
 
-    results = Results(storage)
+    with _schema_lock(storage):
+        results = Results(storage)
     with tempfile.TemporaryDirectory(prefix="torchtune-ops-worker-") as tmp, \
             _quiet_optuna(), contextlib.closing(results):
-        ostorage = _optuna_storage(storage, heartbeat_s=heartbeat_i, lease_s=lease_i)
+        with _schema_lock(storage):
+            ostorage = _optuna_storage(storage, heartbeat_s=heartbeat_i, lease_s=lease_i)
         study = _open_job(ostorage, results, name=name, fingerprint=fp, problems=keys, force=force,
                           wait_ready_s=wait_ready_s)
         local = Store.open(os.path.join(tmp, "tuning.sqlite"), readonly=False)
@@ -617,8 +647,9 @@ def run_worker(*, storage: str, problems: Iterable[tuple[str, Mapping[str, Any]]
                 history = [(t.config, t.value_ms) for t in local.trials(fp, fam_name, problem=key)]
                 stored = results.put(entry, history, worker=worker)
                 local.delete(fp, fam_name, key)
-            except (KeyboardInterrupt, SystemExit):
-                # give the problem back at once rather than after the lease
+            except KeyboardInterrupt:
+                # give the problem back at once rather than after the lease (Optuna marks this trial
+                # failed; any other exit leaves it running, to be given back when its lease runs out)
                 study.enqueue_trial({}, user_attrs={"family": fam_name, "problem": key})
                 raise
             except Exception as e:  # one problem's failure must not stop the fleet: record it, go on
@@ -629,7 +660,6 @@ def run_worker(*, storage: str, problems: Iterable[tuple[str, Mapping[str, Any]]
                 notify("failed", fam_name, key)
                 raise _ProblemFailed(msg) from e
             trial.set_user_attr("outcome", "tuned")
-            trial.set_user_attr("winner", stored.winner if stored.is_aten else "triton")
             report.tuned.append((fam_name, key))
             notify("tuned", fam_name, key)
             return stored.time_ms
@@ -644,7 +674,13 @@ def run_worker(*, storage: str, problems: Iterable[tuple[str, Mapping[str, Any]]
             while max_problems is None or handled() < max_problems:
                 if not queue_empty:
                     before = len(report.tuned), len(report.reused), len(report.failed)
-                    study.optimize(objective, n_trials=1, catch=(_ProblemFailed,))
+                    try:
+                        study.optimize(objective, n_trials=1, catch=(_ProblemFailed,))
+                    except ValueError as e:
+                        # Optuna refuses to finish a trial already finished elsewhere: our heartbeats
+                        # stopped for longer than the lease (a stalled connection) and the problem was
+                        # given to another worker. Our result is stored all the same; carry on.
+                        log.warning("torchtune_ops fleet: %s (this worker's lease had run out)", e)
                     queue_empty = (len(report.tuned), len(report.reused), len(report.failed)) == before
                     continue
                 # the queue looked empty: give back a dead worker's problem if its lease ran out,
@@ -734,9 +770,16 @@ def cli_tune(*, storage: str, shapes: str | None, job: str | None = None, device
             err.write(f"[{_worker_id()}] {event}: {family} {key}\n")
             err.flush()
 
-    r = run_worker(storage=storage, problems=problems, job=job, device=device, max_trials=max_trials,
-                   time_budget_s=time_budget_s, lease_s=lease_s,
-                   heartbeat_s=max(1, min(DEFAULT_HEARTBEAT_S, int(lease_s) // 4)), on_problem=show)
+    # SIGTERM (a stopped container or job) acts like Ctrl-C: the current problem goes back at once
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
+    try:
+        r = run_worker(storage=storage, problems=problems, job=job, device=device, max_trials=max_trials,
+                       time_budget_s=time_budget_s, lease_s=lease_s,
+                       heartbeat_s=max(1, min(DEFAULT_HEARTBEAT_S, int(lease_s) // 4)), on_problem=show)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     out.write(f"worker {r.worker}, job {r.job}: tuned {len(r.tuned)}, already tuned {len(r.reused)}, "
               f"failed {len(r.failed)} problems in {r.elapsed_s:.1f} s\n")
     for key, msg in r.failed.items():
