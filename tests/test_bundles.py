@@ -391,3 +391,13 @@ def test_overlay_skips_a_hostile_bundle_with_a_warning(name, tmp_path, bundle_pa
     assert sum(str(p) in r.message for r in caplog.records) == 1
     e = ov.get(fingerprint("cpu").key, "gemm", gemm_problem(127, 257, 67))
     assert e is not None  # the good bundle still serves
+
+
+def test_times_are_stored_with_six_significant_digits(tmp_path):
+    fp = fingerprint("cpu").key
+    e = entry(fp, GEMM, gemm_problem(7, 13, 31), time_ms=0.012345678912, aten_ms=0.012345699999)
+    p = tmp_path / "t.json"
+    B.write(B.Bundle.from_entries([e]), p)
+    (got,) = B.validate(p).entries()
+    assert (got.time_ms, got.aten_ms) == (0.0123457, 0.0123457)  # still not slower than aten
+    assert got.winner == e.winner

@@ -198,6 +198,12 @@ def from_store_entry(entry: Any) -> BundleEntry:
                        aten_ms=float(entry.aten_ms), trials=int(entry.trials))
 
 
+def round_ms(ms: float) -> float:
+    """A time as bundles store it: 6 significant digits (far below timing noise; 17-digit floats would
+    make a bundle larger and slower to parse). Monotonic, so a kernel faster than aten stays so."""
+    return float(f"{ms:.6g}")
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -644,7 +650,8 @@ class Bundle:
                         configs.append(json.loads(e.winner))
                 values = [list(v) if isinstance(v, tuple) else v
                           for v in (e.problem.get(f) for f in fields)]
-                rows.append([dev_index[e.device], w, e.time_ms, e.aten_ms, int(e.trials), *values])
+                rows.append([dev_index[e.device], w, round_ms(e.time_ms), round_ms(e.aten_ms), int(e.trials),
+                             *values])
             tables[fname] = _Table(fname, [*ROW_HEAD, *fields], configs, rows, dev_list, f"families.{fname}")
         return cls(dev_list, tables, created=created or _now(), producer=producer or _producer())
 
