@@ -271,3 +271,42 @@ def test_settings_overrides_travel_in_opts():
     _close(ops.mm(a, b), torch.mm(a, b))            # no opts: environment (tuning off) -> store hit
     c = dispatch.stats()["ops"]["mm"]
     assert c["tuned"] == 1 and c["store"] == 1
+
+
+def _odd_operands():
+    nan = torch.randn(4, 6)
+    nan[1, 2] = float("nan")
+    inf = torch.randn(4, 6).abs()
+    inf[0, 0] = float("inf")
+    return {
+        "expanded_a": (torch.randn(1, 6).expand(4, 6), torch.randn(6, 3)),
+        "expanded_b": (torch.randn(4, 6), torch.randn(6, 1).expand(6, 5)),
+        "sliced": (torch.randn(9, 20)[::2, 3:9], torch.randn(12, 5)[::2]),
+        "nan": (nan, torch.randn(6, 3)),
+        "inf": (inf, torch.randn(6, 3).abs()),
+        "float16": (torch.randn(4, 6).half(), torch.randn(6, 3).half()),
+        "bfloat16": (torch.randn(4, 6).bfloat16(), torch.randn(6, 3).bfloat16()),
+    }
+
+
+@pytest.mark.parametrize("name", list(_odd_operands()))
+def test_odd_operands_match_torch_through_tuned_kernels(name, kernels_win):
+    a, b = _odd_operands()[name]
+    out, ref = ops.mm(a, b), torch.mm(a, b)
+    assert out.dtype == ref.dtype and out.shape == ref.shape and out.stride() == ref.stride()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2, equal_nan=True)
+
+
+@pytest.mark.parametrize("op_name", ["mm", "addmm", "conv2d"])
+def test_autocast_casts_like_pytorch(op_name):
+    x, w = torch.randn(2, 3, 6, 6, requires_grad=True), torch.randn(4, 3, 3, 3)
+    a, b, bias = torch.randn(5, 7, requires_grad=True), torch.randn(7, 3), torch.randn(3)
+    calls = {"mm": (lambda: ops.mm(a, b), lambda: torch.mm(a, b)),
+             "addmm": (lambda: ops.addmm(bias, a, b), lambda: torch.addmm(bias, a, b)),
+             "conv2d": (lambda: ops.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1),
+                        lambda: F.conv2d(x, w, None, 1, 1))}[op_name]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = calls[0](), calls[1]()
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    out.float().sum().backward()

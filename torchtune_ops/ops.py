@@ -324,6 +324,26 @@ for _name, _setup, _bwd in (("mm", _setup_ab, _mm_backward), ("bmm", _setup_ab, 
     _lib.impl(_name, _autograd_kernel(_name, _setup, _bwd), "Autograd", with_keyset=True)
 
 
+def _autocast_kernel(name: str, device_type: str) -> Callable:
+    """Autocast as PyTorch does for mm/addmm/bmm/baddbmm/conv2d: floating-point tensor arguments are cast
+    to the autocast dtype, then the op runs with autocast off."""
+    overload = getattr(ops, name).default
+
+    def kernel(*args, **kwargs):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.device.type == device_type
+                else a for a in args]
+        with torch.autocast(device_type, enabled=False):
+            return overload(*cast, **kwargs)
+
+    return kernel
+
+
+for _name in _SCHEMAS:
+    _lib.impl(_name, _autocast_kernel(_name, "cpu"), "AutocastCPU")
+    _lib.impl(_name, _autocast_kernel(_name, "cuda"), "AutocastCUDA")
+
+
 def op(name: str):
     """The OpOverload ``torch.ops.torchtune_ops.<name>.default``."""
     return getattr(ops, name).default
