@@ -111,7 +111,7 @@ def _worker(url, sleep_s, events_path):
             out.write(f"{event} {key}\n")
 
         r = fleet.run_worker(storage=url, problems=PROBLEMS, device="cpu", timer=sleeping_timer(sleep_s),
-                             max_trials=6, time_budget_s=30, heartbeat_s=1, lease_s=2, poll_s=0.2,
+                             max_trials=6, time_budget_s=30, heartbeat_s=1, lease_s=4, poll_s=0.2,
                              on_problem=show, fingerprint=FP)
         out.write("REPORT " + json.dumps({"tuned": len(r.tuned), "reused": len(r.reused),
                                           "failed": r.failed, "worker": r.worker}) + "\n")
@@ -239,6 +239,23 @@ def test_failing_problem_is_recorded_and_the_worker_goes_on(db_url):
     assert status["states"] == {"COMPLETE": 3, "FAIL": 3, "PRUNED": 1}
     with fleet.RemoteCache(db_url) as reader:
         assert len(reader.entries()) == 3
+
+
+def test_job_whose_creator_died_while_queueing(db_url):
+    import optuna
+
+    from torchtune_ops.fleet import _optuna_storage
+
+    job = fleet.job_name(_keys(PROBLEMS[:1]))
+    # a creator that stopped after creating the study, before marking it ready
+    optuna.create_study(storage=_optuna_storage(db_url, heartbeat_s=1, lease_s=2),
+                        study_name=fleet.study_name(job, FP))
+    with pytest.raises(fleet.FleetError, match="never set up completely"):
+        fleet.run_worker(storage=db_url, problems=PROBLEMS[:1], device="cpu", timer=sleeping_timer(0),
+                         wait_ready_s=0.5)
+    r = fleet.run_worker(storage=db_url, problems=PROBLEMS[:1], job="another", device="cpu",
+                         timer=sleeping_timer(0), max_trials=2)
+    assert len(r.tuned) == 1
 
 
 def test_interrupted_worker_gives_its_problem_back(db_url):
