@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import gc
-import itertools
 import json
 import logging
 import os
@@ -420,19 +419,27 @@ def _config_shape(c: Any, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the tables
+_COLUMN_TYPES = {int, bool, str, list, type(None)}
+
+
 def _column_types(col: tuple, where: str, name: str) -> set[type]:
-    try:
-        # the distinct values' types are the column's types, except that True/1 and False/0 hash alike:
-        # columns holding numbers are scanned in full
+    if type(col[0]) is str:
+        # a column of names: the distinct values' types are the column's, except that True/1 and False/0
+        # hash alike, so a number among them means a full scan
         types = set(map(type, set(col)))
-        if int in types or bool in types or float in types:
+        if types & {int, bool, float}:
             types = set(map(type, col))
-    except TypeError:  # unhashable values (lists, objects)
+    else:
         types = set(map(type, col))
-    if not types <= {int, bool, str, list, type(None)}:
-        bad = sorted(t.__name__ for t in types - {int, bool, str, list, type(None)})
+    if not types <= _COLUMN_TYPES:
+        bad = sorted(t.__name__ for t in types - _COLUMN_TYPES)
         raise BundleError(f"{where}: column {name!r} holds values of type {bad}")
     return types
+
+
+def _bad_list(v: Any) -> bool:
+    return type(v) is not tuple or len(v) > MAX_SEQUENCE or any(type(x) is not int or not 0 <= x < MAX_DIM
+                                                                 for x in v)
 
 
 class _Table:
@@ -469,23 +476,28 @@ class _Table:
         keycols: list[tuple] = [dev]
         for name, col in zip(self.fields, cols[len(ROW_HEAD):]):
             types = _column_types(col, where, name)
+            if list in types:
+                # few distinct sequences (strides, paddings): check each distinct one
+                col = tuple(map(tuple, col)) if len(types) == 1 else \
+                    tuple(tuple(v) if type(v) is list else v for v in col)
+                try:
+                    distinct = set(col)
+                except TypeError:  # a nested list: unhashable, and not allowed
+                    distinct = set()
+                    self._bad_value(col, name, lambda v: type(v) is tuple and any(type(x) is not int for x in v),
+                                    "must be a list of integers")
+                for v in distinct:
+                    if type(v) is tuple and _bad_list(v):
+                        self._bad_value(col, name, lambda x, v=v: x == v,
+                                        f"must be a list of at most {MAX_SEQUENCE} integers in [0, {MAX_DIM})")
             if int in types:
                 ints = col if len(types) == 1 else [v for v in col if type(v) is int]
                 if min(ints) < 0 or max(ints) >= MAX_DIM:
                     self._bad_value(col, name, lambda v: type(v) is int and not 0 <= v < MAX_DIM)
             if str in types:
-                for v in (set(col) if len(types) == 1 else {v for v in col if type(v) is str}):
+                for v in {v for v in set(col) if type(v) is str}:
                     if not _IDENT.match(v):
                         self._bad_value(col, name, lambda x, v=v: x == v)
-            if list in types:
-                lists = [v for v in col if type(v) is list]
-                flat = list(itertools.chain.from_iterable(lists))
-                if max(map(len, lists)) > MAX_SEQUENCE or (flat and (
-                        set(map(type, flat)) != {int} or min(flat) < 0 or max(flat) >= MAX_DIM)):
-                    self._bad_value(col, name, lambda v: type(v) is list and (
-                        len(v) > MAX_SEQUENCE or any(type(x) is not int or not 0 <= x < MAX_DIM for x in v)),
-                        f"must be a list of at most {MAX_SEQUENCE} integers in [0, {MAX_DIM})")
-                col = tuple(tuple(v) if type(v) is list else v for v in col)
             keycols.append(col)
         index: dict[tuple, int] = {}
         keys = list(zip(*keycols))
