@@ -257,6 +257,7 @@ WRITER = """
         if s.claim("gpu-a", "gemm", problem_key({"claim": i}), lease_s=3600):
             print("claimed", i, flush=True)
     print("done", s.mode, flush=True)
+    sys.stdin.read()  # stay alive (holding the claims) until every writer is done
 """
 
 
@@ -265,11 +266,21 @@ def test_four_processes_writing_at_once(path):
     n = 25
     start = time.time() + 1.5
     procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITER), str(path), str(me), str(n),
-                               str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               str(start)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for me in range(4)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
-    assert all("done disk" in o[0] for o in outs)  # nobody degraded to memory
+    outs = []
+    for p in procs:  # a writer that exited would leave its claims to be taken over: keep all alive
+        lines = []
+        while not lines or not lines[-1].startswith("done"):
+            line = p.stdout.readline()
+            assert line, f"writer died: {lines}"
+            lines.append(line.strip())
+        outs.append(lines)
+    for p in procs:
+        p.stdin.close()
+        assert p.wait(timeout=60) == 0
+        p.stdout.close()
+    assert all(o[-1] == "done disk" for o in outs)  # nobody degraded to memory
     with Store.open(path) as s:
         entries = s.entries()
         keys = [e.key for e in entries]
@@ -278,7 +289,7 @@ def test_four_processes_writing_at_once(path):
         assert all(e.time_ms == 1.0 for e in shared)  # the fastest writer's answer is kept
         assert len(s.trials()) == 4 * 2 * n * 2
         assert s._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    claimed = [line for o in outs for line in o[0].splitlines() if line.startswith("claimed")]
+    claimed = [line for o in outs for line in o if line.startswith("claimed")]
     assert sorted(claimed) == sorted(f"claimed {i}" for i in range(n))  # each claim granted once
 
 
