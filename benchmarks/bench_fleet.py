@@ -132,9 +132,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny run (6 problems, short sleeps)")
     ap.add_argument("--backend", choices=["postgresql", "sqlite"], default="postgresql")
-    ap.add_argument("--storage", help="PostgreSQL server URL (default: start one with scripts/start_postgres.sh)")
+    ap.add_argument("--storage",
+                    help="PostgreSQL server URL (default: start one with scripts/start_postgres.sh)")
     ap.add_argument("--problems", type=int, default=None, help="problems in the list (default 24; smoke 6)")
-    ap.add_argument("--sleep", type=float, default=None, help="seconds per fake measurement (0.1; smoke 0.02)")
+    ap.add_argument("--sleep", type=float, default=None,
+                    help="seconds per fake measurement (0.1; smoke 0.02)")
     ap.add_argument("--max-trials", type=int, default=8)
     ap.add_argument("--out", help="results JSON (default benchmarks/results/bench_fleet-<date>.json)")
     args = ap.parse_args()
@@ -146,8 +148,8 @@ def main() -> None:
     started = None
     server = args.storage
     if args.backend == "postgresql" and server is None:
-        p = subprocess.run(["bash", str(ROOT / "scripts" / "start_postgres.sh"), "--env"], capture_output=True,
-                           text=True, check=True)
+        p = subprocess.run(["bash", str(ROOT / "scripts" / "start_postgres.sh"), "--env"],
+                           capture_output=True, text=True, check=True)
         env = dict(line.split("=", 1) for line in p.stdout.split())
         server, started = env["TEST_POSTGRES_URL"], env["TEST_POSTGRES_DIR"]
     try:
