@@ -42,6 +42,7 @@ class ScaleFamily(KernelFamily):
         self.wrong, self.fail, self.error, self.interrupt = wrong, fail, error, interrupt
         self.interruption = interruption
         self.launches = 0
+        self.seeds: list[int] = []
 
     def space(self, problem):
         return {"BLOCK": (1, 2, 4, 8, 16), "MODE": ("row", "col"), "UNROLL": (1, 2)}
@@ -55,6 +56,7 @@ class ScaleFamily(KernelFamily):
         return [Config.of(BLOCK=4, MODE="row", UNROLL=1)]
 
     def make_inputs(self, problem, device, *, seed=0):
+        self.seeds.append(seed)
         gen = torch.Generator().manual_seed(seed)
         return (torch.randn(problem.n, generator=gen).to(device),)
 
@@ -486,3 +488,10 @@ def test_the_claim_is_renewed_while_tuning(store):
         run(ScaleFamily(), store, SlowTimer({"aten": 1.0}, default=0.5), lease_s=0.4, progress=probe)
         assert refused == [True, True]
         assert other.claim(*key, lease_s=60)  # released at the end
+
+
+def test_the_gate_uses_fresh_inputs(store):
+    fam = ScaleFamily()
+    best = cfg(BLOCK=8, MODE="col", UNROLL=2)
+    run(fam, store, FakeTimer({"aten": 1.0, **times({best: 0.5})}), seed=7)
+    assert fam.seeds == [7, 8]  # timing inputs, then the correctness check's own
