@@ -46,7 +46,7 @@ class Choice:
     """What one key runs: ``fn`` (the kernel call or PyTorch's op) and what explain() shows."""
 
     __slots__ = ("fn", "op", "kernel", "source", "problem", "calls", "family", "problem_key", "aten",
-                 "time_ms", "aten_ms", "trials")
+                 "time_ms", "aten_ms", "trials", "strict")
 
     def __init__(self, fn: Callable, *, op: str, kernel: str, source: str, aten: Callable,
                  problem: Any = None, family: Any = None, problem_key: str | None = None,
@@ -63,6 +63,7 @@ class Choice:
         self.time_ms = time_ms
         self.aten_ms = aten_ms
         self.trials = trials
+        self.strict = False           # re-raise kernel failures (the settings in force when resolved)
 
 
 _memo: dict[tuple, Choice] = {}
@@ -225,20 +226,21 @@ def _resolve(key: tuple, op: str, args: tuple, opts: str) -> Choice:
     aten = ATEN[op]
     device = args[1].device if op in ("addmm", "baddbmm") else args[0].device
     capturing = _capturing(device)
-    try:
-        with settings.override(**_opts_overrides(opts)):
+    with settings.override(**_opts_overrides(opts)):
+        strict = settings.current().strict
+        try:
             choice = _decide(op, args, device, aten, capturing)
-    except UnsupportedProblem as e:
-        choice = Choice(aten, op=op, kernel="aten", source="unsupported", aten=aten)
-        choice.problem = str(e)
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:  # resolving must never take the model down (strict mode re-raises)
-        if settings.current().strict:
+        except UnsupportedProblem as e:
+            choice = Choice(aten, op=op, kernel="aten", source="unsupported", aten=aten)
+            choice.problem = str(e)
+        except KeyboardInterrupt:
             raise
-        _warn_once(("resolve", op, type(e).__name__),
-                   f"torchtune_ops: could not resolve {op} ({type(e).__name__}: {e}); using PyTorch's kernel")
-        choice = Choice(aten, op=op, kernel="aten", source="failed", aten=aten)
+        except Exception as e:  # resolving must never take the model down (strict mode re-raises)
+            if strict:
+                raise
+            _warn_once(("resolve", op, type(e).__name__),
+                       f"torchtune_ops: could not resolve {op} ({type(e).__name__}: {e}); using PyTorch's kernel")
+            choice = Choice(aten, op=op, kernel="aten", source="failed", aten=aten)
     if capturing:
         return choice          # no Python state change inside a CUDA graph capture
     with _lock:
@@ -343,6 +345,7 @@ def _decide(op: str, args: tuple, device: torch.device, aten: Callable, capturin
 
     config = Config.from_json(winner) if isinstance(winner, str) else winner
     c = Choice(aten, kernel=str(config), source=source, **base, **info)
+    c.strict = s.strict
     c.fn = _kernel_fn(op, launch, config, c)
     return c
 
@@ -476,7 +479,7 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice) -> Callable:
 
 def _kernel_failed(c: Choice, args: tuple, error: Exception) -> torch.Tensor:
     out = c.aten(*args)  # inputs PyTorch rejects raise PyTorch's own error here, and nothing is marked
-    if settings.current().strict:
+    if c.strict or settings.current().strict:
         raise error
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return out

@@ -282,6 +282,13 @@ _SIGNATURES = {
 }
 
 
+def _any_requires_grad_py(*args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+_any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_requires_grad_py)
+
+
 def _autograd_kernel(name: str, setup: Callable, backward: Callable) -> Callable:
     """The op's Autograd-key kernel.
 
@@ -303,7 +310,7 @@ def _autograd_kernel(name: str, setup: Callable, backward: Callable) -> Callable
     fn = type(f"TorchTuneOps_{name}", (torch.autograd.Function,),
               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
-    grad_enabled, any_requires_grad = torch._C.is_grad_enabled, torch._C._any_requires_grad
+    grad_enabled, any_requires_grad = torch._C.is_grad_enabled, _any_requires_grad
 
     def kernel(keyset, *args, **kwargs):
         if grad_enabled() and any_requires_grad(*args, *kwargs.values()):
