@@ -346,7 +346,11 @@ def test_deployment_bundle_readonly_and_record_through_the_ops(tmp_path):
     bundle = tmp_path / "deploy.json"
     B.write(B.Bundle.from_entries([entry(fingerprint("cpu").key, GEMM, shipped)]), bundle)
     cache = tmp_path / "ro-cache"
-    cache.mkdir()
+    stored = problem_of(torch.randn(4, 6), torch.randn(6, 3), op="mm")  # in the (read-only) cache
+    st = Store.open(cache / "tuning.sqlite")
+    st.put(entry(fingerprint("cpu").key, GEMM, stored, winner="aten", aten_ms=0.01).to_store_entry())
+    st.close()
+    before = {f: (os.stat(cache / f).st_size, os.stat(cache / f).st_mtime_ns) for f in os.listdir(cache)}
     os.chmod(cache, 0o500)
     shapes = tmp_path / "shapes.jsonl"
     dispatch.reset()
@@ -354,6 +358,8 @@ def test_deployment_bundle_readonly_and_record_through_the_ops(tmp_path):
         with settings.override(readonly=True, autotune=True, bundles=str(bundle), cache_dir=str(cache),
                                record=str(shapes)):
             torch.testing.assert_close(torch.ops.torchtune_ops.mm(a, b), torch.mm(a, b), rtol=1e-4, atol=1e-4)
+            x, y = torch.randn(4, 6), torch.randn(6, 3)
+            torch.testing.assert_close(torch.ops.torchtune_ops.mm(x, y), torch.mm(x, y))
             c, d = torch.randn(7, 13), torch.randn(13, 5)  # unseen: PyTorch's kernel, recorded, not tuned
             for _ in range(3):
                 torch.testing.assert_close(torch.ops.torchtune_ops.mm(c, d), torch.mm(c, d))
@@ -361,7 +367,9 @@ def test_deployment_bundle_readonly_and_record_through_the_ops(tmp_path):
         assert probs["[9,10] x [10,11]"]["source"] == "bundle"
         assert probs["[9,10] x [10,11]"]["kernel"] != "aten"
         assert probs["[7,13] x [13,5]"]["source"] == "untuned"
-        assert os.listdir(cache) == []  # read-only: nothing written, nothing tuned
+        assert probs["[4,6] x [6,3]"]["source"] == "store"
+        after = {f: (os.stat(cache / f).st_size, os.stat(cache / f).st_mtime_ns) for f in os.listdir(cache)}
+        assert after == before  # read-only: nothing written, nothing tuned
         from torchtune_ops import record
 
         recorded = record.read_shapes(shapes)
