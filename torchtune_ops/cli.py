@@ -41,27 +41,39 @@ def entry_id(entry: Any) -> str:
 
 
 def describe_problem(family: str, problem: dict[str, Any]) -> str:
-    """A short human description of a problem dict."""
+    """A short human description of a problem dict, e.g. ``mm 127x257x67 float16 row/col bias=row relu``."""
     p = problem
     try:
         if family == "gemm":
-            b = f"{p['batch']}x" if p.get("batch", 1) != 1 else ""
-            extra = [x for x in (p.get("a_layout", "row") + "/" + p.get("b_layout", "row")
-                                 if (p.get("a_layout"), p.get("b_layout")) != ("row", "row") else "",
-                                 f"bias={p['bias']}" if p.get("bias", "none") != "none" else "",
-                                 p.get("activation", "none") if p.get("activation", "none") != "none" else "",
-                                 "tf32" if p.get("precision") == "tf32" else "") if x]
-            return " ".join([f"{p['op']} {b}{p['M']}x{p['N']}x{p['K']}", p["dtype"], *extra])
+            batch = f"{p['batch']}x" if p.get("batch", 1) != 1 else ""
+            words = [f"{p['op']} {batch}{p['M']}x{p['N']}x{p['K']}", p["dtype"]]
+            layouts = (p.get("a_layout", "row"), p.get("b_layout", "row"))
+            if layouts != ("row", "row"):
+                words.append("/".join(layouts))
+            if p.get("bias", "none") != "none":
+                words.append(f"bias={p['bias']}")
+            if p.get("activation", "none") != "none":
+                words.append(p["activation"])
+            if p.get("precision") == "tf32":
+                words.append("tf32")
+            return " ".join(words)
         if family == "conv2d":
-            pad = p.get("padding", [0, 0, 0, 0])
-            extra = [f"s{p['stride'][0]}" if list(p.get("stride", [1, 1])) != [1, 1] else "",
-                     f"p{pad[0]}" if any(pad) else "",
-                     f"g{p['groups']}" if p.get("groups", 1) != 1 else "",
-                     p.get("layout", "nchw") if p.get("layout", "nchw") != "nchw" else "",
-                     "+bias" if p.get("bias") else "",
-                     p.get("activation", "none") if p.get("activation", "none") != "none" else ""]
-            return " ".join([f"conv {p['N']}x{p['C']}x{p['H']}x{p['W']} k{p['K']}x{p['C'] // max(p.get('groups', 1), 1)}"
-                             f"x{p['R']}x{p['S']}", p.get("dtype", ""), *[x for x in extra if x]])
+            groups = max(p.get("groups", 1), 1)
+            words = [f"conv {p['N']}x{p['C']}x{p['H']}x{p['W']} k{p['K']}x{p['C'] // groups}x{p['R']}x{p['S']}",
+                     p.get("dtype", "")]
+            if list(p.get("stride", [1, 1])) != [1, 1]:
+                words.append(f"s{p['stride'][0]}")
+            if any(p.get("padding", [0])):
+                words.append(f"p{p['padding'][0]}")
+            if groups != 1:
+                words.append(f"g{groups}")
+            if p.get("layout", "nchw") != "nchw":
+                words.append(p["layout"])
+            if p.get("bias"):
+                words.append("+bias")
+            if p.get("activation", "none") != "none":
+                words.append(p["activation"])
+            return " ".join(words)
     except (KeyError, TypeError, IndexError):
         pass
     return ",".join(f"{k}={v}" for k, v in p.items())
