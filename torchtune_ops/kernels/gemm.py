@@ -33,7 +33,7 @@ import triton.language as tl
 from ..errors import InvalidConfig, UnsupportedProblem
 from . import _compat
 from .base import Config, DeviceLimits, KernelFamily, Value
-from .gemm_space import (DTYPE_NAMES, TORCH_DTYPES, GemmProblem, check, gemm_problem, known_configs,
+from .gemm_space import (TORCH_DTYPES, GemmProblem, check, gemm_problem, known_configs,
                          space)
 
 __all__ = ["gemm", "GemmFamily", "GemmProblem", "gemm_problem", "GEMM", "ACTIVATIONS"]
