@@ -5,6 +5,7 @@ scripts/start_postgres.sh and exports it) or, when unset, is started here with t
 server can be started the PostgreSQL tests fail; they never skip. Each test gets a database of its own.
 """
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -183,7 +184,7 @@ def test_three_workers_one_killed(db_url, tmp_path):
 
 # ----------------------------------------------------------------------------------- one worker in process
 
-def test_single_worker_then_nothing_left(db_url, tmp_path):
+def test_single_worker_then_nothing_left(db_url, tmp_path, caplog):
     probs = PROBLEMS[:3]
     r = fleet.run_worker(storage=db_url, problems=probs, device="cpu", timer=sleeping_timer(),
                          max_trials=4, heartbeat_s=1, lease_s=2)
@@ -199,6 +200,12 @@ def test_single_worker_then_nothing_left(db_url, tmp_path):
     more = fleet.run_worker(storage=db_url, problems=PROBLEMS[:5], device="cpu", timer=sleeping_timer(),
                             max_trials=4, heartbeat_s=1, lease_s=2)
     assert len(more.tuned) == 2
+
+    # joining an existing job with a list it does not hold warns that the rest is not tuned
+    with caplog.at_level(logging.WARNING, logger="torchtune_ops"):
+        fleet.run_worker(storage=db_url, problems=PROBLEMS[:6], job=r.job, device="cpu",
+                         timer=sleeping_timer())
+    assert "1 of the given problems are not in the existing job" in caplog.text
 
     # joining a job by name alone works once it exists; an unknown job is an error
     joined = fleet.run_worker(storage=db_url, job=r.job, device="cpu", timer=sleeping_timer())

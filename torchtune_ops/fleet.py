@@ -517,6 +517,14 @@ def _open_job(storage: Any, results: Results, *, name: str, fingerprint: str,
             raise FleetError(f"fleet job {name!r} was never set up completely (its creator stopped while "
                              "queueing problems); start the workers again under another job name")
         time.sleep(0.2)
+    if problems is not None:  # a job named explicitly may hold another list than the one given
+        queued = {(t.user_attrs.get("family"), t.user_attrs.get("problem"))
+                  for t in study.get_trials(deepcopy=False)}
+        done = results.done(fingerprint)
+        extra = [p for p in problems if p not in queued and p not in done]
+        if extra:
+            log.warning("torchtune_ops fleet: %d of the given problems are not in the existing job %s and "
+                        "will not be tuned by it; start the workers under another job name", len(extra), name)
     return study
 
 
