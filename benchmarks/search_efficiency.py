@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -58,6 +59,24 @@ def run_tune(space: ReplaySpace, seed: int, budget: int) -> dict:
     return {"values": [v for _, v in result.trials]}
 
 
+def run_tune_prior(space: ReplaySpace, seed: int, budget: int, related: list[ReplaySpace] = ()) -> dict:
+    """tune() warm-started with a history from related spaces (the same kernel on the other GPUs): from
+    each, its 100 best configurations and 400 others drawn at random, times divided by its optimum."""
+    import numpy as np
+    from torchtune_ops.search import Space, tune
+
+    rng = np.random.default_rng(1000 + seed)
+    prior = []
+    for other in related:
+        cfgs, times = other.configs(), np.asarray(list(other.times.values()))
+        order = np.argsort(times, kind="stable")
+        pick = np.concatenate([order[:100], rng.choice(order[100:], min(400, len(order) - 100), replace=False)])
+        prior += [(cfgs[i], float(times[i] / other.optimum)) for i in pick]
+    result = tune(Space(space.params), space.time_of, candidates=space.configs(), max_trials=budget, seed=seed,
+                  prior=prior)
+    return {"values": [v for _, v in result.trials]}
+
+
 def run_random(space: ReplaySpace, seed: int, budget: int) -> dict:
     import numpy as np
 
@@ -100,14 +119,22 @@ def run_optuna(space: ReplaySpace, seed: int, budget: int, max_proposals: int = 
     return {"values": values, "invalid_proposals": invalid, "repeated_proposals": repeated}
 
 
-METHODS = {"tune": run_tune, "random": run_random, "optuna_tpe": run_optuna}
+METHODS = {"tune": run_tune, "random": run_random, "optuna_tpe": run_optuna, "tune_prior": run_tune_prior}
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str, name: str | None) -> ReplaySpace:
+    return load_space(path, name=name)
 
 
 def _job(args):
-    path, name, method, seed, budget = args
-    space = load_space(path, name=name)
+    path, name, method, seed, budget, related = args
+    space = _load(path, name)
     t0 = time.perf_counter()
-    out = METHODS[method](space, seed, budget)
+    if method == "tune_prior":
+        out = run_tune_prior(space, seed, budget, [_load(p, n) for p, n in related])
+    else:
+        out = METHODS[method](space, seed, budget)
     out["seconds"] = time.perf_counter() - t0
     out.update(trace_metrics(best_so_far(out["values"]), space.optimum, checkpoints=CHECKPOINTS))
     del out["values"]
@@ -130,6 +157,15 @@ def summarize(runs: list[dict], budget: int) -> dict:
     }
 
 
+def _finite(x):
+    """JSON-safe copy: infinities (never reached, failed) become None."""
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 def _cell(s: dict, budget: int) -> str:
     f50 = s["fraction"].get(50, float("nan"))
     fb = s["fraction"].get(min(200, budget), float("nan"))
@@ -147,7 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated substrings: replay only matching spaces")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--budget", type=int, default=200)
-    p.add_argument("--methods", default="tune,random,optuna_tpe")
+    p.add_argument("--methods", default="tune,random,optuna_tpe",
+                   help="comma-separated, of: tune, random, optuna_tpe, tune_prior (tune() warm-started with "
+                        "the same kernel's spaces on the other GPUs)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     a = p.parse_args(argv)
@@ -170,10 +208,16 @@ def main(argv=None) -> int:
 
     info = {}
     for path, name in paths:
-        s = load_space(path, name=name)
+        s = _load(path, name)
         info[s.name] = {"path": path, "valid": len(s.times), "optimum": s.optimum, "within_5pct": s.n_within(),
                         "random_expected_draws": s.random_expected_draws()}
-    jobs = [(path, name, m, seed, a.budget) for path, name in paths for m in methods for seed in range(a.seeds)]
+    def related(path, name):  # the same kernel's spaces on the other GPUs (same folder and parameters)
+        params = _load(path, name).params
+        return tuple((p, n) for p, n in paths if os.path.dirname(p) == os.path.dirname(path) and p != path
+                     and _load(p, n).params == params)
+
+    jobs = [(path, name, m, seed, a.budget, related(path, name) if m == "tune_prior" else ())
+            for path, name in paths for m in methods for seed in range(a.seeds)]
     t0 = time.perf_counter()
     if a.jobs > 1:
         with ProcessPoolExecutor(a.jobs) as ex:
@@ -244,7 +288,7 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = os.path.join(a.out, f"search_efficiency{'-smoke' if a.smoke else ''}-{stamp}.json")
     with open(path, "w") as f:
-        json.dump(record, f, indent=1, default=lambda x: None if isinstance(x, float) and math.isinf(x) else x)
+        json.dump(_finite(record), f, indent=1)
     print(f"wrote {path}")
     return 0
 

@@ -53,24 +53,26 @@ class TPEStrategy:
 
     Args:
         n_startup: proposals drawn uniformly at random before the model is used (initial configurations
-            count toward it). Default 8; with a prior, ``n_startup_prior`` (default 1) instead.
-        gamma: fraction of the finite measurements in the good group. Default 0.15.
+            count toward it). Default 8; with a prior, ``n_startup_prior`` (default 0) instead.
+        gamma: fraction of the finite measurements in the good group. Default 0.25.
         max_good: most configurations in the good group. Default 20.
         bandwidth: ordinal kernel width as a fraction of the number of choices. Default 0.1.
-        min_bandwidth: smallest ordinal kernel width, in rank steps. Default 0.5.
+        min_bandwidth: smallest ordinal kernel width, in rank steps. Default 1.0.
         eps: categorical kernel mass on the other choices. Default 0.2.
         prior_weight: how many pseudo-observations a prior counts for in each group. Default 4.
         prior_gamma: fraction of the prior in its good group. Default 0.1.
-        n_ei_candidates: when set, the proposal is the best l/g among this many candidates sampled from
-            l(x) (Optuna's scheme); None (default) takes the best l/g of all available candidates.
+        prior_max_good: most prior configurations in its good group. Default 50.
+        n_ei_candidates: when set, the proposal is the best l/g among this many candidates drawn with
+            probability proportional to l/g (more exploration); None (default) takes the best l/g of all
+            available candidates.
         local_every: every this many model proposals, search only among the one-parameter neighbours of
             the best configuration so far (exploitation). 0 turns it off. Default 3.
     """
 
-    def __init__(self, *, n_startup: int = 8, n_startup_prior: int = 1, gamma: float = 0.15,
-                 max_good: int = 20, bandwidth: float = 0.1, min_bandwidth: float = 0.5, eps: float = 0.2,
-                 prior_weight: float = 4.0, prior_gamma: float = 0.1, n_ei_candidates: int | None = None,
-                 local_every: int = 3):
+    def __init__(self, *, n_startup: int = 8, n_startup_prior: int = 0, gamma: float = 0.25,
+                 max_good: int = 20, bandwidth: float = 0.1, min_bandwidth: float = 1.0, eps: float = 0.2,
+                 prior_weight: float = 4.0, prior_gamma: float = 0.1, prior_max_good: int = 50,
+                 n_ei_candidates: int | None = None, local_every: int = 3):
         self.n_startup = n_startup
         self.n_startup_prior = n_startup_prior
         self.gamma = gamma
@@ -80,6 +82,7 @@ class TPEStrategy:
         self.eps = eps
         self.prior_weight = prior_weight
         self.prior_gamma = prior_gamma
+        self.prior_max_good = prior_max_good
         self.n_ei_candidates = n_ei_candidates
         self.local_every = local_every
 
@@ -91,12 +94,11 @@ class TPEStrategy:
         self.values: list[float] = []
         self.cands: list[int] = []
         self.n_model = 0
-        self.prior_index = np.zeros((0, candidates.shape[1]), dtype=np.int64)
         self.prior_good = self.prior_bad = None
         if prior:
             index = np.asarray([p[0] for p in prior], dtype=np.int64)
             values = np.asarray([p[1] for p in prior], dtype=float)
-            good = split_good(values, self.prior_gamma, max_good=max(1, len(values)))
+            good = split_good(values, self.prior_gamma, self.prior_max_good)
             bad_rows = np.flatnonzero(~good)
             if len(bad_rows) > 256:  # a sample of the bad group is enough for its density
                 bad_rows = np.sort(rng.choice(bad_rows, 256, replace=False))
@@ -141,11 +143,11 @@ class TPEStrategy:
         finite = [v for v in self.values if math.isfinite(v)]
         if len(self.values) < self._startup() or (not finite and self.prior_good is None):
             return int(self.rng.choice(np.flatnonzero(available)))
-        score = self.log_ratio()
         self.n_model += 1
+        score = self.log_ratio()
         pool = available
         if self.local_every and finite and self.n_model % self.local_every == 0:
-            best = self.rows.candidates[self.cands[int(np.nanargmin(np.asarray(self.values)))]]
+            best = self.rows.candidates[self.cands[int(np.argmin(np.asarray(self.values)))]]
             near = (self.rows.candidates != best).sum(axis=1) == 1
             if (near & available).any():
                 pool = near & available

@@ -57,7 +57,7 @@ class KernelRows:
         self.kernels = kernels
         self.candidates = candidates
         self.observed = np.zeros((0, candidates.shape[1]), dtype=np.int64)
-        self._rows = np.zeros((16, len(candidates)))
+        self._rows = np.zeros((16, len(candidates)), dtype=np.float32)  # float32: half the memory
         self.total = np.zeros(len(candidates))  # sum of all rows
         self.n = 0
 
@@ -80,15 +80,15 @@ class KernelRows:
 
     def add_candidates(self, points: np.ndarray) -> None:
         """Extend every row to new candidate configurations ``points`` (m, D)."""
-        new = np.zeros((len(self._rows), len(points)))
+        new = np.zeros((len(self._rows), len(points)), dtype=np.float32)
         new[:self.n] = self.kernel_at(self.observed, points)
         self._rows = np.concatenate([self._rows, new], axis=1)
-        self.total = np.concatenate([self.total, new.sum(axis=0)])
+        self.total = np.concatenate([self.total, new.sum(axis=0, dtype=np.float64)])
         self.candidates = np.concatenate([self.candidates, points])
 
     def sum_rows(self, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Kernel sums at every candidate over the observations in mask ``which`` and over the others."""
-        inside = self._rows[np.flatnonzero(which)].sum(axis=0)
+        inside = self._rows[np.flatnonzero(which)].sum(axis=0, dtype=np.float64)
         return inside, np.maximum(self.total - inside, 0.0)
 
     def mean_density(self, index: np.ndarray, *, chunk: int = 64) -> np.ndarray:
