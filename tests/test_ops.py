@@ -310,3 +310,16 @@ def test_autocast_casts_like_pytorch(op_name):
     assert out.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref)
     out.float().sum().backward()
+
+
+def test_log_level_info_reports_each_choice(caplog):
+    import logging
+
+    with settings.override(log="INFO"):
+        dispatch.reset()
+        with caplog.at_level(logging.INFO, logger="torchtune_ops"):
+            ops.mm(torch.randn(3, 4), torch.randn(4, 5))
+            ops.mm(torch.randn(3, 4), torch.randn(4, 5))     # a hit: not logged again
+    lines = [r.getMessage() for r in caplog.records if r.name == "torchtune_ops"]
+    assert lines == ["torchtune_ops: mm [3,4] x [4,5] -> aten (untuned)"]
+    logging.getLogger("torchtune_ops").setLevel(logging.NOTSET)

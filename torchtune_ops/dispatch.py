@@ -247,7 +247,28 @@ def _resolve(key: tuple, op: str, args: tuple, opts: str) -> Choice:
         _count(op, "misses")
         _count(op, choice.source)
         _memo[key] = choice
+    if not _logging_ready:
+        _configure_logging()
+    if log.isEnabledFor(logging.INFO):
+        log.info("torchtune_ops: %s %s%s -> %s (%s)", op, _shape_text(key), _layout_text(choice.problem),
+                 choice.kernel, choice.source)
     return choice
+
+
+_logging_ready = False
+
+
+def _configure_logging() -> None:
+    """Apply TORCHTUNE_OPS_LOG to the 'torchtune_ops' logger once per process (INFO shows every choice;
+    a stderr handler is added when the application configured none)."""
+    global _logging_ready
+    _logging_ready = True
+    level = getattr(logging, settings.current().log, logging.WARNING)
+    log.setLevel(level)
+    if level < logging.WARNING and not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
 
 
 def _family_and_problem(op: str, args: tuple, s: settings.Settings):
@@ -592,7 +613,10 @@ def _shape_text(key: tuple) -> str:
 
 
 def reset() -> None:
-    """Forget every in-memory choice, count and failure mark (the on-disk cache is untouched)."""
+    """Forget every in-memory choice, count and failure mark (the on-disk cache is untouched); the log
+    level is read again from the settings at the next miss."""
+    global _logging_ready
+    _logging_ready = False
     wait_background()
     from . import background
 
