@@ -207,6 +207,49 @@ def test_64bit_offsets_path(case, device, monkeypatch):
     assert relative_error(y.cpu(), _reference64(x, w, b, case)) <= 1e-5
 
 
+SPLIT_CASES = [
+    Case("split_blocked", 1, 32, 5, 5, 24, 3, 3, padding=1),  # 288-long reduction over 25 pixels
+    Case("split_flat_same_even", 1, 5, 9, 8, 7, 8, 8, padding="same"),  # 320 = 5 channels x 8x8 taps
+    Case("split_groups_stride", 2, 64, 6, 7, 20, 3, 3, stride=2, padding=(1, 0), groups=2),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "nchw"), (torch.float32, "nhwc"),
+                                          (torch.float16, "nhwc"), (torch.bfloat16, "nchw")], ids=str)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c.name)
+def test_split_k_matches_torch_and_is_deterministic(case, layout, dtype, device):
+    p = _problem(case, dtype, layout, bias=True, activation="silu")
+    assert CONV2D.space(p)["SPLIT_K"] == (1, 2, 4, 8, 16)
+    x, w, b = _inputs(case, dtype, layout, device, bias=True, seed=5)
+    ref = _reference64(x, w, b, case, "silu")
+    chosen = [Config.of(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=2, num_stages=1, SPLIT_K=8),
+              Config.of(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2, SPLIT_K=2)]
+    for cfg in chosen:
+        assert CONV2D.check(cfg.as_dict(), p, H100) is None
+        out = _poisoned(tuple(ref.shape), dtype, device, layout)
+        y = conv2d(x, w, config=cfg, bias=b, activation="silu", out=out, precision="ieee", **case.kwargs())
+        assert relative_error(y.cpu(), ref) <= _tolerance(dtype), cfg
+    again = conv2d(x, w, config=chosen[-1], bias=b, activation="silu", precision="ieee", **case.kwargs())
+    assert torch.equal(again, y)  # fixed-order reduction of the partial sums
+
+
+def test_split_k_check_and_space():
+    small = _problem(SPLIT_CASES[0], torch.float16)
+    ok = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+    assert CONV2D.check({**ok, "SPLIT_K": 8}, small, H100) is None  # 9 taps x 1 channel block = 9 steps
+    assert CONV2D.check({**ok, "SPLIT_K": 16}, small, H100) is not None
+    assert CONV2D.check({**ok, "SPLIT_K": 0}, small, H100) is not None
+    assert any(c["SPLIT_K"] > 1 for c in CONV2D.known_configs(small, H100))
+    big = _problem(Case("resnet", 32, 64, 56, 56, 64, 3, 3, padding=1), torch.float16, "nhwc")
+    assert CONV2D.space(big)["SPLIT_K"] == (1,)
+    assert CONV2D.check({**ok, "SPLIT_K": 2}, big, H100) is not None
+    assert all(c["SPLIT_K"] == 1 for c in CONV2D.known_configs(big, H100))
+    dw = _problem(Case("dw", 1, 16, 5, 5, 16, 17, 17, padding=8, groups=16))
+    assert CONV2D.space(dw)["SPLIT_K"] == (1,)
+    assert CONV2D.check({**ok, "BLOCK_K": 16, "SPLIT_K": 2}, dw, H100) is not None
+
+
 def test_zero_input_channels_give_bias(device):
     x = torch.randn(2, 0, 5, 5, device=device)
     w = torch.randn(3, 0, 3, 3, device=device)
@@ -302,7 +345,7 @@ def test_precision_and_bf16_workaround_reach_the_kernel():
 
     def consts(dtype, precision):
         x, w = torch.randn(1, 4, 5, 5, dtype=dtype), torch.randn(2, 4, 3, 3, dtype=dtype)
-        return kconv._plan(x, w, cfg, None, 1, 1, 1, 1, "none", None, precision)[1][3]
+        return kconv._plan(x, w, cfg, None, 1, 1, 1, 1, "none", None, precision)[1][0][3]
 
     for setting in ("tf32", "ieee"):
         with _compat.conv_fp32_precision_set(setting):
@@ -445,20 +488,22 @@ print(json.dumps(results))
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _aot_item(case: Case, dtype, layout, cfg: Config, cap: int, bias=True, activation="relu") -> dict:
+def _aot_items(case: Case, dtype, layout, cfg: Config, cap: int, bias=True, activation="relu") -> list[dict]:
     from torchtune_ops.kernels import conv as kconv
 
     # planned like a launch: on the GPU when there is one, else on CPU tensors through the interpreter
     x, w, b = _inputs(case, dtype, layout, "cuda" if torch.cuda.is_available() else "cpu", bias)
-    _, plan = kconv._plan(x, w, cfg, b, case.stride, case.padding, case.dilation, case.groups, activation,
-                          None, None)
-    kernel, _, args, consts, num_warps, num_stages = plan
-    if "UPCAST" in consts:  # planned in this (interpreting) process: compile what a GPU would run
-        consts = {**consts, "UPCAST": False}
-    names = kernel.arg_names if hasattr(kernel, "arg_names") else list(kernel.fn.__code__.co_varnames)
-    values = {n: (_TRITON_DTYPE[a.dtype] if isinstance(a, torch.Tensor) else int(a)) for n, a in zip(names, args)}
-    return dict(kernel=kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__, args=values,
-                consts=consts, num_warps=num_warps, num_stages=num_stages, cap=cap)
+    _, launches = kconv._plan(x, w, cfg, b, case.stride, case.padding, case.dilation, case.groups, activation,
+                              None, None)
+    items = []
+    for kernel, _, args, consts, num_warps, num_stages in launches:
+        if "UPCAST" in consts:  # planned in this (interpreting) process: compile what a GPU would run
+            consts = {**consts, "UPCAST": False}
+        names = kernel.arg_names if hasattr(kernel, "arg_names") else list(kernel.fn.__code__.co_varnames)
+        values = {n: (_TRITON_DTYPE[a.dtype] if isinstance(a, torch.Tensor) else int(a)) for n, a in zip(names, args)}
+        items.append(dict(kernel=kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__,
+                          args=values, consts=consts, num_warps=num_warps, num_stages=num_stages, cap=cap))
+    return items
 
 
 def test_configs_compile_for_hopper_and_ampere_within_checked_shared_memory():
@@ -475,6 +520,7 @@ def test_configs_compile_for_hopper_and_ampere_within_checked_shared_memory():
     stem = Case("stem", 8, 3, 224, 224, 64, 7, 7, stride=2, padding=3)
     pointwise = Case("1x1", 8, 64, 28, 28, 96, 1, 1)
     depthwise = Case("dw", 8, 96, 28, 28, 96, 3, 3, padding=1, groups=96)
+    late = Case("late_batch1", 1, 512, 7, 7, 512, 3, 3, padding=1)
     items, expect = [], []
     for cap, limits in ((90, H100), (80, A100)):
         p = _problem(resnet, torch.float16, "nhwc", bias=True, activation="relu")
@@ -487,10 +533,12 @@ def test_configs_compile_for_hopper_and_ampere_within_checked_shared_memory():
                 (stem, torch.bfloat16, "nhwc", CONV2D.known_configs(_problem(stem, torch.bfloat16, "nhwc"), limits)[3]),
                 (pointwise, torch.float32, "nchw", CONV2D.known_configs(_problem(pointwise), limits)[-1]),
                 (depthwise, torch.float16, "nhwc", CONV2D.known_configs(_problem(depthwise, torch.float16), limits)[0]),
+                (late, torch.float16, "nhwc", CONV2D.known_configs(_problem(late, torch.float16, "nhwc"), limits)[-1]),
             ]
         for case, dtype, layout, cfg in chosen:
-            items.append(_aot_item(case, dtype, layout, cfg, cap))
-            expect.append((limits, cfg))
+            for item in _aot_items(case, dtype, layout, cfg, cap):
+                items.append(item)
+                expect.append((limits, cfg))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], input=json.dumps(items), env=env,
                           capture_output=True, text=True, timeout=600)

@@ -82,7 +82,7 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _conv2d_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr,
     H, W, P, Q, M, CG, KG, KDIM,
     sxn, sxc, sxh, sxw,
     swk, swc, swr, sws,
@@ -92,6 +92,7 @@ def _conv2d_kernel(
     HAS_PAD: tl.constexpr, FLAT_K: tl.constexpr, EVEN_C: tl.constexpr, BIG: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     g = tl.program_id(1)
     pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(KG, BLOCK_N), GROUP_M)
@@ -116,9 +117,20 @@ def _conv2d_kernel(
     w_cols = n_ld * swk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    cb = tl.cdiv(CG, BLOCK_K)
     if FLAT_K:
-        for k0 in range(0, KDIM, BLOCK_K):
-            kk = k0 + offs_k
+        n_steps = tl.cdiv(KDIM, BLOCK_K)
+    else:
+        n_steps = R * S * cb
+    lo = 0
+    hi = n_steps
+    if SPLIT_K > 1:  # this program reduces steps [lo, hi) of the split reduction
+        per = tl.cdiv(n_steps, SPLIT_K)
+        lo = tl.program_id(2) * per
+        hi = tl.minimum(lo + per, n_steps)
+    if FLAT_K:
+        for step in range(lo, hi):
+            kk = step * BLOCK_K + offs_k
             c = kk % CG
             rs = kk // CG
             r = rs // S
@@ -137,8 +149,7 @@ def _conv2d_kernel(
                         other=0.0)
             acc = _mma(a, b, acc, PRECISION, UPCAST)
     else:
-        cb = tl.cdiv(CG, BLOCK_K)
-        for it in range(0, R * S * cb):
+        for it in range(lo, hi):
             rs = it // cb
             c0 = (it - rs * cb) * BLOCK_K
             r = rs // S
@@ -165,12 +176,44 @@ def _conv2d_kernel(
                 b = tl.load(b_ptrs, mask=(c < CG)[:, None], other=0.0)
             acc = _mma(a, b, acc, PRECISION, UPCAST)
 
+    mask = (offs_m < M)[:, None] & (offs_n < KG)[None, :]
+    if SPLIT_K > 1:  # float32 partial sums to the workspace [SPLIT_K, M, K]; _splitk_reduce_kernel finishes
+        ws_rows = (tl.program_id(2) * M + m_ld).to(tl.int64) * (KG * tl.num_programs(1))
+        tl.store(ws_ptr + (g * KG + ws_rows[:, None] + offs_n[None, :]), acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + g * KG + n_ld).to(tl.float32)[None, :]
+        acc = _activate(acc, ACT)
+        y_rows = img * syn + (p * syp + q * syq)
+        y_ptrs = y_ptr + (g * KG).to(tl.int64) * syc + (y_rows[:, None] + (offs_n * syc)[None, :])
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    ws_ptr, b_ptr, y_ptr, M, KOUT, P, Q, syn, syc, syp, syq,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BIG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Sums the SPLIT_K partial results in a fixed order (deterministic), then bias, activation, cast.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < KOUT)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for sid in tl.static_range(SPLIT_K):
+        rows = (sid * M + offs_m).to(tl.int64) * KOUT
+        acc += tl.load(ws_ptr + (rows[:, None] + offs_n[None, :]), mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + g * KG + n_ld).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < KOUT, other=0.0).to(tl.float32)[None, :]
     acc = _activate(acc, ACT)
+    img = offs_m // (P * Q)
+    pq = offs_m - img * (P * Q)
+    p = pq // Q
+    q = pq - p * Q
+    if BIG:
+        img = img.to(tl.int64)
     y_rows = img * syn + (p * syp + q * syq)
-    y_ptrs = y_ptr + (g * KG).to(tl.int64) * syc + (y_rows[:, None] + (offs_n * syc)[None, :])
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < KG)[None, :])
+    tl.store(y_ptr + (y_rows[:, None] + (offs_n * syc)[None, :]), acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -378,10 +421,11 @@ def conv_problem(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None 
 # ------------------------------------------------------------------------------------------------ launch
 
 @functools.lru_cache(maxsize=4096)
-def _params(config: Config) -> tuple[int, int, int, int, int, int]:
+def _params(config: Config) -> tuple[int, int, int, int, int, int, int]:
     try:
         return (int(config["BLOCK_M"]), int(config["BLOCK_N"]), int(config["BLOCK_K"]),
-                int(config["GROUP_M"]), int(config["num_warps"]), int(config["num_stages"]))
+                int(config["GROUP_M"]), int(config["num_warps"]), int(config["num_stages"]),
+                int(config.get("SPLIT_K", 1)))
     except KeyError as e:
         raise InvalidConfig(f"conv2d config lacks {e.args[0]}: {config}") from None
 
@@ -446,20 +490,21 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Va
         InvalidConfig: a config without the needed entries.
         ValueError: inconsistent shapes or hyper-parameters.
     """
-    out, plan = _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out, precision)
-    if plan is not None:
-        kernel, grid, args, consts, num_warps, num_stages = plan
+    out, launches = _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out, precision)
+    if launches:
         if x.is_cuda and x.device.index != torch.cuda.current_device():
             with torch.cuda.device(x.device):
-                kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+                for kernel, grid, args, consts, num_warps, num_stages in launches:
+                    kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
         else:
-            kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+            for kernel, grid, args, consts, num_warps, num_stages in launches:
+                kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
 def _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out, precision):
-    """Validate, allocate the output and pick the kernel: (out, None) when nothing is left to launch,
-    else (out, (kernel, grid, args, constexprs, num_warps, num_stages))."""
+    """Validate, allocate the output and pick the kernels: (out, launches), each launch being
+    (kernel, grid, args, constexprs, num_warps, num_stages); none when nothing is left to compute."""
     if x.dim() != 4 or w.dim() != 4:
         raise UnsupportedProblem(f"conv2d needs 4-D input and weight, got {x.dim()}-D and {w.dim()}-D")
     if x.dtype not in _DTYPES or w.dtype != x.dtype:
@@ -471,7 +516,7 @@ def _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out
     act = _ACT_CODE.get(activation)
     if act is None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    block_m, block_n, block_k, group_m, num_warps, num_stages = _params(
+    block_m, block_n, block_k, group_m, num_warps, num_stages, split_k = _params(
         config if isinstance(config, Config) else Config.from_dict(config))
 
     n, c, h, wd = x.shape
@@ -505,13 +550,13 @@ def _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     m = n * p_out * q_out
     if m == 0:
-        return out, None
+        return out, ()
     if cg == 0:  # no input channels: the sum is empty
         if bias is None:
             out.zero_()
         else:
             out.copy_(_torch_activation(bias.float(), activation).to(out.dtype).view(1, k, 1, 1).expand_as(out))
-        return out, None
+        return out, ()
     big = _needs_int64(x) or _needs_int64(out)
     if (big or m > _INT32_MAX or _needs_int64(w)) and \
             max(_max_offset(x), _max_offset(out), _max_offset(w, 0), m) > _INT32_MAX:
@@ -528,6 +573,7 @@ def _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out
             sh, sw, pt, pl, dh, dw), dict(
             R=r, S=s, HAS_PAD=has_pad, BIG=big, HAS_BIAS=bias is not None, ACT=act,
             BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=group_m)
+        return out, ((kernel, grid, args, consts, num_warps, num_stages),)
     else:
         kg = k // groups
         if x.dtype == torch.float32:
@@ -535,15 +581,21 @@ def _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out
         else:
             prec = "tf32"  # unused by 16-bit dots; Triton's default
         upcast = _compat.UPCAST_BF16_DOT and x.dtype == torch.bfloat16
-        grid = (-(-m // block_m) * -(-kg // block_n), groups)
+        grid = (-(-m // block_m) * -(-kg // block_n), groups, split_k)
+        ws = torch.empty((split_k, m, k), dtype=torch.float32, device=x.device) if split_k > 1 else out
         kernel, args, consts = _conv2d_kernel, (
-            x, w, b_arg, out, h, wd, p_out, q_out, m, cg, kg, cg * r * s,
+            x, w, b_arg, out, ws, h, wd, p_out, q_out, m, cg, kg, cg * r * s,
             sx[0], sx[1], sx[2], sx[3], sww[0], sww[1], sww[2], sww[3], sy[0], sy[1], sy[2], sy[3],
             sh, sw, pt, pl, dh, dw), dict(
             R=r, S=s, HAS_PAD=has_pad, FLAT_K=_use_flat_k(cg, r, s, block_k), EVEN_C=cg % block_k == 0,
             BIG=big, HAS_BIAS=bias is not None, ACT=act, PRECISION="ieee" if upcast else prec, UPCAST=upcast,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m)
-    return out, (kernel, grid, args, consts, num_warps, num_stages)
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, SPLIT_K=split_k)
+        if split_k == 1:
+            return out, ((kernel, grid, args, consts, num_warps, num_stages),)
+        reduce = (_splitk_reduce_kernel, (-(-m // 64), -(-k // 64)),
+                  (ws, b_arg, out, m, k, p_out, q_out, sy[0], sy[1], sy[2], sy[3]),
+                  dict(SPLIT_K=split_k, HAS_BIAS=bias is not None, ACT=act, BIG=big, BLOCK_M=64, BLOCK_N=64), 4, 1)
+        return out, ((kernel, grid, args, consts, num_warps, num_stages), reduce)
 
 
 def conv1d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Value],
@@ -584,6 +636,9 @@ _BLOCKS_K = (16, 32, 64, 128)
 _GROUPS_M = (1, 8)
 _WARPS = (2, 4, 8)
 _STAGES = (1, 2, 3, 4, 5)
+_SPLITS_K = (1, 2, 4, 8, 16)
+_SPLIT_K_MAX_OUTPUTS = 1 << 20  # split-K only where N*P*Q*K is this small (few output tiles, workspace <= 64 MiB)
+_SPLIT_K_MIN_REDUCTION = 256
 
 # Inductor's conv_configs (BM, BN, BK, stages, warps), the same in every torch version read ...
 _INDUCTOR_CONV = (
@@ -596,6 +651,8 @@ _MM_EXTRA = (
     (64, 128, 64, 3, 4), (128, 128, 64, 3, 4), (128, 128, 64, 5, 8), (128, 256, 64, 3, 8),
     (128, 128, 32, 4, 4), (128, 64, 32, 4, 4),
 )
+# ... and, where split-K is in the space, one mid-size tile at split factors 2, 4 and 8.
+_SPLIT_EXTRA = ((64, 64, 64, 3, 4, 2), (64, 64, 64, 3, 4, 4), (64, 64, 64, 3, 4, 8))
 
 
 def _pow2_cap(n: int) -> int:
@@ -613,9 +670,17 @@ class ConvFamily(KernelFamily):
         m, n, k = problem.gemm_mnk
         return _pow2_cap(m), _pow2_cap(n), 16 if problem.depthwise else _pow2_cap(k)
 
+    @staticmethod
+    def _split_k_allowed(problem: ConvProblem) -> bool:
+        # few output tiles and a long reduction: split the reduction over more programs, each writing
+        # float32 partial sums that a second kernel adds up in a fixed order (deterministic)
+        m, _, kdim = problem.gemm_mnk
+        return not problem.depthwise and m * problem.K <= _SPLIT_K_MAX_OUTPUTS and kdim >= _SPLIT_K_MIN_REDUCTION
+
     def space(self, problem: ConvProblem) -> dict[str, tuple[Value, ...]]:
         cm, cn, ck = self._caps(problem)
         return {
+            "SPLIT_K": _SPLITS_K if self._split_k_allowed(problem) else (1,),
             "BLOCK_M": tuple(b for b in _BLOCKS_M if b <= cm),
             "BLOCK_N": tuple(b for b in _BLOCKS_N if b <= cn),
             "BLOCK_K": tuple(b for b in _BLOCKS_K if b <= ck),
@@ -638,6 +703,17 @@ class ConvFamily(KernelFamily):
         cm, cn, ck = self._caps(problem)
         if bm > cm or bn > cn or bk > ck:
             return f"blocks ({bm}, {bn}, {bk}) exceed the problem's ({cm}, {cn}, {ck})"
+        split_k = config.get("SPLIT_K", 1)
+        if not isinstance(split_k, int) or split_k < 1:
+            return f"SPLIT_K={split_k!r} must be a positive int"
+        if split_k > 1:
+            if not self._split_k_allowed(problem):
+                return "SPLIT_K > 1 only for problems with few outputs and a reduction of at least 256"
+            cg = problem.C // problem.groups
+            steps = (-(-cg * problem.R * problem.S // bk) if _use_flat_k(cg, problem.R, problem.S, bk)
+                     else problem.R * problem.S * -(-cg // bk))
+            if split_k > steps:
+                return f"SPLIT_K={split_k} exceeds the {steps} reduction steps of BLOCK_K={bk}"
         if -(-bm * bn // (warps * 32)) > 255:
             return f"accumulator needs {-(-bm * bn // (warps * 32))} registers per thread (> 255)"
         if not limits.interpreter:
@@ -651,10 +727,13 @@ class ConvFamily(KernelFamily):
     def known_configs(self, problem: ConvProblem, limits: DeviceLimits) -> list[Config]:
         cm, cn, ck = self._caps(problem)
         max_stages = self.space(problem)["num_stages"][-1]
+        entries = [e + (1,) for e in _INDUCTOR_CONV + _MM_EXTRA]
+        if self._split_k_allowed(problem):
+            entries += _SPLIT_EXTRA
         cands = []
-        for bm, bn, bk, stages, warps in _INDUCTOR_CONV + _MM_EXTRA:
+        for bm, bn, bk, stages, warps, split_k in entries:
             bm, bn, bk = min(bm, cm), min(bn, cn), min(bk, ck)
-            cands.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+            cands.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split_k,
                               num_warps=max(2, min(warps, bm * bn // 256)), num_stages=min(stages, max_stages)))
         return [c for c in iter_known(cands) if self.check(c.as_dict(), problem, limits) is None]
 
