@@ -106,3 +106,39 @@ def test_process_worker_is_shared_and_reset():
     assert background.join(5)
     background.reset()
     assert background.current() is None
+
+
+def test_through_the_ops_the_budget_stops_background_tuning():
+    """End to end: AUTOTUNE=background serves PyTorch's kernel at once; once the process budget is spent,
+    later problems stay on PyTorch's kernel, untuned (tests/test_ops.py checks the winner swap-in)."""
+    import torch
+
+    import torchtune_ops.ops  # noqa: F401  (registers the ops)
+    from torchtune_ops import dispatch
+    from torchtune_ops.timing import FakeTimer
+
+    ops = torch.ops.torchtune_ops
+    dispatch.reset()
+    dispatch.set_tune_options(timer=FakeTimer({"aten": 10.0}, default=1.0, run=False))
+    try:
+        with settings.override(autotune="background", max_trials=2, time_budget=30, background_budget=0.001):
+            a, b = torch.randn(9, 10), torch.randn(10, 11)
+            torch.testing.assert_close(ops.mm(a, b), torch.mm(a, b))
+            # served by aten at once (its choice may already be swapped out again: the fake tuning is fast)
+            assert dispatch.stats()["ops"]["mm"]["background"] == 1
+            dispatch.wait_background()
+            torch.testing.assert_close(ops.mm(a, b), torch.mm(a, b), rtol=1e-4, atol=1e-4)
+            # budget spent by the first problem: a new one is served by aten and never tuned
+            c, d = torch.randn(5, 7), torch.randn(7, 3)
+            torch.testing.assert_close(ops.mm(c, d), torch.mm(c, d))
+            dispatch.wait_background()
+            ops.mm(c, d)
+        rows = {p["shape"]: p for p in dispatch.stats()["problems"]}
+        # tuned within the 1 ms left: no time for the search, so aten won; stored, and the budget is spent
+        assert rows["[9,10] x [10,11]"]["source"] == "store"
+        assert rows["[5,7] x [7,3]"]["source"] == "background" and rows["[5,7] x [7,3]"]["kernel"] == "aten"
+        st = background.current().stats()
+        assert st["exhausted"] and st["tuned"] == 1 and st["submitted"] == 1
+    finally:
+        dispatch.set_tune_options(timer=None)
+        dispatch.reset()
