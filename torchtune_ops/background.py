@@ -6,9 +6,9 @@ dispatcher's ``on_done`` callback swaps it into its in-memory choices, so later 
 ever waits for tuning.
 
 The process has a tuning budget (``TORCHTUNE_OPS_BACKGROUND_BUDGET`` seconds, default 600): each problem
-gets at most the time left (and at most ``TORCHTUNE_OPS_TIME_BUDGET``); once the budget is spent the worker
-stops, drops what is still queued (logged once) and accepts nothing more, so a long-running server's
-tuning cost is bounded. Problems not tuned stay on PyTorch's kernel; a later process (or
+gets at most the time left (and at most ``TORCHTUNE_OPS_TIME_BUDGET``); once less than ``MIN_JOB_S`` is left
+(a search cut that short would store a poor answer for good) the worker stops, drops what is still queued
+(logged once) and accepts nothing more, so a long-running server's tuning cost is bounded. Problems not tuned stay on PyTorch's kernel; a later process (or
 ``torchtune-ops tune`` offline) can tune them.
 
 On a GPU the tuning runs on a side CUDA stream of its own, so its kernels do not queue behind (or in
@@ -32,6 +32,10 @@ from typing import Any, Callable, Hashable
 from . import settings
 
 log = logging.getLogger("torchtune_ops")
+
+#: the least time left in the budget for which a problem is still started (seconds; or its time budget
+#: if smaller): a search cut shorter than that would store a poor answer that later processes would reuse
+MIN_JOB_S = 1.0
 
 #: tune(family, problem, device, settings_with_per_problem_budget) -> entry or None
 TuneFn = Callable[[Any, Any, Any, "settings.Settings"], Any]
@@ -151,7 +155,8 @@ class BackgroundTuner:
                     self._cond.wait()
                 if self._stopped and not self._queue:
                     return
-                if self.exhausted:
+                # a problem tuned in a sliver of time would store a poor answer for good: stop instead
+                if self.remaining_s < min(float(self._queue[0].settings.time_budget), MIN_JOB_S):
                     self._give_up()
                     continue
                 job = self._queue.popleft()
@@ -191,8 +196,6 @@ class BackgroundTuner:
             with self._cond:
                 self.spent_s += max(0.0, self._clock() - t0)
                 self.counts["tuned" if entry is not None else "failed"] += 1
-                if self.exhausted and self._queue:
-                    self._give_up()
         if entry is not None:
             try:
                 self._on_done(job.family, job.key, entry)
