@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     if a.space:
-        paths = [(f, None) for f in a.space]
+        paths = [(f, load_space(f).name) for f in a.space]
     else:
         paths = [(os.path.join(a.datasets, d, f), f"{d}/{f[:-len('.json.gz')]}")
                  for d in sorted(os.listdir(a.datasets)) if os.path.isdir(os.path.join(a.datasets, d))

@@ -349,3 +349,13 @@ def test_importing_the_search_does_not_import_optuna():
             "assert 'optuna' not in sys.modules, 'optuna imported'; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from torchtune_ops.search import space as space_module
+
+    for module in (engine, space_module):
+        failed, attempted = doctest.testmod(module)
+        assert attempted and not failed, module.__name__
