@@ -103,7 +103,11 @@ def _inputs(case: Case, dtype, layout, device, bias, seed=0):
 
 def _reference64(x, w, b, case: Case, activation="none"):
     """float64 result of the same (rounded) inputs: the exact answer our kernel approximates."""
-    y = F.conv2d(x.double().cpu(), w.double().cpu(), None if b is None else b.double().cpu(), **case.kwargs())
+    kw, x64 = case.kwargs(), x.double().cpu()
+    if isinstance(case.padding, tuple) and len(case.padding) == 4:  # (top, bottom, left, right)
+        top, bottom, left, right = case.padding
+        kw["padding"], x64 = 0, F.pad(x64, (left, right, top, bottom))
+    y = F.conv2d(x64, w.double().cpu(), None if b is None else b.double().cpu(), **kw)
     return {"none": y, "relu": torch.relu(y), "silu": F.silu(y),
             "gelu_tanh": F.gelu(y, approximate="tanh")}[activation]
 
@@ -232,6 +236,29 @@ def test_split_k_matches_torch_and_is_deterministic(case, layout, dtype, device)
         assert relative_error(y.cpu(), ref) <= _tolerance(dtype), cfg
     again = conv2d(x, w, config=chosen[-1], bias=b, activation="silu", precision="ieee", **case.kwargs())
     assert torch.equal(again, y)  # fixed-order reduction of the partial sums
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same.")
+def test_random_problems(device):
+    """Seeded random problems (every hyper-parameter, layout, dtype, activation) with a random valid config."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(20):
+        groups, cg, kg = rng.choice([1, 1, 2, 3]), rng.choice([1, 2, 3, 8, 17]), rng.choice([1, 3, 16, 19])
+        r, s, dil = rng.choice([1, 2, 3, 5]), rng.choice([1, 3, 4]), (rng.choice([1, 2]), rng.choice([1, 3]))
+        padding = rng.choice([0, 1, (2, 0), (0, 1, 2, 1), "valid", "same"])
+        stride = (1, 1) if padding == "same" else (rng.choice([1, 2, 3]), rng.choice([1, 2]))
+        case = Case("random", rng.choice([1, 2, 3]), cg * groups, rng.randint(dil[0] * (r - 1) + 1, 11),
+                    rng.randint(dil[1] * (s - 1) + 1, 11), kg * groups, r, s, stride, padding, dil, groups)
+        dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+        layout, bias = rng.choice(["nchw", "nhwc"]), rng.random() < 0.5
+        activation = rng.choice(["none", "relu", "silu", "gelu_tanh"])
+        p = _problem(case, dtype, layout, bias=bias, activation=activation)
+        cfg = rng.choice(CONV2D.valid_configs(p, device_limits("cpu")))
+        x, w, b = _inputs(case, dtype, layout, device, bias, seed=rng.randint(0, 99))
+        y = conv2d(x, w, config=cfg, bias=b, activation=activation, precision="ieee", **case.kwargs())
+        assert relative_error(y.cpu(), _reference64(x, w, b, case, activation)) <= _tolerance(dtype), (case, cfg)
 
 
 def test_split_k_check_and_space():

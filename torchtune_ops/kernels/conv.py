@@ -19,6 +19,10 @@ reduction of only R*S and one useful column per group, so they take a separate e
 over output pixels and output channels (coalesced along channels in channels_last); BLOCK_K is unused
 there and its space pins it to 16.
 
+Problems with few outputs and a long reduction (late layers at batch 1) may split the reduction
+(``SPLIT_K``): float32 partial sums go to a workspace that a second kernel adds up in a fixed order, so the
+result stays deterministic.
+
 Accumulation is float32; float32 inputs follow PyTorch's convolution precision (cuDNN's TF32 flag,
 ``torch.backends.cudnn.conv.fp32_precision`` / ``torch.backends.cudnn.allow_tf32``), captured in
 ``ConvProblem.precision``. Bias and an activation (none, relu, silu, gelu_tanh) are fused in the epilogue,
