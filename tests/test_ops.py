@@ -60,6 +60,9 @@ def _samples():
         ("conv2d", (r(2, 4, 7, 6).to(memory_format=torch.channels_last), r(4, 2, 3, 1), None, [2, 1], [0, 1],
                     [1, 2], 2)),
         ("conv2d_grad_input", (r(2, 4, 7, 9), r(4, 3, 3, 2), [1, 0])),
+        ("linear_act", (r(2, 3, 7, requires_grad=True), r(5, 7, requires_grad=True), r(5, requires_grad=True),
+                        "gelu_tanh")),
+        ("linear_act", (r(7), r(5, 7), None, "relu")),
     ]
 
 
@@ -100,6 +103,7 @@ def test_gemm_ops_match_torch_forward_and_backward(M, K, N, tuned, request):
         (lambda: ops.mm_act(a, b, bias, "gelu_tanh"), lambda: F.gelu(torch.addmm(bias, a, b), approximate="tanh")),
         (lambda: ops.mm_act(a, b, None, "relu"), lambda: torch.relu(torch.mm(a, b))),
         (lambda: ops.mm_act(a, b, bias, "silu"), lambda: F.silu(torch.addmm(bias, a, b))),
+        (lambda: ops.linear_act(a, b.t(), bias, "gelu_tanh"), lambda: F.gelu(F.linear(a, b.t(), bias), approximate="tanh")),
     ]
     for ours, ref in cases:
         out, expect = ours(), ref()

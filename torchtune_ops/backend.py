@@ -39,10 +39,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import settings
 
-__all__ = ["torchtune_ops_backend", "rewrite_graph", "intercepted", "reset_counts", "RewritePass"]
+__all__ = ["torchtune_ops_backend", "rewrite_graph", "prefuse_linear_activation", "intercepted", "reset_counts",
+           "RewritePass"]
 
 _counts: collections.Counter = collections.Counter()
 _counts_lock = threading.Lock()
@@ -232,6 +234,60 @@ def _replace(graph: torch.fx.Graph, node: torch.fx.Node, target, args: tuple) ->
     graph.erase_node(node)
 
 
+def _dynamo_activation(node: torch.fx.Node) -> str | None:
+    """Our activation name for a Dynamo-graph (torch-level) activation call, or None."""
+    if node.op != "call_function" or node.kwargs.get("inplace", False):
+        return None
+    t = node.target
+    if t in (torch.relu, F.relu):
+        return "relu"
+    if t in (F.silu, getattr(torch._C._nn, "silu", None)):
+        return "silu"
+    if t is F.gelu or t is getattr(torch._C._nn, "gelu", None):
+        approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return "gelu_tanh" if approx == "tanh" else None
+    return None
+
+
+def prefuse_linear_activation(gm: torch.fx.GraphModule, *, opts: str = "") -> dict[str, int]:
+    """Inference only: ``activation(F.linear(x, w, b))`` in a Dynamo graph -> ``torchtune_ops.linear_act``.
+
+    Run before AOT autograd, so the activation is fused in our GEMM's epilogue even where Inductor would
+    decompose gelu/silu into pointwise code before our post-grad pass sees it. Only used when the graph is
+    compiled without grad (Dynamo guards on grad mode, so a later call with grad recompiles).
+    """
+    from . import ops as ours
+
+    counts: collections.Counter = collections.Counter()
+    linear = torch._C._nn.linear
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not linear or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        act = _dynamo_activation(user)
+        if act is None or user.args[0] is not node:
+            continue
+        x, w = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with gm.graph.inserting_before(user):
+            new = gm.graph.call_function(ours.op("linear_act"), (x, w, bias, act, opts))
+        new.meta.update(user.meta)
+        user.replace_all_uses_with(new)
+        gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        counts["linear_act"] += 1
+    if counts:
+        gm.graph.lint()
+        gm.recompile()
+        with _counts_lock:
+            _counts.update(counts)
+    return dict(counts)
+
+
+def _wants_grad(example_inputs: Sequence[Any]) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+
+
 @functools.lru_cache(maxsize=1)
 def _source_hash() -> str:
     h = hashlib.sha256()
@@ -305,6 +361,8 @@ def torchtune_ops_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
     with settings.override(**overrides):
         s = settings.current()
     op_opts = dispatch.encode_opts(overrides)
+    if not s.disable and not _wants_grad(example_inputs):
+        prefuse_linear_activation(gm, opts=op_opts)
     if compiler == "eager":
         return _eager(gm, example_inputs, None if s.disable else op_opts)
     return _inductor(gm, example_inputs, None if s.disable else op_opts, mode, opts_in)

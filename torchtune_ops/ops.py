@@ -26,6 +26,8 @@ Schemas (``Scalar`` arguments as in aten)::
            int groups, str opts="") -> Tensor
     conv2d_grad_input(Tensor grad, Tensor weight, int[2] padding, str opts="") -> Tensor
         the input gradient of a stride-1, undilated, ungrouped conv2d (no autograd of its own)
+    linear_act(Tensor input, Tensor weight, Tensor? bias, str activation, str opts="") -> Tensor
+        activation(F.linear(input, weight, bias)) for any leading dims (one mm_act on flattened rows)
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ _SCHEMAS = {
     "conv2d": "conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
               "int[2] dilation, int groups, str opts=\"\") -> Tensor",
     "conv2d_grad_input": "conv2d_grad_input(Tensor grad, Tensor weight, int[2] padding, str opts=\"\") -> Tensor",
+    "linear_act": "linear_act(Tensor input, Tensor weight, Tensor? bias, str activation, str opts=\"\") -> Tensor",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -64,6 +67,7 @@ _IMPLS = {
     "mm_act": dispatch.mm_act,
     "conv2d": dispatch.conv2d,
     "conv2d_grad_input": None,  # defined below
+    "linear_act": None,
 }
 
 
@@ -79,7 +83,15 @@ def _conv2d_grad_input(grad, w, padding, opts=""):
                            opts)
 
 
+def _linear_act(x, w, bias, activation, opts=""):
+    """``activation(F.linear(x, w, bias))`` for any leading dims of ``x``: one tuned mm_act on the
+    flattened rows."""
+    out = dispatch.mm_act(x.reshape(-1, x.shape[-1]), w.t(), bias, activation, opts)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
 _IMPLS["conv2d_grad_input"] = _conv2d_grad_input
+_IMPLS["linear_act"] = _linear_act
 for _name, _fn in _IMPLS.items():
     _lib.impl(_name, _fn, "CPU")
     _lib.impl(_name, _fn, "CUDA")
@@ -137,6 +149,11 @@ def _conv2d_fake(x, w, bias, stride, padding, dilation, groups, opts=""):
 def _conv2d_grad_input_fake(grad, w, padding, opts=""):
     kh, kw = w.shape[2], w.shape[3]
     return torch.conv2d(grad, _flipped(w), None, 1, [kh - 1 - padding[0], kw - 1 - padding[1]])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::linear_act", lib=_lib)
+def _linear_act_fake(x, w, bias, activation, opts=""):
+    return _act_ref(torch.nn.functional.linear(x, w, bias), activation)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,6 +251,26 @@ def _mm_act_backward(ctx, g):
     return ga, gb, gbias, None, None
 
 
+def _linear_act_backward(ctx, g):
+    x, w, bias, out = ctx.saved_tensors
+    act = ctx.activation
+    if act == "relu":
+        gpre = torch.ops.aten.threshold_backward(g, out, 0)
+    elif act == "none":
+        gpre = g
+    else:
+        pre = ops.linear_act(x, w, bias, "none", ctx.opts)
+        if act == "gelu_tanh":
+            gpre = torch.ops.aten.gelu_backward(g, pre, approximate="tanh")
+        else:
+            gpre = torch.ops.aten.silu_backward(g, pre)
+    g2 = gpre.reshape(-1, gpre.shape[-1])
+    gx = ops.mm(g2, w, ctx.opts).reshape(x.shape) if _needs(ctx, 0) else None
+    gw = ops.mm(g2.t(), x.reshape(-1, x.shape[-1]), ctx.opts) if _needs(ctx, 1) else None
+    gbias = _sum_to(g2, ctx.bias_shape) if ctx.has_bias and _needs(ctx, 2) else None
+    return gx, gw, gbias, None, None
+
+
 def _setup_conv(ctx, inputs, output):
     x, w, bias, stride, padding, dilation, groups, opts = inputs
     ctx.save_for_backward(x, w)
@@ -279,6 +316,7 @@ _SIGNATURES = {
     "mm_act": lambda self, mat2, bias, activation, opts="": (self, mat2, bias, activation, opts),
     "conv2d": lambda x, w, bias, stride, padding, dilation, groups, opts="": (
         x, w, bias, stride, padding, dilation, groups, opts),
+    "linear_act": lambda x, w, bias, activation, opts="": (x, w, bias, activation, opts),
 }
 
 
@@ -327,7 +365,8 @@ for _name, _setup, _bwd in (("mm", _setup_ab, _mm_backward), ("bmm", _setup_ab, 
                             ("addmm", _setup_addmm, _addmm_backward),
                             ("baddbmm", _setup_addmm, _baddbmm_backward),
                             ("mm_act", _setup_mm_act, _mm_act_backward),
-                            ("conv2d", _setup_conv, _conv_backward)):
+                            ("conv2d", _setup_conv, _conv_backward),
+                            ("linear_act", _setup_mm_act, _linear_act_backward)):
     _lib.impl(_name, _autograd_kernel(_name, _setup, _bwd), "Autograd", with_keyset=True)
 
 
