@@ -10,6 +10,7 @@ path may call it on every op.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import os
 import threading
@@ -158,9 +159,15 @@ def from_environ(environ: dict[str, str] | None = None) -> Settings:
     return Settings(**values)
 
 
-_lock = threading.RLock()
-_overrides: list[dict[str, Any]] = []
-_current: Settings | None = None
+# The environment is parsed once per process (``reload()`` re-reads it). Overrides live in a context
+# variable: each thread (and asyncio task) has its own stack, so a background tuner's overrides never leak
+# into a serving thread and vice versa. The stack's top carries its resolved Settings, so ``current()`` is
+# one ContextVar read and a comparison.
+_lock = threading.Lock()
+_env: Settings | None = None
+_generation = 0  # bumped by reload(); resolved overrides from an older generation are recomputed
+_stack: contextvars.ContextVar[tuple[tuple[int, dict[str, Any], Settings], ...]] = contextvars.ContextVar(
+    "torchtune_ops_settings", default=())
 
 
 def _validate(kw: dict[str, Any]) -> dict[str, Any]:
@@ -170,8 +177,11 @@ def _validate(kw: dict[str, Any]) -> dict[str, Any]:
             raise SettingsError(f"unknown setting {k!r}; known: {', '.join(_BY_NAME)}")
         if v is None and _BY_NAME[k].default is not None:
             continue  # None means "not given": keep the environment's value
-        if isinstance(v, str) and k not in ("cache_dir", "record", "log"):
-            v = _BY_NAME[k].parse(v)
+        try:
+            if isinstance(v, str) and k not in ("cache_dir", "record", "log"):
+                v = _BY_NAME[k].parse(v)
+        except ValueError as e:
+            raise SettingsError(f"{k}={v!r}: {e}") from None
         if k == "autotune" and isinstance(v, bool):
             v = "on" if v else "off"
         if k == "bundles" and isinstance(v, (str, os.PathLike)):
@@ -182,40 +192,39 @@ def _validate(kw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def current() -> Settings:
-    """The settings in force now: environment, then every active ``override`` (innermost wins)."""
-    global _current
-    s = _current
+def _environment() -> Settings:
+    global _env
+    s = _env
     if s is None:
         with _lock:
-            s = from_environ()
-            for o in _overrides:
-                s = dataclasses.replace(s, **o)
-            _current = s
+            if _env is None:
+                _env = from_environ()
+            s = _env
     return s
+
+
+def _resolve(merged: dict[str, Any]) -> Settings:
+    return dataclasses.replace(_environment(), **merged) if merged else _environment()
+
+
+def current() -> Settings:
+    """The settings in force now: the environment, then this context's ``override`` blocks (innermost wins)."""
+    stack = _stack.get()
+    if not stack:
+        return _env if _env is not None else _environment()
+    gen, merged, resolved = stack[-1]
+    if gen == _generation:
+        return resolved
+    return _resolve(merged)
 
 
 def reload() -> Settings:
     """Re-read the environment (e.g. after a test changed ``os.environ``)."""
-    global _current
+    global _env, _generation
     with _lock:
-        _current = None
+        _env = None
+        _generation += 1
     return current()
-
-
-def push(**kw: Any) -> None:
-    """Apply overrides until the matching ``pop()``; prefer the ``override`` context manager."""
-    global _current
-    with _lock:
-        _overrides.append(_validate(kw))
-        _current = None
-
-
-def pop() -> None:
-    global _current
-    with _lock:
-        _overrides.pop()
-        _current = None
 
 
 @contextlib.contextmanager
@@ -223,12 +232,17 @@ def override(**kw: Any) -> Iterator[Settings]:
     """Override settings for a block: ``with override(autotune=True, cache_dir=tmp): ...``.
 
     Arguments are setting names (see ``DECLARED``); ``None`` leaves a setting as the environment has it.
+    Overrides apply to the current thread (context) only; a bad value raises SettingsError at once.
     """
-    push(**kw)
+    stack = _stack.get()
+    merged = dict(stack[-1][1]) if stack else {}
+    merged.update(_validate(kw))
+    resolved = _resolve(merged)
+    token = _stack.set(stack + ((_generation, merged, resolved),))
     try:
-        yield current()
+        yield resolved
     finally:
-        pop()
+        _stack.reset(token)
 
 
 def describe() -> str:
