@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import random
 from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
@@ -20,7 +21,7 @@ ENUMERATE_LIMIT = 1 << 18
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
 class Space:
