@@ -44,7 +44,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-trials", type=int, default=None,
                    help="configurations measured per problem (default: 24 on a GPU, 3 on CPU)")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds of search per problem (default: 20 on a GPU, 10 on CPU)")
+                   help="seconds of search per problem (default: 10)")
     p.add_argument("--compiler", choices=("inductor", "eager"), default=None,
                    help="what compiles the rest of the graph (default: inductor on a GPU, eager on CPU, where "
                         "Inductor's C++ compiles take minutes)")
@@ -54,7 +54,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.size = args.size or ("base" if HAS_GPU else "tiny")
     args.max_trials = args.max_trials or (24 if HAS_GPU else 3)
-    args.time_budget = args.time_budget or (20.0 if HAS_GPU else 10.0)
+    args.time_budget = args.time_budget or 10.0
     args.compiler = args.compiler or ("inductor" if HAS_GPU else "eager")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     return args
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     outputs, ok = {}, True
     reference = None
     if args.second_run:
-        reference = torch.load(os.path.join(args.cache_dir, OUTPUTS))
+        reference = torch.load(os.path.join(args.cache_dir, OUTPUTS), weights_only=True)
     for name in args.models:
         dispatch.reset()
         model, example = _build(name, args.size, device)
