@@ -195,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
            "--size", args.size, "--max-trials", str(args.max_trials), "--time-budget", str(args.time_budget),
            "--compiler", args.compiler, "--models", ",".join(args.models)]
     second = subprocess.run(cmd).returncode
-    print(f"\n== demo {'passed' if status == 0 and second == 0 else 'FAILED'}: first run "
-          f"{'ok' if status == 0 else 'failed'}, second run {'ok (cache hits, no tuning)' if second == 0 else 'failed'}")
+    first_txt = "ok" if status == 0 else "failed"
+    second_txt = "ok (cache hits, no tuning)" if second == 0 else "failed"
+    print(f"\n== demo {'passed' if status == 0 and second == 0 else 'FAILED'}: first run {first_txt}, "
+          f"second run {second_txt}")
     return 0 if status == 0 and second == 0 else 1
 
 

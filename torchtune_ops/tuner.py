@@ -26,6 +26,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 from . import settings
@@ -34,7 +35,8 @@ from .errors import InvalidConfig, KernelFailure, UnsupportedProblem, WrongResul
 from .store import Entry, Store, default_store, problem_key
 from .timing import Timer, Timing, make_timer
 
-__all__ = ["tune_problem", "TuneProgress", "MIN_MARGIN", "RETIME_TOP", "candidate_failures"]
+__all__ = ["tune_problem", "TuneProgress", "MIN_MARGIN", "RETIME_TOP", "candidate_failures", "free_memory",
+           "memory_estimate", "MEMORY_FRACTION", "TuningSkipped"]
 
 log = logging.getLogger("torchtune_ops")
 
@@ -44,6 +46,74 @@ MIN_MARGIN = 0.03
 RETIME_TOP = 3
 #: most configurations checked for correctness before giving up on the family for this problem
 MAX_VERIFY = 8
+#: a problem is tuned only when its estimated memory is at most this fraction of the free memory
+MEMORY_FRACTION = 0.5
+
+
+class TuningSkipped(RuntimeWarning):
+    """A problem was not tuned (too large for the memory left); PyTorch's kernel serves it."""
+
+
+def free_memory(device: Any) -> int | None:
+    """Bytes free for tuning on ``device``: ``torch.cuda.mem_get_info`` on CUDA; on CPU the kernel's
+    MemAvailable (Linux ``/proc/meminfo``), else available physical pages; None when unknown (no check).
+    Tests monkeypatch this function."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import os
+
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+def memory_estimate(family: Any, problem: Any) -> int:
+    """Bytes tuning ``problem`` needs at most: two sets of inputs (timing and correctness check) and
+    three outputs (PyTorch's reference, ours, one in flight) plus a split-K workspace the size of an
+    output in float32. A family may define ``memory_bytes(problem)``, used instead; a problem the rule
+    does not know gives 0 (no check)."""
+    own = getattr(family, "memory_bytes", None)
+    if callable(own):
+        return int(own(problem))
+    p = family.problem_to_dict(problem)
+    size = _ITEMSIZE.get(str(p.get("dtype", "float32")), 4)
+    try:
+        if {"M", "N", "K"} <= p.keys():
+            b = int(p.get("batch", 1) or 1)
+            m, n, k = int(p["M"]), int(p["N"]), int(p["K"])
+            ins, out = b * (m * k + k * n + m * n), b * m * n  # bias counted as large as the output
+        elif {"N", "C", "H", "W", "K", "R", "S"} <= p.keys():
+            n, c, h, w, kk, r, s_ = (int(p[x]) for x in ("N", "C", "H", "W", "K", "R", "S"))
+            g = int(p.get("groups", 1) or 1)
+            sh, sw = (tuple(p.get("stride", (1, 1))) + (1, 1))[:2]
+            pad = tuple(p.get("padding", (0, 0, 0, 0)))
+            ph = int(pad[0]) + int(pad[1]) if len(pad) == 4 else 2 * int(pad[0])
+            pw = int(pad[2]) + int(pad[3]) if len(pad) == 4 else 2 * int(pad[-1])
+            oh, ow = max(1, (h + ph - r) // int(sh) + 1), max(1, (w + pw - s_) // int(sw) + 1)
+            out = n * kk * oh * ow
+            ins = n * c * h * w + kk * (c // max(g, 1)) * r * s_ + kk + out
+        else:
+            return 0
+    except (TypeError, ValueError):
+        return 0
+    return 2 * ins * size + 3 * out * size + out * 4
+
+
+_skipped: set[tuple[str, str, str]] = set()  # problems already warned about (one warning each)
 
 
 def candidate_failures() -> tuple[type[BaseException], ...]:
@@ -99,7 +169,8 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
                  progress: bool | Callable[[TuneProgress], None] | None = None,
                  prior: Sequence[tuple[dict, float]] | None = None, strict: bool | None = None,
                  patience: int | None = None, force: bool = False, wait_s: float = 5.0,
-                 lease_s: float | None = None, fingerprint: Fingerprint | str | None = None) -> Entry:
+                 lease_s: float | None = None, fingerprint: Fingerprint | str | None = None,
+                 isolate: bool | None = None) -> Entry:
     """Find and store the fastest correct way to run ``problem`` on ``device``.
 
     Args:
@@ -127,11 +198,17 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
             time budget plus a minute. The claim is renewed while tuning.
         fingerprint: the device fingerprint to store under; None (default): ``device.fingerprint(device)``.
             A string is used as the fingerprint key as is.
+        isolate: measure and check candidates in a worker process (``worker.WorkerTimer``), so a crashing
+            or hanging kernel is scored as failed instead of harming this process; only when ``timer``
+            is None. None (default): ``TORCHTUNE_OPS_BENCH_SUBPROCESS`` on a CUDA device, off elsewhere.
+            A family the worker cannot import is measured in this process (one INFO log line).
 
     Returns:
         The ``store.Entry`` now in the store (another process's answer when it stored a faster one first),
         or, when another process holds the claim and has not answered within ``wait_s``, an unstored
-        entry with winner "aten", NaN times and ``source="claimed-elsewhere"``.
+        entry with winner "aten", NaN times and ``source="claimed-elsewhere"``; when the problem needs
+        more than ``MEMORY_FRACTION`` of ``free_memory(device)`` (``memory_estimate``), an unstored
+        "aten" entry with ``source="too-large"`` and one ``TuningSkipped`` warning per problem.
 
     Raises:
         WrongResult, KernelFailure: in strict mode only.
@@ -157,6 +234,13 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
         done = store.get(*key, refresh=True)
         if done is not None:
             return done
+    too_large = _too_large(family, problem, device)
+    if too_large:
+        if key not in _skipped:
+            _skipped.add(key)
+            warnings.warn(f"torchtune_ops: {family.name} {_describe(pdict)} is not tuned: {too_large}; "
+                          "using PyTorch's kernel", TuningSkipped, stacklevel=2)
+        return Entry(*key, winner="aten", time_ms=math.nan, aten_ms=math.nan, trials=0, source="too-large")
     if not _acquire(store, key, lease_s=lease_s, wait_s=wait_s):
         done = store.get(*key, refresh=True)
         if done is not None:
@@ -170,15 +254,51 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
             done = store.get(*key, refresh=True)
             if done is not None:
                 return done
-        run = _Run(family, problem, pdict, device=device, timer=timer or make_timer(device),
-                   limits=device_limits(device), strict=strict, seed=seed)
-        entry, history = run.tune(key, max_trials=max_trials, time_budget_s=time_budget_s, prior=prior,
-                                  patience=patience, progress=progress,
-                                  renew=lambda: store.claim(*key, lease_s=lease_s),
-                                  renew_every_s=lease_s / 3)
+        own_timer = _worker_timer(family, problem, device, seed) if timer is None and _isolated(
+            isolate, device) else None
+        try:
+            run = _Run(family, problem, pdict, device=device, timer=timer or own_timer or make_timer(device),
+                       limits=device_limits(device), strict=strict, seed=seed)
+            entry, history = run.tune(key, max_trials=max_trials, time_budget_s=time_budget_s, prior=prior,
+                                      patience=patience, progress=progress,
+                                      renew=lambda: store.claim(*key, lease_s=lease_s),
+                                      renew_every_s=lease_s / 3)
+        finally:
+            if own_timer is not None:
+                own_timer.close()
         return store.put(entry, history, policy="replace" if force else "faster")
     finally:
         store.release(*key)
+
+
+def _isolated(isolate: bool | None, device: Any) -> bool:
+    if isolate is not None:
+        return bool(isolate)
+    import torch
+
+    return settings.current().bench_subprocess and torch.device(device).type == "cuda"
+
+
+def _worker_timer(family: Any, problem: Any, device: Any, seed: int) -> Any:
+    """A ``worker.WorkerTimer`` for the problem, or None when the family cannot be found by a worker."""
+    from .worker import WorkerTimer
+
+    try:
+        return WorkerTimer(family, problem, device=device, seed=seed)
+    except ValueError as e:
+        log.info("%s; measuring in this process", e)
+        return None
+
+
+def _too_large(family: Any, problem: Any, device: Any) -> str | None:
+    """Why the problem is too large to tune in the memory left, or None."""
+    need = memory_estimate(family, problem)
+    if need <= 0:
+        return None
+    free = free_memory(device)
+    if free is None or need <= free * MEMORY_FRACTION:
+        return None
+    return f"it needs about {need / 2**20:.0f} MiB to tune and {free / 2**20:.0f} MiB are free"
 
 
 def _acquire(store: Store, key: tuple[str, str, str], *, lease_s: float, wait_s: float) -> bool:
@@ -203,7 +323,9 @@ class _Run:
         self.name = f"{family.name} {self.desc}"
         self.timer, self.limits, self.strict, self.seed = timer, limits, strict, seed
         self.failures_types = candidate_failures()
-        self.inputs = family.make_inputs(problem, device, seed=seed)
+        # a worker-process timer measures and checks candidates itself; no candidate runs here
+        self.remote = getattr(timer, "relative_error", None)
+        self.inputs = None if self.remote else family.make_inputs(problem, device, seed=seed)
         self.timings: dict[str, Timing] = {}
         self.failed: dict[str, str] = {}
         self.wrong: dict[str, float] = {}
@@ -246,19 +368,21 @@ class _Run:
         """Whether the configuration matches PyTorch on fresh inputs (seed + 1) within tolerance."""
         from .kernels.base import Config, relative_error
 
-        if self._check is None:
-            inputs = self.family.make_inputs(self.problem, self.device, seed=self.seed + 1)
-            self._check = (inputs, self.family.reference(self.problem, inputs))
-        inputs, ref = self._check
         cfg = Config.from_json(cfg_json)
         try:
-            ours = self.family.launch(cfg, self.problem, inputs)
+            if self.remote:
+                err = self.remote(cfg_json, seed=self.seed + 1)
+            else:
+                if self._check is None:
+                    inputs = self.family.make_inputs(self.problem, self.device, seed=self.seed + 1)
+                    self._check = (inputs, self.family.reference(self.problem, inputs))
+                inputs, ref = self._check
+                err = relative_error(self.family.launch(cfg, self.problem, inputs), ref)
         except self.failures_types as e:
             if self.strict:
                 raise KernelFailure(f"{self.name}: configuration {cfg} failed: {e!r}") from e
             self.failed[cfg_json] = f"{type(e).__name__}: {e}"
             return False
-        err = relative_error(ours, ref)
         tol = self.family.tolerance(self.problem)
         if err <= tol:
             return True
