@@ -103,7 +103,8 @@ def test_gemm_ops_match_torch_forward_and_backward(M, K, N, tuned, request):
         (lambda: ops.mm_act(a, b, bias, "gelu_tanh"), lambda: F.gelu(torch.addmm(bias, a, b), approximate="tanh")),
         (lambda: ops.mm_act(a, b, None, "relu"), lambda: torch.relu(torch.mm(a, b))),
         (lambda: ops.mm_act(a, b, bias, "silu"), lambda: F.silu(torch.addmm(bias, a, b))),
-        (lambda: ops.linear_act(a, b.t(), bias, "gelu_tanh"), lambda: F.gelu(F.linear(a, b.t(), bias), approximate="tanh")),
+        (lambda: ops.linear_act(a, b.t(), bias, "gelu_tanh"),
+         lambda: F.gelu(F.linear(a, b.t(), bias), approximate="tanh")),
     ]
     for ours, ref in cases:
         out, expect = ours(), ref()

@@ -173,6 +173,12 @@ def run(args: argparse.Namespace) -> int:
             same = torch.equal(outputs[name], reference[name])
             print(f"   cache hits {hits}, tuned {tuned}; same outputs as the first run: {'yes' if same else 'NO'}")
             ok &= same and tuned == 0 and hits > 0
+            if tuned:
+                from torchtune_ops.device import fingerprint
+
+                print(f"   NOTE: {tuned} problem(s) missed the cache. The cache key includes the device "
+                      f"fingerprint ({fingerprint(device).key}), which changes when torch, Triton or our "
+                      "kernel sources change between the runs.")
     if not args.second_run:
         torch.save(outputs, os.path.join(args.cache_dir, OUTPUTS))
     return 0 if ok else 1
