@@ -746,7 +746,8 @@ class ConvFamily(KernelFamily):
         dtype = _TORCH_DTYPE[problem.dtype]
         cg = problem.C // problem.groups
         x = torch.randn(problem.N, problem.C, problem.H, problem.W, generator=gen)
-        w = torch.randn(problem.K, cg, problem.R, problem.S, generator=gen) / math.sqrt(max(1, cg * problem.R * problem.S))
+        w = torch.randn(problem.K, cg, problem.R, problem.S, generator=gen)
+        w /= math.sqrt(max(1, cg * problem.R * problem.S))
         b = torch.randn(problem.K, generator=gen) if problem.bias else None
         fmt = torch.channels_last if problem.layout == "nhwc" else torch.contiguous_format
         x = x.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
