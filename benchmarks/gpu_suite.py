@@ -655,7 +655,8 @@ def section_e2e(res: Results, *, device, smoke: bool, deadline: float, args) -> 
             caches = base / item.key.replace("|", "_")
             spec = {"model": item.model, "dtype": item.dtype, "batch": item.batch, "variant": item.variant,
                     "device": str(device), "smoke": smoke, "cache_dir": str(caches / "torchtune_ops"),
-                    "max_trials": args.tune_trials, "time_budget_s": args.tune_budget_s, "rep_ms": args.e2e_rep_ms}
+                    "max_trials": args.e2e_tune_trials, "time_budget_s": args.e2e_tune_budget_s,
+                    "rep_ms": args.e2e_rep_ms}
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"),
                        TRITON_CACHE_DIR=str(caches / "triton"), PYTHONUNBUFFERED="1")
             env = {k: v for k, v in env.items() if not k.startswith("TORCHTUNE_OPS_")}  # the spec decides
@@ -851,8 +852,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="the JSON file (default benchmarks/results/gpu_suite-<gpu>.json; benchmarks/out for smoke)")
     ap.add_argument("--mirror", default=None, help="also copy the JSON and markdown here after every update ($OUT)")
     ap.add_argument("--rep-ms", type=float, default=50.0, help="kernel timing budget per measurement, ms (50)")
-    ap.add_argument("--tune-trials", type=int, default=40, help="tune_problem/optimize max_trials (40)")
-    ap.add_argument("--tune-budget-s", type=float, default=15.0, help="tune_problem/optimize seconds per problem (15)")
+    ap.add_argument("--tune-trials", type=int, default=40, help="kernels: tune_problem's max_trials (40)")
+    ap.add_argument("--tune-budget-s", type=float, default=10.0, help="kernels: tune_problem's seconds per problem (10)")
+    ap.add_argument("--e2e-tune-trials", type=int, default=24, help="e2e: optimize()'s max_trials (24)")
+    ap.add_argument("--e2e-tune-budget-s", type=float, default=8.0, help="e2e: optimize()'s seconds per problem (8)")
     ap.add_argument("--search-shape", action="append", help="record_space shape patterns (default its DEFAULT_SHAPES)")
     ap.add_argument("--spaces-dir", default=None, help="where record_space writes (default benchmarks/results/spaces)")
     ap.add_argument("--space-rep-ms", type=float, default=10.0, help="record_space timing budget per config, ms (10)")
@@ -876,6 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     smoke = args.smoke
     if smoke:
         args.tune_trials, args.tune_budget_s = min(args.tune_trials, 2), min(args.tune_budget_s, 5.0)
+        args.e2e_tune_trials, args.e2e_tune_budget_s = min(args.e2e_tune_trials, 2), min(args.e2e_tune_budget_s, 5.0)
         args.replay_jobs = 1
     meta = machine(device)
     meta["smoke"] = smoke
