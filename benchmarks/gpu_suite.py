@@ -274,6 +274,20 @@ def triton_autotune_fn(problem, inputs, *, smoke: bool):
     return run, ""
 
 
+def torch_op(family, problem):
+    """The problem as plain PyTorch ops, what torch.compile gets to see: the family's reference, except
+    conv2d without its precision context manager (a graph break that would leave the conv in eager)."""
+    pad = getattr(problem, "padding", (0, 0, 0, 0))
+    if family.name != "conv2d" or problem.activation != "none" or pad[0] != pad[1] or pad[2] != pad[3]:
+        return lambda *xs: family.reference(problem, xs)
+    import torch.nn.functional as F
+
+    def conv(x, w, b):
+        return F.conv2d(x, w, b, problem.stride, (pad[0], pad[2]), problem.dilation, problem.groups)
+
+    return conv
+
+
 def _kernel_row(method: str, name: str, cat: str, family, problem, inputs, ref, *, device, smoke, args,
                 store_path: Path) -> dict:
     from torchtune_ops.kernels.base import Config, relative_error
@@ -310,7 +324,7 @@ def _kernel_row(method: str, name: str, cat: str, family, problem, inputs, ref, 
         check(fn())
         row.update(_timed(fn, device, **kw))
     elif method == "inductor":
-        fn = lambda *xs: family.reference(problem, xs)  # noqa: E731
+        fn = torch_op(family, problem)
         if device.type != "cuda":
             row["note"] = "stand-in: eager (Inductor max-autotune needs a CUDA GPU)"
             compiled = fn
