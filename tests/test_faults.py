@@ -260,6 +260,17 @@ def test_a_real_gemm_through_the_worker(tmp_path):
         assert e.aten_ms > 0
 
 
+def test_the_idle_worker_is_reused_and_stopped_at_shutdown(tmp_path):
+    with Store.open(tmp_path / "c.sqlite") as st:
+        tune_problem(TOY, ToyProblem(n=11, faults="error"), device="cpu", store=st, fingerprint=FP, isolate=True)
+        first = worker._idle["cpu"]
+        tune_problem(TOY, ToyProblem(n=12, faults="error"), device="cpu", store=st, fingerprint=FP, isolate=True)
+        assert worker._idle["cpu"] is first and first.alive()  # one worker served both problems
+        assert len(st.entries()) == 2
+    worker.shutdown()
+    assert not first.alive() and worker._idle == {}
+
+
 def test_ctrl_c_while_a_worker_measures_leaves_nothing_behind(tmp_path):
     problem = ToyProblem(n=7, faults="error")
     key = (FP, "toy", problem_key(TOY.problem_to_dict(problem)))

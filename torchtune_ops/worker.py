@@ -173,6 +173,22 @@ class _Server:
         t = self.timer(self._call(msg["key"], self.inputs), key=msg["key"])
         return {"ok": True, "timing": [t.median_ms, t.p20_ms, t.p80_ms, t.min_ms, t.n]}
 
+    def clear(self, msg: dict) -> dict:
+        """Drop the problem's tensors (and the L2 flush buffer) while the worker waits for the next one."""
+        import gc
+
+        import torch
+
+        from . import timing
+
+        self.family = self.problem = self.inputs = self.timer = None
+        self.checks = {}
+        timing._flush_buffers.clear()
+        gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        return {"ok": True}
+
     def check(self, msg: dict) -> dict:
         from .kernels.base import relative_error
 
@@ -204,7 +220,7 @@ def serve(conn: Any) -> None:
 
     failures = candidate_failures()
     server = _Server()
-    handlers = {"setup": server.setup, "time": server.time, "check": server.check}
+    handlers = {"setup": server.setup, "time": server.time, "check": server.check, "clear": server.clear}
     while True:
         try:
             msg = _recv(conn)
@@ -345,6 +361,12 @@ def _take(device: str) -> _Worker | None:
 
 
 def _give_back(w: _Worker) -> None:
+    try:  # an idle worker keeps its CUDA context, not the last problem's tensors
+        if not w.request({"cmd": "clear"}, 30.0).get("ok"):
+            raise _Dead("could not clear")
+    except _Dead:
+        w.kill()
+        return
     with _idle_lock:
         old = _idle.get(w.device)
         if old is None:
