@@ -192,7 +192,7 @@ def _triton_mm_kernel():
         @triton.jit
         def mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
                       s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn,
-                      HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
             pid = tl.program_id(0)
             pid_b = tl.program_id(1).to(tl.int64)
@@ -216,7 +216,7 @@ def _triton_mm_kernel():
                 if UPCAST:  # the interpreter multiplies bf16 dot operands as raw bits
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
                 a_ptrs += BLOCK_K * s_ak
                 b_ptrs += BLOCK_K * s_bk
             if HAS_BIAS:
@@ -262,13 +262,14 @@ def triton_autotune_fn(problem, inputs, *, smoke: bool):
     sb = b.stride() if batched else (0,) + b.stride()
     sc = c.stride() if batched else (0,) + c.stride()
     upcast = _compat.UPCAST_BF16_DOT and a.dtype == torch.bfloat16
+    precision = "ieee" if a.dtype == torch.float32 and problem.precision == "ieee" else "tf32"
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), batch)
 
     def run():
         tuned[grid](a, b, c, bias if bias is not None else a, M, N, K, *sa, *sb, *sc,
-                    HAS_BIAS=bias is not None, UPCAST=upcast)
+                    HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision)
         return c
 
     return run, ""
@@ -513,8 +514,8 @@ def e2e_items(smoke: bool, models: list[str] | None = None) -> list[E2EItem]:
         return [E2EItem(m, "float32", 1, v) for m in ("gpt2", "resnet50") for v in E2E_VARIANTS]
     batches = {"gpt2": (16, 1), "resnet50": (64, 1)}
     items = []
-    for m in models or ("gpt2", "resnet50"):
-        for dtype in ("bfloat16", "float16"):
+    for dtype in ("bfloat16", "float16"):
+        for m in models or ("gpt2", "resnet50"):
             for b in batches[m]:
                 items += [E2EItem(m, dtype, b, v) for v in E2E_VARIANTS]
     return items

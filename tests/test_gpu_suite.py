@@ -39,7 +39,8 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_runs_every_section_and_says_what_is_a_stand_in(smoke_run):
     out, data, results, tmp = smoke_run
-    assert "stand-in" in out and "Inductor" in out
+    if not torch.cuda.is_available():
+        assert "stand-in" in out and "Inductor" in out
     assert data["meta"]["smoke"] is True and data["meta"]["torch"] == torch.__version__
     for sec in ("kernels", "search", "e2e"):
         assert f"section {sec}: complete" in out
@@ -65,7 +66,7 @@ def test_smoke_kernels_rows(smoke_run):
         assert r["ms"] > 0 and r["reps"] >= 1
         if r["method"] != "aten":
             assert r["rel_err"] <= 2e-2 and r["wall_s"] >= 0
-        if r["method"] == "inductor":
+        if r["method"] == "inductor" and not torch.cuda.is_available():
             assert "stand-in" in r["note"]
         if r["method"] == "tuned":
             assert r["winner"] == "aten" or json.loads(r["winner"])["BLOCK_M"] >= 16
@@ -157,10 +158,10 @@ def test_record_space_budget_stops_and_leaves_a_partial_file(tmp_path):
     ("linear", 1, 17, 40, 67, "bfloat16", "col"),
     ("bmm", 3, 5, 17, 20, "float16", "row"),
 ])
-def test_triton_autotune_baseline_matches_torch(op, batch, M, N, K, dtype, b_layout):
+def test_triton_autotune_baseline_matches_torch(op, batch, M, N, K, dtype, b_layout, device):
     bias = "row" if op == "linear" else "none"
     p = GemmProblem(op, batch, M, N, K, dtype, "row", b_layout, bias, "none", "ieee")
-    inputs = GEMM.make_inputs(p, "cpu", seed=3)
+    inputs = GEMM.make_inputs(p, device, seed=3)
     run, why = gpu_suite.triton_autotune_fn(p, inputs, smoke=True)
     assert run is not None, why
     ref = GEMM.reference(p, inputs)
@@ -168,9 +169,9 @@ def test_triton_autotune_baseline_matches_torch(op, batch, M, N, K, dtype, b_lay
     assert relative_error(run(), ref) <= GEMM.tolerance(p)
 
 
-def test_triton_autotune_baseline_declines_epilogues():
+def test_triton_autotune_baseline_declines_epilogues(device):
     p = GemmProblem("addmm", 1, 8, 8, 8, "float16", "row", "row", "full", "none", "ieee")
-    run, why = gpu_suite.triton_autotune_fn(p, GEMM.make_inputs(p, "cpu"), smoke=True)
+    run, why = gpu_suite.triton_autotune_fn(p, GEMM.make_inputs(p, device), smoke=True)
     assert run is None and why
 
 
