@@ -624,3 +624,34 @@ def test_too_large_problem_through_the_tuner_returns_unstored_aten(tmp_path, mon
         e = tune_problem(GEMM, problem, device="cpu", store=st, timer=FakeTimer({}, default=1.0))
         assert e.winner == "aten" and e.source == "too-large" and st.entries() == []
         assert not st.claimed(*e.key)
+
+
+def test_two_threads_tuning_the_same_problem_tune_it_once(tmp_path):
+    """The store's claim belongs to the process, so threads of one process queue on a lock: one tunes,
+    the other gets its answer; one entry and one trial history."""
+    import threading
+
+    from test_tuner import PROBLEM, ScaleFamily
+
+    class Slow(FakeTimer):
+        def __call__(self, fn, *, key):
+            time.sleep(0.01)
+            return super().__call__(fn, key=key)
+
+    timers = [Slow({"aten": 1.0}, default=0.5) for _ in range(2)]
+    results = [None, None]
+    with Store.open(tmp_path / "c.sqlite") as st:
+        def tune(i):
+            results[i] = tune_problem(ScaleFamily(), PROBLEM, device="cpu", store=st, timer=timers[i],
+                                      fingerprint=FP, max_trials=18, patience=0, wait_s=60)
+
+        threads = [threading.Thread(target=tune, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        _fault()
+        assert results[0] == results[1] and results[0].source == "tuned"
+        assert sorted(len(t.calls) > 0 for t in timers) == [False, True]  # one of them measured nothing
+        assert len(st.entries()) == 1 and len({t.run for t in st.trials()}) == 1
+        assert not st.claimed(*results[0].key)

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -195,7 +196,8 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
         wait_s: when another process is tuning this problem, how long to wait for its answer before
             returning an unstored aten entry (default 5 s).
         lease_s: how long the claim on the problem lasts without renewal; None (default): twice the
-            time budget plus a minute. The claim is renewed while tuning.
+            time budget plus a minute. The claim is renewed while tuning. Threads of this process tuning
+            the same problem queue on a lock (for up to ``wait_s``) as other processes do on the claim.
         fingerprint: the device fingerprint to store under; None (default): ``device.fingerprint(device)``.
             A string is used as the fingerprint key as is.
         isolate: measure and check candidates in a worker process (``worker.WorkerTimer``), so a crashing
@@ -241,14 +243,49 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
             warnings.warn(f"torchtune_ops: {family.name} {_describe(pdict)} is not tuned: {too_large}; "
                           "using PyTorch's kernel", TuningSkipped, stacklevel=2)
         return Entry(*key, winner="aten", time_ms=math.nan, aten_ms=math.nan, trials=0, source="too-large")
-    if not _acquire(store, key, lease_s=lease_s, wait_s=wait_s):
-        done = store.get(*key, refresh=True)
-        if done is not None:
-            return done
-        log.info("%s %s is being tuned by another process; using PyTorch's kernel meanwhile",
-                 family.name, _describe(pdict))
-        return Entry(*key, winner="aten", time_ms=math.nan, aten_ms=math.nan, trials=0,
-                     source="claimed-elsewhere")
+    local = _local_lock(key)  # the store's claim is per process: threads of this one queue here first
+    if not local.acquire(timeout=wait_s):
+        return _claimed_elsewhere(store, key, family, pdict)
+    try:
+        if not _acquire(store, key, lease_s=lease_s, wait_s=wait_s):
+            return _claimed_elsewhere(store, key, family, pdict)
+        return _tune_claimed(store, key, family, problem, pdict, device=device, timer=timer, seed=seed,
+                             max_trials=max_trials, time_budget_s=time_budget_s, prior=prior, patience=patience,
+                             progress=progress, strict=strict, force=force, lease_s=lease_s, isolate=isolate)
+    finally:
+        local.release()
+
+
+_local_locks: dict[tuple[str, str, str], threading.Lock] = {}
+_local_locks_guard = threading.Lock()
+
+
+def _local_lock(key: tuple[str, str, str]) -> threading.Lock:
+    with _local_locks_guard:
+        lock = _local_locks.get(key)
+        if lock is None:
+            lock = _local_locks[key] = threading.Lock()
+        return lock
+
+
+def _claimed_elsewhere(store: Store, key: tuple[str, str, str], family: Any, pdict: dict) -> Entry:
+    """The answer stored meanwhile, else an unstored aten entry (the caller runs PyTorch's kernel)."""
+    done = store.get(*key, refresh=True)
+    if done is not None:
+        return done
+    log.info("%s %s is being tuned by another process; using PyTorch's kernel meanwhile",
+             family.name, _describe(pdict))
+    return Entry(*key, winner="aten", time_ms=math.nan, aten_ms=math.nan, trials=0,
+                 source="claimed-elsewhere")
+
+
+def _tune_claimed(store: Store, key: tuple[str, str, str], family: Any, problem: Any, pdict: dict, *,
+                  device: Any, timer: Timer | None, seed: int, max_trials: int, time_budget_s: float,
+                  prior: Any, patience: int, progress: Any, strict: bool, force: bool, lease_s: float,
+                  isolate: bool | None) -> Entry:
+    """Tune a problem whose claim this process holds (released at the end, whatever happens)."""
+    from .kernels.base import device_limits
+
     try:
         if not force:  # answered while we waited for the claim
             done = store.get(*key, refresh=True)

@@ -285,6 +285,7 @@ class _Worker:
         from multiprocessing.connection import Connection
 
         self.device = device
+        self.owner = os.getpid()  # a forked child must never talk to its parent's worker
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         env = dict(os.environ)
@@ -355,9 +356,14 @@ _idle_lock = threading.Lock()
 
 
 def _take(device: str) -> _Worker | None:
+    import os
+
     with _idle_lock:
-        w = _idle.pop(device, None)
-    return w if w is not None and w.alive() else None
+        w = _idle.get(device)
+        if w is None or w.owner != os.getpid():  # none, or our parent's (we were forked): leave it alone
+            return None
+        del _idle[device]
+    return w if w.alive() else None
 
 
 def _give_back(w: _Worker) -> None:
@@ -376,9 +382,11 @@ def _give_back(w: _Worker) -> None:
 
 
 def shutdown() -> None:
-    """Stop every idle worker of this process (also done at exit)."""
+    """Stop every idle worker of this process (also done at exit; a forked child leaves its parent's)."""
+    import os
+
     with _idle_lock:
-        workers = list(_idle.values())
+        workers = [w for w in _idle.values() if w.owner == os.getpid()]
         _idle.clear()
     for w in workers:
         w.stop()
@@ -433,8 +441,10 @@ class WorkerTimer:
     # -- the worker
 
     def _ready(self) -> _Worker:
+        import os
+
         w = self._worker
-        if w is not None and w.alive():
+        if w is not None and w.alive() and w.owner == os.getpid():
             return w
         w = _take(self.device) or _Worker(self.device)
         try:
