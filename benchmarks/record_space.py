@@ -113,6 +113,16 @@ def _failure_kind(e: BaseException) -> str:
     return "CompilationFailedConfig" if isinstance(e, (CompilationError, OutOfResources)) else "RuntimeFailedConfig"
 
 
+def _context_ok(device: torch.device) -> bool:
+    """Whether the CUDA context still works after a failure (an illegal address poisons it for good)."""
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).item()
+        return True
+    except RuntimeError:
+        return False
+
+
 def record_shape(name: str, family, problem, *, device: torch.device, out_dir: Path, meta: dict,
                  deadline: float, rep_ms: float, max_configs: int | None, compilers=None,
                  log=print) -> dict:
@@ -176,8 +186,16 @@ def record_shape(name: str, family, problem, *, device: torch.device, out_dir: P
                 else:
                     t = benchmark(lambda: family.launch(cfg, problem, inputs, out=out), device=device, **bench_kw)
                     rec.update(time=t.median_ms, p20=t.p20_ms, p80=t.p80_ms, reps=t.n)
-            except failures as e:
+            except Exception as e:  # noqa: BLE001 - every failure is a recorded outcome, never fatal
                 rec.update(time=_failure_kind(e), error=f"{type(e).__name__}: {str(e)[:160]}")
+                if not isinstance(e, failures):
+                    log(f"[record] {name}: {cfg}: unexpected {type(e).__name__}: {str(e)[:200]}")
+                if cuda and not _context_ok(device):
+                    cache[key_of(cfg)] = rec  # recorded, so the next run goes on after it
+                    info.update(complete=False, measured=len(cache), seconds=spent_before + time.perf_counter() - t0)
+                    _write(path, data)
+                    raise SystemExit(f"record_space: {cfg} broke the CUDA context ({type(e).__name__}); "
+                                     f"{len(cache)} recorded in {path}; run again in a new process to continue")
             cache[key_of(cfg)] = rec
         info.update(complete=len(cache) >= len(valid) and all(key_of(c) in cache for c in valid),
                     measured=len(cache), seconds=spent_before + time.perf_counter() - t0)

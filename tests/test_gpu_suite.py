@@ -99,6 +99,16 @@ def test_suite_resumes_without_measuring_again(smoke_run):
     assert "[gpu_suite] kernels " not in out  # nothing measured
     assert after["sections"] == before["sections"]
     assert len(after["meta"]["runs"]) == len(before["meta"]["runs"]) + 1
+    # --retry-errors measures again exactly what failed before
+    key = next(k for k, r in after["sections"]["kernels"].items() if r["method"] == "aten")
+    after["sections"]["kernels"][key] = {"name": key.split("|")[0], "method": "aten", "error": "RuntimeError: boom"}
+    results.write_text(json.dumps(after))
+    out = _run([str(BENCH / "gpu_suite.py"), "--smoke", "--section", "kernels", "--results", str(results),
+                "--retry-errors"])
+    again = json.loads(results.read_text())["sections"]["kernels"]
+    assert out.count("[gpu_suite] kernels ") == 1 and "error" not in again[key] and again[key]["ms"] > 0
+    assert {k: r for k, r in again.items() if k != key} == {k: r for k, r in after["sections"]["kernels"].items()
+                                                             if k != key}
 
 
 def test_record_space_smoke_writes_kernel_tuner_format(tmp_path):
