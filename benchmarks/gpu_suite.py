@@ -108,7 +108,7 @@ class Results:
                     self.data["meta"]["runs"] = old.get("meta", {}).get("runs", [])
             except (OSError, ValueError) as e:
                 print(f"[gpu_suite] {path} unreadable ({type(e).__name__}); starting afresh")
-        self.data["meta"].setdefault("runs", []).append({"date": _now(), "torch": meta.get("torch"),
+        self.data["meta"].setdefault("runs", []).append({"date": _now(), "on": meta.get("gpu"), "torch": meta.get("torch"),
                                                          "triton": meta.get("triton")})
 
     def has(self, section: str, key: str) -> bool:
@@ -157,8 +157,10 @@ def kernel_problems(smoke: bool) -> list[tuple[str, str, object, object]]:
     import bench_kernels
 
     suites = bench_kernels.smoke_suites() if smoke else {**bench_kernels.gemm_suites(), **bench_kernels.conv_suites()}
-    return [(name, category(suite, family.name, problem), family, problem)
+    rows = [(name, category(suite, family.name, problem), family, problem)
             for suite, rows in suites.items() for name, family, problem in rows]
+    # GEMMs first, then convs at the larger batch: a budget-limited first run measures those
+    return sorted(rows, key=lambda r: (r[1] == "conv", -getattr(r[3], "N", 0) if r[1] == "conv" else 0))
 
 
 def _timing_kw(device: torch.device, rep_ms: float) -> dict:
@@ -528,8 +530,9 @@ def e2e_items(smoke: bool, models: list[str] | None = None) -> list[E2EItem]:
 GPT2_SEQ = 512
 
 
-def build_model(name: str, *, smoke: bool):
-    """(model, example input on CPU float, where it came from) for "gpt2" or "resnet50", random weights."""
+def build_model(name: str, *, smoke: bool, layers: int = 12):
+    """(model, example input spec, where it came from) for "gpt2" (GPT-2 small's sizes with ``layers``
+    blocks) or "resnet50", random weights."""
     from torchtune_ops import models
 
     torch.manual_seed(0)
@@ -538,13 +541,15 @@ def build_model(name: str, *, smoke: bool):
             try:
                 from transformers import GPT2Config, GPT2LMHeadModel
 
-                cfg = GPT2Config(n_positions=1024, n_embd=768, n_layer=12, n_head=12, vocab_size=50257,
+                cfg = GPT2Config(n_positions=1024, n_embd=768, n_layer=layers, n_head=12, vocab_size=50257,
                                  use_cache=False)
                 model = GPT2LMHeadModel(cfg).eval()
-                return model, ("tokens", cfg.vocab_size, GPT2_SEQ), "transformers GPT2LMHeadModel (GPT-2 small config)"
+                return (model, ("tokens", cfg.vocab_size, GPT2_SEQ),
+                        f"transformers GPT2LMHeadModel (GPT-2 small config, {layers} layers)")
             except ImportError:
-                cfg = models.GPT2Config(vocab=50257, seq=GPT2_SEQ, dim=768, heads=12, layers=12)
-                return models.GPT2(cfg).eval(), ("tokens", 50257, GPT2_SEQ), "models.GPT2 at GPT-2 small sizes"
+                cfg = models.GPT2Config(vocab=50257, seq=GPT2_SEQ, dim=768, heads=12, layers=layers)
+                return (models.GPT2(cfg).eval(), ("tokens", 50257, GPT2_SEQ),
+                        f"models.GPT2 at GPT-2 small sizes, {layers} layers")
         cfg = models.SIZES["tiny"]["gpt2"]
         return models.GPT2(cfg).eval(), ("tokens", cfg.vocab, cfg.seq), "models.GPT2 tiny (smoke)"
     if not smoke:
@@ -579,7 +584,7 @@ def run_child(spec: dict) -> dict:
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
     item = E2EItem(spec["model"], spec["dtype"], spec["batch"], spec["variant"])
-    model, ex_spec, origin = build_model(item.model, smoke=smoke)
+    model, ex_spec, origin = build_model(item.model, smoke=smoke, layers=spec.get("gpt2_layers", 12))
     model = model.to(device=device, dtype=dtype)
     if ex_spec[0] == "image":
         model = model.to(memory_format=torch.channels_last)
@@ -677,7 +682,7 @@ def section_e2e(res: Results, *, device, smoke: bool, deadline: float, args) -> 
             spec = {"model": item.model, "dtype": item.dtype, "batch": item.batch, "variant": item.variant,
                     "device": str(device), "smoke": smoke, "cache_dir": str(caches / "torchtune_ops"),
                     "max_trials": args.e2e_tune_trials, "time_budget_s": args.e2e_tune_budget_s,
-                    "rep_ms": args.e2e_rep_ms}
+                    "rep_ms": args.e2e_rep_ms, "gpt2_layers": args.gpt2_layers}
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"),
                        TRITON_CACHE_DIR=str(caches / "triton"), PYTHONUNBUFFERED="1")
             env = {k: v for k, v in env.items() if not k.startswith("TORCHTUNE_OPS_")}  # the spec decides
@@ -887,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-again", action="store_true", help="replay even when the JSON has a replay")
     ap.add_argument("--retry-errors", action="store_true", help="measure again what failed in an earlier run")
     ap.add_argument("--model", action="append", choices=("gpt2", "resnet50"), help="e2e models (default both)")
+    ap.add_argument("--gpt2-layers", type=int, default=12, help="e2e: GPT-2 blocks (12, GPT-2 small)")
     ap.add_argument("--e2e-rep-ms", type=float, default=300.0, help="e2e latency budget per round, ms (300)")
     ap.add_argument("--e2e-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

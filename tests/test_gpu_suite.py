@@ -109,6 +109,11 @@ def test_suite_resumes_without_measuring_again(smoke_run):
     assert out.count("[gpu_suite] kernels ") == 1 and "error" not in again[key] and again[key]["ms"] > 0
     assert {k: r for k, r in again.items() if k != key} == {k: r for k, r in after["sections"]["kernels"].items()
                                                              if k != key}
+    # a report on a CPU without --smoke keeps the file's machine description and rewrites the markdown
+    md = results.with_suffix(".md")
+    md.unlink()
+    _run([str(BENCH / "gpu_suite.py"), "--section", "report", "--results", str(results)])
+    assert md.exists() and json.loads(results.read_text())["meta"]["gpu"] == after["meta"]["gpu"]
 
 
 def test_record_space_smoke_writes_kernel_tuner_format(tmp_path):
@@ -193,8 +198,10 @@ def test_categories():
     assert gpu_suite.category("odd", "gemm", g(1000, 1000, 1000)) == "odd"
     assert gpu_suite.category("llm", "gemm", g(4095, 4097, 511)) == "odd"
     assert gpu_suite.category("resnet50", "conv2d", None) == "conv"
-    cats = {c for _, c, _, _ in gpu_suite.kernel_problems(smoke=False)}
-    assert cats == set(gpu_suite.CATEGORIES)
+    rows = gpu_suite.kernel_problems(smoke=False)
+    assert {c for _, c, _, _ in rows} == set(gpu_suite.CATEGORIES) and len(rows) == 9 + 28
+    cats = [c for _, c, _, _ in rows]
+    assert "conv" not in cats[:9] and rows[9][3].N == 32 and rows[-1][3].N == 1  # GEMMs, then batch 32
 
 
 def test_kernel_summary_geomean_and_markdown():
