@@ -108,7 +108,8 @@ class Results:
                     self.data["meta"]["runs"] = old.get("meta", {}).get("runs", [])
             except (OSError, ValueError) as e:
                 print(f"[gpu_suite] {path} unreadable ({type(e).__name__}); starting afresh")
-        self.data["meta"].setdefault("runs", []).append({"date": _now(), "on": meta.get("gpu"), "torch": meta.get("torch"),
+        self.data["meta"].setdefault("runs", []).append({"date": _now(), "on": meta.get("gpu"),
+                                                         "torch": meta.get("torch"),
                                                          "triton": meta.get("triton")})
 
     def has(self, section: str, key: str) -> bool:
@@ -785,7 +786,8 @@ def markdown(data: dict) -> str:
             winner = p.get("tuned", {}).get("winner", "-")
             winner = "aten" if winner == "aten" else ("triton" if winner != "-" else "-")
             cat = next((r.get("category") for r in p.values() if r.get("category")), "")
-            lines.append(f"| {name} | {cat} | {cell('aten')} | {cell('tuned')} | {cell('tuned', 'wall_s')} | {winner} | "
+            lines.append(f"| {name} | {cat} | {cell('aten')} | {cell('tuned')} | {cell('tuned', 'wall_s')} "
+                         f"| {winner} | "
                          f"{cell('inductor')} | {cell('inductor', 'wall_s')} | {cell('triton_autotune')} | "
                          f"{cell('triton_autotune', 'wall_s')} |")
         errs = [f"- {r['name']} / {r['method']}: {r['error']}" for r in k.values() if "error" in r]
@@ -803,15 +805,18 @@ def markdown(data: dict) -> str:
                              f"{r.get('failed', '-')} | {_f(r.get('best_ms'), '{:.4g}')} | {r.get('complete')} | "
                              f"{_f(r.get('seconds'), '{:.0f}')} |")
         if "replay" in s:
-            lines += ["", f"Replay ({s['replay'].get('seeds')} seeds, budget {s['replay'].get('budget')}); each cell: "
-                      "mean fraction of optimum at 50 / at 200 measurements / median measurements to within 5%:", "",
+            budget = s["replay"].get("budget") or 200
+            lines += ["", f"Replay ({s['replay'].get('seeds')} seeds, budget {budget}); each cell: mean fraction of "
+                      f"the optimum at 50 / at {min(200, budget)} measurements / median measurements to within 5%:",
+                      "",
                       s["replay"].get("table", "")]
         lines.append("")
     e = secs.get("e2e", {})
     if e:
         lines += ["## End to end", "",
                   "| model | dtype | batch | variant | latency ms | noise | cold first call s | warm first call s "
-                  "| warm process to output s | rel. err vs eager | notes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| warm process to output s | rel. err vs eager | notes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in e.values():
             c, w = r.get("cold", {}), r.get("warm", {})
             notes = "; ".join(x for x in (c.get("error"), w.get("error"), c.get("note"),
@@ -819,7 +824,8 @@ def markdown(data: dict) -> str:
                                            if "problems" in c else None)) if x)
             lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['variant']} | {_f(c.get('latency_ms'))} | "
                          f"{_f(c.get('noise'), '{:.1%}')} | {_f(c.get('first_call_s'), '{:.1f}')} | "
-                         f"{_f(w.get('first_call_s'), '{:.2f}')} | {_f(w.get('process_to_first_output_s'), '{:.1f}')} | "
+                         f"{_f(w.get('first_call_s'), '{:.2f}')} | "
+                         f"{_f(w.get('process_to_first_output_s'), '{:.1f}')} | "
                          f"{_f(c.get('rel_err_vs_eager'), '{:.2g}')} | {notes[:160]} |")
         lines += ["", "optimize() against the targets (latency ratio other / ours: > 1 means we are faster; "
                   "'ok' when at or below within the noise):", "",
@@ -842,14 +848,16 @@ def short_table(data: dict) -> str:
     out = []
     k = data["sections"].get("kernels", {})
     if k:
-        out.append(f"{'category':<14} {'n':>3} {'ours':>8} {'max-autotune':>13} {'triton.autotune':>16}  (geomean x over aten)")
+        out.append(f"{'category':<14} {'n':>3} {'ours':>8} {'max-autotune':>13} {'triton.autotune':>16}"
+                   "  (geomean x over aten)")
         for cat, c in kernel_summary(k).items():
             out.append(f"{cat:<14} {c['problems']:>3} " + " ".join(
                 f"{_f(c[m]['geomean_speedup'], '{:.2f}x'):>{w}}" for m, w in zip(KERNEL_METHODS[1:], (8, 13, 16))))
     s = data["sections"].get("search", {})
     for key, r in s.items():
         if key.startswith("record|"):
-            out.append(f"space {r.get('shape')}: {r.get('measured')}/{r.get('valid')} recorded, complete={r.get('complete')}")
+            out.append(f"space {r.get('shape')}: {r.get('measured')}/{r.get('valid')} recorded, "
+                       f"complete={r.get('complete')}")
     if "replay" in s:
         out.append(s["replay"].get("table", ""))
     for g in e2e_summary(data["sections"].get("e2e", {})):
@@ -879,7 +887,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mirror", default=None, help="also copy the JSON and markdown here after every update ($OUT)")
     ap.add_argument("--rep-ms", type=float, default=50.0, help="kernel timing budget per measurement, ms (50)")
     ap.add_argument("--tune-trials", type=int, default=40, help="kernels: tune_problem's max_trials (40)")
-    ap.add_argument("--tune-budget-s", type=float, default=10.0, help="kernels: tune_problem's seconds per problem (10)")
+    ap.add_argument("--tune-budget-s", type=float, default=10.0,
+                    help="kernels: tune_problem's seconds per problem (10)")
     ap.add_argument("--e2e-tune-trials", type=int, default=24, help="e2e: optimize()'s max_trials (24)")
     ap.add_argument("--e2e-tune-budget-s", type=float, default=8.0, help="e2e: optimize()'s seconds per problem (8)")
     ap.add_argument("--search-shape", action="append", help="record_space shape patterns (default its DEFAULT_SHAPES)")
