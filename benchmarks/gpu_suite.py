@@ -844,26 +844,36 @@ def markdown(data: dict) -> str:
 
 
 def short_table(data: dict) -> str:
-    """The few lines printed last: kernel geomeans by category and e2e optimize() ratios."""
+    """The short markdown printed last: kernel geomeans by category, recorded spaces and the replay, and
+    each end-to-end group's latencies with optimize()'s ratios."""
     out = []
     k = data["sections"].get("kernels", {})
     if k:
-        out.append(f"{'category':<14} {'n':>3} {'ours':>8} {'max-autotune':>13} {'triton.autotune':>16}"
-                   "  (geomean x over aten)")
+        out += ["| kernels: geomean x over aten | n | ours | max-autotune | triton.autotune | tune s (ours) |",
+                "|---|---|---|---|---|---|"]
         for cat, c in kernel_summary(k).items():
-            out.append(f"{cat:<14} {c['problems']:>3} " + " ".join(
-                f"{_f(c[m]['geomean_speedup'], '{:.2f}x'):>{w}}" for m, w in zip(KERNEL_METHODS[1:], (8, 13, 16))))
+            out.append(f"| {cat} | {c['problems']} | " + " | ".join(
+                _f(c[m]["geomean_speedup"], "{:.2f}x") for m in KERNEL_METHODS[1:])
+                + f" | {_f(c['tuned']['wall_s_total'], '{:.0f}')} |")
+        out.append("")
     s = data["sections"].get("search", {})
-    for key, r in s.items():
-        if key.startswith("record|"):
-            out.append(f"space {r.get('shape')}: {r.get('measured')}/{r.get('valid')} recorded, "
-                       f"complete={r.get('complete')}")
+    recs = [r for key, r in s.items() if key.startswith("record|")]
+    if recs:
+        out += ["| recorded space | recorded / valid | complete |", "|---|---|---|"]
+        out += [f"| {r.get('shape')} | {r.get('measured')} / {r.get('valid')} | {r.get('complete')} |" for r in recs]
+        out.append("")
     if "replay" in s:
-        out.append(s["replay"].get("table", ""))
-    for g in e2e_summary(data["sections"].get("e2e", {})):
-        out.append(f"e2e {g['model']} {g['dtype']} b{g['batch']}: " + ", ".join(
-            f"{v} {_f(ms, '{:.3f}')} ms" for v, ms in g["latency_ms"].items()) + f" (noise {g['noise']:.1%})")
-    return "\n".join(out)
+        out += [s["replay"].get("table", ""), ""]
+    groups = e2e_summary(data["sections"].get("e2e", {}))
+    if groups:
+        out += ["| e2e | eager ms | compile ms | max-autotune ms | optimize ms | noise | ours / max-autotune cold |",
+                "|---|---|---|---|---|---|---|"]
+        for g in groups:
+            lat = g["latency_ms"]
+            out.append(f"| {g['model']} {g['dtype']} b{g['batch']} | " + " | ".join(
+                _f(lat.get(v)) for v in E2E_VARIANTS) + f" | {g['noise']:.1%} | "
+                + f"{_f(g.get('optimize_cold_over_max_autotune_cold'), '{:.2f}')} |")
+    return "\n".join(out).rstrip()
 
 
 # --------------------------------------------------------------------------------------------- main
