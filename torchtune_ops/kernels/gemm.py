@@ -78,11 +78,11 @@ def _epilogue(acc, rm, rn, M, N, bias_ptr, stride_xm, stride_xn, beta, bias_valu
     if ACT == 1:  # relu; NaN stays NaN like torch.relu
         acc = tl.where(acc < 0.0, 0.0, acc)
     elif ACT == 2:  # gelu, tanh approximation: 0.5 x (1 + tanh(z)) == x * sigmoid(2 z)
-        # exp's argument is capped at 80 so it stays finite (the quotient is ~0 there either way)
+        # x * (1 / (1 + exp(-2z))): where exp overflows the factor is 0, so -inf gives NaN like torch
         z2 = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc / (1.0 + tl.exp(tl.minimum(-z2, 80.0)))
-    elif ACT == 3:  # silu
-        acc = acc / (1.0 + tl.exp(tl.minimum(-acc, 80.0)))
+        acc = acc * (1.0 / (1.0 + tl.exp(-z2)))
+    elif ACT == 3:  # silu: x * sigmoid(x), NaN at -inf like torch
+        acc = acc * (1.0 / (1.0 + tl.exp(-acc)))
     return acc
 
 
