@@ -1,0 +1,302 @@
+"""How much the performance model (torchtune_ops/perfmodel.py) saves: leave-one-problem-out and cross-GPU.
+
+    .venv/bin/python benchmarks/cost_model_eval.py              # synthetic GEMM LOPO + ../shared/datasets
+    .venv/bin/python benchmarks/cost_model_eval.py --smoke      # a few seconds
+    .venv/bin/python benchmarks/cost_model_eval.py --space a.json.gz --space b.json.gz   # recorded spaces
+
+Three evaluations, each replaying fully measured spaces (valid iff recorded; a measurement returns the
+recorded time):
+
+* **lopo-synthetic**: GEMM spaces of this project's own space (``gemm_space.space``/``check`` on an H100's
+  limits) for a dozen shapes, timed by an *analytic* model (waves, pipelining, padding, split-K, L2 reuse,
+  register pressure, 1% noise). SYNTHETIC: it exercises the leave-one-problem-out path until spaces
+  recorded on a GPU exist; its numbers say nothing about real GPUs.
+* **lopo** (``--space`` files from record_space.py, grouped by family): train on the other shapes, tune the
+  held-out one.
+* **xgpu** (../shared/datasets): per kernel, train on the other GPUs' spaces (configuration features only),
+  tune the held-out GPU's.
+
+Training data per problem (or GPU): ``--train-per-problem`` configurations drawn at random (a trial history
+of that size). For each held-out space: Spearman rank correlation of the predictions with the recorded times,
+top-1 regret (time of the predicted best over the optimum, minus 1), zero-shot fraction of the optimum
+(optimum over the time of the predicted best), and the median over seeds of the measurements tune() needs
+to reach within 5% of the optimum without a prior and with the model (its top predictions measured first,
+its predictions as ``prior=``, the worst predicted half pruned: ``perfmodel.search_hints``). Prints a
+markdown table and writes JSON with the machine's name, versions and the date under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import gzip
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+from replay import ReplaySpace, load_space  # noqa: E402
+
+from torchtune_ops import perfmodel  # noqa: E402
+
+DEFAULT_DATASETS = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "datasets"))
+TOL = 0.05
+
+
+# ------------------------------------------------------------------------------ synthetic GEMM spaces
+
+SYNTH_SHAPES = [  # (batch, M, N, K): LLM projections, odd sizes, skinny and batched ones
+    (1, 4096, 4096, 4096), (1, 16, 4096, 4096), (1, 128, 11008, 4096), (1, 2048, 1024, 8192),
+    (1, 1000, 999, 1001), (1, 257, 3000, 512), (1, 64, 64, 65536), (8, 512, 512, 64),
+    (1, 8192, 128, 1024), (1, 33, 17, 4000), (4, 1024, 4096, 1024), (1, 3072, 768, 768),
+]
+
+
+def synthetic_time(p: dict, c: dict, rng: np.random.Generator, sms: int = 132) -> float:
+    """An analytic GEMM time in ms (a roofline over waves with pipelining and penalties) with 1% noise."""
+    B, M, N, K = p["batch"], p["M"], p["N"], p["K"]
+    bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    warps, stages, sk, gm, tma = c["num_warps"], c["num_stages"], c["SPLIT_K"], c["GROUP_M"], c["TMA"]
+    es = 2
+    tm, tn = -(-M // bm), -(-N // bn)
+    tiles = B * tm * tn * sk
+    smem = stages * (bm * bk + bk * bn) * es
+    occ = max(1, min(4, 228 * 1024 // max(smem, 1), 16 // warps))
+    waves = math.ceil(tiles / (sms * occ))
+    kiters = -(-K // (bk * sk))
+    mma = 2 * bm * bn * bk / (1.0e3 * min(warps, 4) * (1.0 if bm * bn >= 64 * 64 else 0.7))  # ns per iter
+    load = (bm * bk + bk * bn) * es / (40.0 * (1.15 if tma else 1.0))
+    l2 = 1.35 if gm == 1 and tm > 8 and tn > 8 else 1.0
+    hide = min(1.0, (stages - 1) / 2.5) if stages > 1 else 0.0
+    it = max(mma, load * l2 * (1 - 0.7 * hide)) + 0.3 * min(mma, load)
+    regs = bm * bn / (warps * 32)
+    spill = 1.6 if regs > 128 else 1.0
+    t_ns = waves * occ * kiters * it * spill / occ ** 0.5 + 3000 + (sk > 1) * (M * N * B * sk * 4 / 2000.0 + 2000)
+    return t_ns / 1e6 * float(np.exp(rng.normal(0, 0.01)))
+
+
+def synthetic_spaces(shapes=SYNTH_SHAPES, seed: int = 0) -> list[tuple[str, dict, ReplaySpace]]:
+    """(family, problem dict, space) for each synthetic shape (see ``synthetic_time``)."""
+    from torchtune_ops.kernels import gemm_space
+    from torchtune_ops.kernels.base import DeviceLimits
+    import itertools
+
+    limits = DeviceLimits(name="synthetic-H100", smem_per_block=232448, num_sms=132, capability=(9, 0))
+    rng = np.random.default_rng(seed)
+    out = []
+    for b, m, n, k in shapes:
+        prob = gemm_space.GemmProblem("bmm" if b > 1 else "mm", b, m, n, k, "float16")
+        sp = gemm_space.space(prob)
+        names = list(sp)
+        times = {}
+        pdict = {f: getattr(prob, f) for f in prob.__dataclass_fields__}
+        for vals in itertools.product(*(sp[x] for x in names)):
+            cfg = dict(zip(names, vals))
+            if gemm_space.check(cfg, prob, limits) is None:
+                times[ReplaySpace.key(cfg, names)] = synthetic_time(pdict, cfg, rng)
+        out.append(("gemm", pdict, ReplaySpace(name=f"synthetic-gemm/{b}x{m}x{n}x{k}",
+                                               params={x: list(sp[x]) for x in names}, times=times)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+def _sample_rows(problem: dict, space: ReplaySpace, n: int, rng) -> list[tuple]:
+    cfgs = space.configs()
+    pick = rng.choice(len(cfgs), size=min(n, len(cfgs)), replace=False)
+    return [(problem, cfgs[i], space.time_of(cfgs[i]), math.nan) for i in pick]
+
+
+def _reach(space: ReplaySpace, *, seed: int, budget: int, hints: perfmodel.Hints | None) -> int | None:
+    """Measurements tune() needs to reach within TOL of the optimum (None: not within ``budget``)."""
+    from torchtune_ops.search import Space, tune
+
+    bound = space.optimum * (1 + TOL)
+    count = [0, None]
+
+    def objective(cfg):
+        t = space.time_of(cfg)
+        count[0] += 1
+        if count[1] is None and t <= bound:
+            count[1] = count[0]
+        return t
+
+    kw = {}
+    if hints is not None:
+        kw = dict(initial=hints.initial, prior=hints.prior, candidates=hints.candidates)
+    else:
+        kw = dict(candidates=space.configs())
+    tune(Space(space.params), objective, max_trials=budget, seed=seed, should_stop=lambda: count[1] is not None,
+         **kw)
+    return count[1]
+
+
+def evaluate(family: str, problem: dict, space: ReplaySpace, model: perfmodel.PerfModel, *, seeds: int,
+             budget: int, prune: bool = True) -> dict:
+    cfgs = space.configs()
+    times = np.asarray([space.time_of(c) for c in cfgs])
+    pred = model.predict(problem, cfgs)
+    fin = np.isfinite(times)
+    t_top = times[int(np.argmin(pred))]
+    opt = space.optimum
+    hints = perfmodel.search_hints(model, problem, cfgs, prune=prune)
+    base = [_reach(space, seed=s, budget=budget, hints=None) for s in range(seeds)]
+    with_model = [_reach(space, seed=s, budget=budget, hints=hints) for s in range(seeds)]
+
+    def med(xs):
+        return statistics.median(x if x is not None else math.inf for x in xs)
+
+    return {"space": space.name, "valid": len(cfgs), "within_5pct": space.n_within(TOL),
+            "spearman": perfmodel.spearman(pred[fin], times[fin]),
+            "top1_regret": (t_top / opt - 1) if math.isfinite(t_top) else math.inf,
+            "zero_shot_fraction": opt / t_top if math.isfinite(t_top) else 0.0,
+            "pruned": hints.pruned, "optimum_kept": bool(min(space.time_of(c) for c in hints.candidates) <= opt * (1 + TOL)),
+            "reach_without": base, "reach_with": with_model,
+            "median_without": med(base), "median_with": med(with_model)}
+
+
+def lopo(entries: list[tuple[str, dict, ReplaySpace]], *, label: str, seeds: int, budget: int,
+         per_problem: int, limit: int | None) -> list[dict]:
+    """Leave one problem out: train on the others' sampled histories, evaluate on the held-out one."""
+    rows_of = {}
+    rng = np.random.default_rng(0)
+    for i, (_, prob, sp) in enumerate(entries):
+        rows_of[i] = _sample_rows(prob, sp, per_problem, rng)
+    out = []
+    for i, (fam, prob, sp) in enumerate(entries[:limit] if limit else entries):
+        rows = [r for j, rs in rows_of.items() if j != i for r in rs]
+        t0 = time.perf_counter()
+        model = perfmodel.PerfModel.fit(rows, family=fam, sms=132, cv=False)
+        fit_s = time.perf_counter() - t0
+        res = evaluate(fam, prob, sp, model, seeds=seeds, budget=budget)
+        res.update(eval=label, fit_s=fit_s)
+        out.append(res)
+        print(f"  {label} {sp.name}: rho {res['spearman']:.2f}, zero-shot {res['zero_shot_fraction']:.3f}, "
+              f"to 5%: {res['median_without']} -> {res['median_with']} (fit {fit_s:.1f} s)", flush=True)
+    return out
+
+
+def cross_gpu(kernel_dir: str, *, seeds: int, budget: int, per_problem: int, limit: int | None) -> list[dict]:
+    """Train on every other GPU's space of the kernel (configuration features only), tune the held-out one."""
+    paths = sorted(glob.glob(os.path.join(kernel_dir, "*.json.gz")))
+    spaces = [load_space(p) for p in paths]
+    kernel = os.path.basename(kernel_dir.rstrip("/"))
+    entries = [(f"kt:{kernel}", {"gpu": os.path.basename(p).split(".")[0]}, s) for p, s in zip(paths, spaces)]
+    return lopo(entries, label="xgpu", seeds=seeds, budget=budget, per_problem=per_problem, limit=limit)
+
+
+def recorded(paths: list[str]) -> list[tuple[str, dict, ReplaySpace]]:
+    out = []
+    for p in paths:
+        opener = gzip.open if p.endswith(".gz") else open
+        with opener(p, "rt") as f:
+            meta = json.load(f)
+        info = meta.get("torchtune_ops") or {}
+        family = info.get("family") or str(meta.get("kernel_name", "")).replace("torchtune_ops.", "")
+        problem = info.get("problem") or meta.get("problem_size") or {}
+        out.append((family, dict(problem), load_space(p)))
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    return {"host": platform.node(), "machine": platform.machine(), "python": platform.python_version(),
+            "numpy": np.__version__, "torch": torch.__version__, "cpus": os.cpu_count(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| eval | space | valid | within 5% | Spearman | top-1 regret | zero-shot | pruned | to 5% without | "
+             "to 5% with model | ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        a, b = r["median_without"], r["median_with"]
+        ratio = a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
+        lines.append(f"| {r['eval']} | {r['space']} | {r['valid']} | {r['within_5pct']} | {r['spearman']:.2f} | "
+                     f"{r['top1_regret']:.3f} | {r['zero_shot_fraction']:.3f} | {r['pruned']} | {a} | {b} | "
+                     f"{ratio:.1f}x |")
+    return "\n".join(lines)
+
+
+def summary(results: list[dict], budget: int) -> dict:
+    """Per evaluation: sums of the median measurements to 5% (a median beyond the budget counts as
+    ``budget + 1``, which flatters the side that missed), their ratio, mean zero-shot fraction, Spearman."""
+    out = {}
+    for label in sorted({r["eval"] for r in results}):
+        rs = [r for r in results if r["eval"] == label]
+        a = [min(r["median_without"], budget + 1) for r in rs]
+        b = [min(r["median_with"], budget + 1) for r in rs]
+        out[label] = {"spaces": len(rs), "sum_median_without": sum(a), "sum_median_with": sum(b),
+                      "ratio_of_sums": sum(a) / max(sum(b), 1e-9),
+                      "mean_zero_shot_fraction": statistics.mean(r["zero_shot_fraction"] for r in rs),
+                      "mean_spearman": statistics.mean(r["spearman"] for r in rs),
+                      "zero_shot_at_least_0.9": sum(r["zero_shot_fraction"] >= 0.9 for r in rs)}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="a few spaces, 2 seeds: seconds")
+    ap.add_argument("--space", action="append", default=[], help="a recorded space (repeat; LOPO per family)")
+    ap.add_argument("--datasets", default=DEFAULT_DATASETS, help="the Kernel Tuner datasets folder")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--budget", type=int, default=200, help="most measurements per tune() run")
+    ap.add_argument("--train-per-problem", type=int, default=400,
+                    help="configurations per training problem/GPU (a trial history of that size)")
+    ap.add_argument("--no-synthetic", action="store_true")
+    ap.add_argument("--no-datasets", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    seeds, limit = (2, 2) if args.smoke else (args.seeds, None)
+    per = 150 if args.smoke else args.train_per_problem
+    t0 = time.perf_counter()
+    results: list[dict] = []
+    if not args.no_synthetic:
+        shapes = SYNTH_SHAPES[:4] if args.smoke else SYNTH_SHAPES
+        results += lopo(synthetic_spaces(shapes), label="lopo-synthetic", seeds=seeds, budget=args.budget,
+                        per_problem=per, limit=limit)
+    if args.space:
+        by_family: dict[str, list] = {}
+        for e in recorded(args.space):
+            by_family.setdefault(e[0], []).append(e)
+        for fam, entries in by_family.items():
+            if len(entries) < 2:
+                print(f"  {fam}: one recorded space; LOPO needs two or more")
+                continue
+            results += lopo(entries, label="lopo", seeds=seeds, budget=args.budget, per_problem=per, limit=limit)
+    if not args.no_datasets and os.path.isdir(args.datasets):
+        kernels = sorted(d for d in glob.glob(os.path.join(args.datasets, "*")) if os.path.isdir(d))
+        for k in kernels[:1] if args.smoke else kernels:
+            results += cross_gpu(k, seeds=seeds, budget=args.budget, per_problem=per if args.smoke else 10**9,
+                                 limit=limit)
+    elapsed = time.perf_counter() - t0
+    print()
+    print(table(results))
+    summ = summary(results, args.budget)
+    for label, s in summ.items():
+        print(f"\n{label}: measurements to 5% (sum of medians) {s['sum_median_without']} without, "
+              f"{s['sum_median_with']} with the model ({s['ratio_of_sums']:.1f}x); mean zero-shot fraction "
+              f"{s['mean_zero_shot_fraction']:.3f} ({s['zero_shot_at_least_0.9']}/{s['spaces']} spaces >= 0.9); "
+              f"mean Spearman {s['mean_spearman']:.2f}")
+    print(f"\n{elapsed:.0f} s")
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = os.path.join(args.out, f"cost_model_eval-{'smoke-' if args.smoke else ''}{stamp}.json")
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), "args": vars(args), "seconds": elapsed, "summary": summ,
+                   "results": results, "note": "lopo-synthetic uses an analytic time model (synthetic_time), "
+                   "not GPU measurements"}, f, indent=1, default=str)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
