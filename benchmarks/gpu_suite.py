@@ -468,6 +468,11 @@ def section_search(res: Results, *, device, smoke: bool, deadline: float, args) 
         return False
     if res.has("search", "replay") and not args.replay_again:
         return True
+    if device.type == "cuda" and not smoke and not args.replay_on_gpu:
+        print(f"[gpu_suite] search: spaces recorded; the replay needs no GPU, so it is left for the development "
+              f"machine: benchmarks/gpu_suite.py --section search --results {_repo_relative(str(res.path))} "
+              f"(or pass --replay-on-gpu)")
+        return True
     rows = [r for k, r in res.data["sections"]["search"].items() if k.startswith("record|") and r.get("complete")]
     paths = [str(HERE.parent / r["path"]) for r in rows if (HERE.parent / r["path"]).exists()]
     if not paths:
@@ -920,6 +925,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-seeds", type=int, default=5)
     ap.add_argument("--replay-methods", default="tune,random,optuna_tpe")
     ap.add_argument("--replay-again", action="store_true", help="replay even when the JSON has a replay")
+    ap.add_argument("--replay-on-gpu", action="store_true",
+                    help="replay right after recording on the GPU machine (default: leave it for a CPU machine)")
     ap.add_argument("--retry-errors", action="store_true", help="measure again what failed in an earlier run")
     ap.add_argument("--model", action="append", choices=("gpt2", "resnet50"), help="e2e models (default both)")
     ap.add_argument("--gpt2-layers", type=int, default=12, help="e2e: GPT-2 blocks (12, GPT-2 small)")
