@@ -353,6 +353,9 @@ class _Dead(Exception):
 
 _idle: dict[str, _Worker] = {}
 _idle_lock = threading.Lock()
+#: why workers cannot be started in this process (e.g. ``sys.executable`` is not Python); set by the first
+#: failed start so that later problems fail at once instead of waiting ``start_timeout_s`` each
+_broken: str | None = None
 
 
 def _take(device: str) -> _Worker | None:
@@ -443,14 +446,26 @@ class WorkerTimer:
     def _ready(self) -> _Worker:
         import os
 
+        global _broken
         w = self._worker
         if w is not None and w.alive() and w.owner == os.getpid():
             return w
-        w = _take(self.device) or _Worker(self.device)
+        w = _take(self.device)
+        fresh = w is None
+        if fresh:
+            if _broken is not None:
+                raise WorkerError(f"benchmark workers cannot be started in this process: {_broken}")
+            try:
+                w = _Worker(self.device)
+            except OSError as e:
+                _broken = f"{type(e).__name__}: {e}"
+                raise WorkerError(f"the benchmark worker could not start: {e}") from None
         try:
             reply = w.request(self._setup, self.start_timeout_s)
         except _Dead as e:
             w.kill()
+            if fresh and not e.timeout:  # a new worker died before answering: it cannot run here
+                _broken = str(e)
             raise WorkerError(f"the benchmark worker could not start: {e}") from None
         if not reply.get("ok"):
             w.stop()
