@@ -113,6 +113,9 @@ DECLARED: tuple[Setting, ...] = (
     Setting("bench_subprocess", True, _bool,
             "On a GPU, benchmark candidates in a worker process so a crashing kernel cannot harm the caller."),
     Setting("use_shipped", True, _bool, "Load the pre-tuned bundles shipped with the package when they match."),
+    Setting("perfmodel", True, _bool,
+            "Learn from the trial history: warm-start and prune searches, and with tuning off run a confident "
+            "prediction (verified against PyTorch at first use) for unseen problems. 0: off."),
 )
 
 _BY_NAME = {s.name: s for s in DECLARED}
@@ -136,6 +139,7 @@ class Settings:
     strict: bool = False
     bench_subprocess: bool = True
     use_shipped: bool = True
+    perfmodel: bool = True
 
     @property
     def tuning(self) -> bool:

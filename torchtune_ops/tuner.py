@@ -171,7 +171,7 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
                  prior: Sequence[tuple[dict, float]] | None = None, strict: bool | None = None,
                  patience: int | None = None, force: bool = False, wait_s: float = 5.0,
                  lease_s: float | None = None, fingerprint: Fingerprint | str | None = None,
-                 isolate: bool | None = None) -> Entry:
+                 isolate: bool | None = None, model: bool | None = None) -> Entry:
     """Find and store the fastest correct way to run ``problem`` on ``device``.
 
     Args:
@@ -204,6 +204,10 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
             or hanging kernel is scored as failed instead of harming this process; only when ``timer``
             is None. None (default): ``TORCHTUNE_OPS_BENCH_SUBPROCESS`` on a CUDA device, off elsewhere.
             A family the worker cannot import is measured in this process (one INFO log line).
+        model: use the performance model learned from this device's trial history (perfmodel.py): its
+            best predictions and the nearest stored problems' winners are measured first, its predictions
+            seed the search (unless ``prior`` is given) and the worst-predicted candidates are pruned when
+            it ranks well on held-out problems. None (default): ``TORCHTUNE_OPS_PERFMODEL``.
 
     Returns:
         The ``store.Entry`` now in the store (another process's answer when it stored a faster one first),
@@ -251,7 +255,8 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
             return _claimed_elsewhere(store, key, family, pdict)
         return _tune_claimed(store, key, family, problem, pdict, device=device, timer=timer, seed=seed,
                              max_trials=max_trials, time_budget_s=time_budget_s, prior=prior, patience=patience,
-                             progress=progress, strict=strict, force=force, lease_s=lease_s, isolate=isolate)
+                             progress=progress, strict=strict, force=force, lease_s=lease_s, isolate=isolate,
+                             model=s.perfmodel if model is None else model)
     finally:
         local.release()
 
@@ -282,7 +287,7 @@ def _claimed_elsewhere(store: Store, key: tuple[str, str, str], family: Any, pdi
 def _tune_claimed(store: Store, key: tuple[str, str, str], family: Any, problem: Any, pdict: dict, *,
                   device: Any, timer: Timer | None, seed: int, max_trials: int, time_budget_s: float,
                   prior: Any, patience: int, progress: Any, strict: bool, force: bool, lease_s: float,
-                  isolate: bool | None) -> Entry:
+                  isolate: bool | None, model: bool = False) -> Entry:
     """Tune a problem whose claim this process holds (released at the end, whatever happens)."""
     from .kernels.base import device_limits
 
@@ -296,8 +301,9 @@ def _tune_claimed(store: Store, key: tuple[str, str, str], family: Any, problem:
         try:
             run = _Run(family, problem, pdict, device=device, timer=timer or own_timer or make_timer(device),
                        limits=device_limits(device), strict=strict, seed=seed)
+            hints = _model_hints(store, key, pdict) if model else None
             entry, history = run.tune(key, max_trials=max_trials, time_budget_s=time_budget_s, prior=prior,
-                                      patience=patience, progress=progress,
+                                      patience=patience, progress=progress, hints=hints,
                                       renew=lambda: store.claim(*key, lease_s=lease_s),
                                       renew_every_s=lease_s / 3)
         finally:
@@ -306,6 +312,31 @@ def _tune_claimed(store: Store, key: tuple[str, str, str], family: Any, problem:
         return store.put(entry, history, policy="replace" if force else "faster")
     finally:
         store.release(*key)
+
+
+def _model_hints(store: Store, key: tuple[str, str, str], pdict: dict) -> Callable | None:
+    """``hints(candidates, known) -> perfmodel.Hints`` from the device's trial history (None on failure:
+    a model problem never stops tuning)."""
+    from . import perfmodel
+
+    fp, fam, _ = key
+    try:
+        model = perfmodel.model_for(store, fp, fam)
+        neighbours = perfmodel.nearest_winners(store, fp, fam, pdict)
+    except Exception as e:  # noqa: BLE001 - a broken history or model must not stop tuning
+        log.info("performance model unavailable for %s (%s: %s)", fam, type(e).__name__, e)
+        return None
+    if model is None and not neighbours:
+        return None
+
+    def hints(cands: list[dict], known: list[dict]) -> Any:
+        try:
+            return perfmodel.search_hints(model, pdict, cands, neighbours=neighbours, known=known)
+        except Exception as e:  # noqa: BLE001 - e.g. a model whose features do not fit this problem
+            log.info("performance model not used for %s (%s: %s)", fam, type(e).__name__, e)
+            return perfmodel.Hints(initial=known, prior=[], candidates=cands, pruned=0)
+
+    return hints
 
 
 def _isolated(isolate: bool | None, device: Any) -> bool:
@@ -436,7 +467,8 @@ class _Run:
     def tune(self, key: tuple[str, str, str], *, max_trials: int, time_budget_s: float,
              prior: Sequence[tuple[dict, float]] | None, patience: int,
              progress: bool | Callable[[TuneProgress], None] | None,
-             renew: Callable[[], bool], renew_every_s: float) -> tuple[Entry, list[tuple[str, float]]]:
+             renew: Callable[[], bool], renew_every_s: float,
+             hints: Callable | None = None) -> tuple[Entry, list[tuple[str, float]]]:
         from .kernels.base import Config
         from .search import Space, tune
 
@@ -464,10 +496,17 @@ class _Run:
             space = Space({k: list(v) for k, v in family.space(problem).items()},
                           constraint=lambda c: family.check(c, problem, limits) is None)
             known = [c.as_dict() for c in family.known_configs(problem, limits)]
+            cands, initial, prior = [c.as_dict() for c in valid], known, list(prior or ())
+            if hints is not None:  # the performance model: warm start and pruning (perfmodel.search_hints)
+                h = hints(cands, known)
+                cands, initial, prior = h.candidates, h.initial, prior or h.prior
+                if h.pruned:
+                    log.debug("%s: the performance model pruned %d of %d candidates", self.name, h.pruned,
+                              len(valid))
             result = tune(space, self.objective, max_trials=max_trials,
                           time_budget_s=max(0.0, time_budget_s - (time.monotonic() - start)),
-                          seed=self.seed, initial=known, prior=list(prior or ()), patience=patience or None,
-                          candidates=[c.as_dict() for c in valid], callback=on_trial)
+                          seed=self.seed, initial=initial, prior=prior, patience=patience or None,
+                          candidates=cands, callback=on_trial)
             if progress is True and result.trials:
                 sys.stderr.write("\n")
             history = [(Config.from_dict(c).to_json(), v) for c, v in result.trials]
