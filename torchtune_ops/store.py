@@ -314,6 +314,7 @@ class Store:
         self._missed: dict[Key, float] = {}
         self._remembered: dict[Key, Entry] = {}
         self._warned: set[str] = set()
+        self._salvaged: tuple[list[tuple], list[tuple]] | None = None  # rows read from a corrupt file
         self._set_owner()
 
     # ---------------------------------------------------------------- opening
@@ -404,6 +405,7 @@ class Store:
             if old is not None:
                 with contextlib.suppress(sqlite3.Error):
                     old.close()
+            self._restore_salvaged()
             return
 
     def _check_file(self) -> None:
@@ -473,9 +475,58 @@ class Store:
         self._warn("memory", f"torchtune_ops cache: {reason}; using an in-memory cache for this "
                              "process (tuned choices will not persist)")
 
+    def _salvage(self) -> tuple[list[tuple], list[tuple]]:
+        """Whatever entry and trial rows the corrupt file still gives, read in key order until the first
+        error (corruption often hits one table's pages only: the others stay readable)."""
+        v = SCHEMA_VERSION
+        tables = ((f"SELECT {_ENTRY_COLS} FROM entries_v{v}", "1, 2, 3", 3),
+                  (f"SELECT * FROM trials_v{v}", "1, 2, 3, 4, 5", 5))
+        got: list[dict[tuple, tuple]] = [{}, {}]
+        try:
+            conn = self._connect(self.path.absolute().as_uri() + "?mode=ro", uri=True)
+        except sqlite3.Error:
+            return [], []
+        try:
+            for (sql, order, pk), rows in zip(tables, got):
+                # in key order up to the damage, then backwards from the end down to it
+                for direction in ("ASC", "DESC"):
+                    keys = ", ".join(f"{c} {direction}" for c in order.split(", "))
+                    try:
+                        cur = conn.execute(f"{sql} ORDER BY {keys}")
+                        while True:
+                            batch = cur.fetchmany(32)
+                            if not batch:
+                                break
+                            rows.update((r[:pk], r) for r in batch)
+                    except sqlite3.Error:
+                        continue  # keep what was read before the damage
+        finally:
+            conn.close()
+        entries = [r for r in got[0].values() if self._valid(r) is not None]
+        trials = [r for r in got[1].values() if len(r) == 7 and all(isinstance(x, str) for x in r[:4])
+                  and isinstance(r[4], int) and isinstance(r[5], str) and (r[6] is None or isinstance(r[6], float))]
+        return entries, trials
+
+    def _restore_salvaged(self) -> None:
+        """Write the rows salvaged from a corrupt file into the new one (existing rows win)."""
+        salvaged, self._salvaged = self._salvaged, None
+        if not salvaged or self._conn is None:
+            return
+        entries, trials = salvaged
+        v = SCHEMA_VERSION
+        try:
+            with _tx(self._conn):
+                self._conn.executemany(f"INSERT OR IGNORE INTO entries_v{v} ({_ENTRY_COLS}) "
+                                       "VALUES (?,?,?,?,?,?,?,?,?)", entries)
+                self._conn.executemany(f"INSERT OR IGNORE INTO trials_v{v} VALUES (?,?,?,?,?,?,?)", trials)
+        except sqlite3.Error as e:  # the new file fails too: the caller's next operation handles it
+            self._warn("salvage", f"torchtune_ops cache: could not write the rows recovered from the "
+                                  f"corrupt file into {self.path} ({e})")
+
     def _move_aside(self, error: BaseException) -> None:
-        """Rename the corrupt database we opened (and its WAL files) aside. When the file at the path is
-        another one already (a process beside us moved ours aside), leave it alone."""
+        """Rename the corrupt database we opened (and its WAL files) aside, after reading whatever rows it
+        still gives (written into the new file when it is opened). When the file at the path is another one
+        already (a process beside us moved ours aside), leave it alone."""
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
@@ -488,6 +539,7 @@ class Store:
                 same = False  # already gone: another process moved it
             aside = None
             if same:
+                self._salvaged = self._salvage()
                 stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
                 aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
                 n = 1
@@ -504,8 +556,12 @@ class Store:
                 except OSError:
                     aside = None
         if aside is not None:
+            n_e, n_t = (len(x) for x in self._salvaged) if self._salvaged else (0, 0)
             self._warn("corrupt", f"torchtune_ops cache {self.path} was corrupt ({error}); "
-                                  f"moved it aside to {aside} and started a new one")
+                                  f"moved it aside to {aside} and started a new one with the {n_e} entries "
+                                  f"and {n_t} measurements it still gave")
+        else:
+            self._salvaged = None
 
     def _warn(self, kind: str, message: str) -> None:
         if kind not in self._warned:
