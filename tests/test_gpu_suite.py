@@ -233,3 +233,21 @@ def test_e2e_summary_targets_within_noise():
     rows["optimize"]["cold"]["latency_ms"] = 8.5
     (g,) = gpu_suite.e2e_summary(rows)
     assert not g["optimize_le_max-autotune"]
+
+
+def test_cpu_replays_the_spaces_a_gpu_run_recorded(smoke_run, tmp_path):
+    _, data, _, _ = smoke_run
+    d = json.loads(json.dumps(data))
+    d["meta"].update(gpu="NVIDIA Fake GPU", smoke=False)
+    del d["sections"]["search"]["replay"]
+    f = tmp_path / "gpu_suite-nvidia-fake-gpu.json"
+    f.write_text(json.dumps(d))
+    out = _run([str(BENCH / "gpu_suite.py"), "--section", "search", "--results", str(f), "--replay-methods",
+                "tune,random", "--replay-seeds", "2", "--replay-jobs", "1"])
+    after = json.loads(f.read_text())
+    assert "section search: complete" in out and "[record]" not in out  # nothing recorded on a CPU
+    assert after["meta"]["gpu"] == "NVIDIA Fake GPU"
+    replay = after["sections"]["search"]["replay"]
+    assert replay["seeds"] == 2 and replay["budget"] == 200
+    (by_method,) = replay["summary"].values()
+    assert by_method["tune"]["reached"] == 2
