@@ -410,9 +410,11 @@ class WorkerTimer:
         problem: the family's problem (sent as ``family.problem_to_dict(problem)``).
         device: where the kernels run (the worker uses the same device).
         seed: seed of the timing inputs made in the worker (default 0).
-        timeout_s: seconds one measurement or check may take, compiling included, before the worker is
-            killed and the candidate scored as failed (default ``DEFAULT_TIMEOUT_S``, 30 s).
-        start_timeout_s: seconds a new worker may take to start and make the inputs (default 180 s).
+        timeout_s: seconds one measurement or check of a configuration may take, compiling included,
+            before the worker is killed and the candidate scored as failed (default ``DEFAULT_TIMEOUT_S``,
+            30 s).
+        start_timeout_s: seconds a new worker may take to start and make the inputs, and one measurement
+            of PyTorch's kernel may take (default 180 s).
         warmup_ms, rep_ms, min_reps: the worker's ``timing.make_timer`` budgets (None: its defaults).
 
     ``restarts`` counts workers replaced after a crash or a timeout; ``failures`` maps configuration
@@ -477,8 +479,8 @@ class WorkerTimer:
 
     def _ask(self, msg: dict, key: str) -> dict:
         w = self._ready()
-        try:
-            reply = w.request(msg, self.timeout_s)
+        try:  # PyTorch's own kernel gets the long timeout: only candidates are suspected of hanging
+            reply = w.request(msg, self.start_timeout_s if key == "aten" else self.timeout_s)
         except _Dead as e:
             w.kill()
             self._worker = None
