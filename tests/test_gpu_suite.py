@@ -230,6 +230,11 @@ def test_e2e_summary_targets_within_noise():
     assert g["optimize_le_eager"] and g["optimize_le_compile"]
     assert g["optimize_le_max-autotune"]  # 8.1 <= 8.0 * 1.02: within the noise
     assert g["optimize_cold_over_max_autotune_cold"] == pytest.approx(0.15)
+    # tuning alone: (15 - 20 -> 0) / (100 - 20)
+    assert g["optimize_tuning_over_max_autotune_tuning"] == 0.0
+    rows["optimize"]["cold"]["first_call_s"] = 36
+    (g,) = gpu_suite.e2e_summary(rows)
+    assert g["optimize_tuning_over_max_autotune_tuning"] == pytest.approx(0.2)
     rows["optimize"]["cold"]["latency_ms"] = 8.5
     (g,) = gpu_suite.e2e_summary(rows)
     assert not g["optimize_le_max-autotune"]
