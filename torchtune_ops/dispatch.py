@@ -55,6 +55,7 @@ class Choice:
         self.op = op
         self.kernel = kernel          # "aten" or the config string
         self.source = source          # unsupported | memory | store | tuned | untuned | failed | background
+        #                               | predicted (zero-shot, perfmodel.py) | predicted-rejected
         self.problem = problem
         self.family = family
         self.problem_key = problem_key
@@ -351,6 +352,8 @@ def _decide(op: str, args: tuple, device: torch.device, aten: Callable, capturin
 
     fp = fingerprint(device).key
     entry, source = _lookup_or_tune(family, problem, pkey, fp, device, s)
+    if source == "predicted":
+        return _predicted_choice(op, launch, entry, base, device, s)
     if entry is None:
         if s.tuning and s.autotune == "background":
             return Choice(aten, kernel="aten", source="background", **base)
@@ -403,6 +406,10 @@ def _lookup_or_tune_local(family, problem, pkey, fp, device, s):
 
         record.note(family.name, family.problem_to_dict(problem), key=pkey)
     if not s.tuning:
+        if s.perfmodel and store is not None:
+            predicted = _predict(family, problem, fp, device, store)
+            if predicted is not None:
+                return predicted, "predicted"
         return None, "untuned"
     if s.autotune == "background":
         _background().submit(family, problem, pkey, device, s)
@@ -448,7 +455,7 @@ def _lookup_or_tune_distributed(family, problem, pkey, fp, device, s):
     payload: list[Any] = [None]
     if dist.get_rank() == 0:
         entry, source = _lookup_or_tune_local(family, problem, pkey, fp, device, s)
-        if entry is not None:
+        if entry is not None and source != "predicted":  # zero-shot choices stay local (ranks use aten)
             payload[0] = {"winner": entry.winner, "time_ms": entry.time_ms, "aten_ms": entry.aten_ms,
                           "trials": _ntrials(entry), "source": source}
     dist.broadcast_object_list(payload, src=0)
@@ -466,6 +473,103 @@ class _Broadcast:
     time_ms: float | None
     aten_ms: float | None
     trials: int
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Zero-shot: with tuning off, the performance model's configuration for an unseen problem (perfmodel.py),
+# used only where the model is confident and only after it matched PyTorch's output (and, on a GPU, beat
+# PyTorch's time) at its first call. Kept in memory: nothing is written.
+
+#: on a GPU, a predicted configuration must beat aten's time by this fraction at its first call
+PREDICTED_MARGIN = 0.03
+
+
+@dataclasses.dataclass
+class _Predicted:
+    winner: str          # the configuration's JSON
+    vs_aten: float       # the model's predicted time over aten's
+    time_ms: float | None = None
+    aten_ms: float | None = None
+    trials: int = 0
+
+
+def _predict(family, problem, fp: str, device: torch.device, store) -> _Predicted | None:
+    from . import perfmodel
+    from .kernels.base import Config, device_limits
+
+    try:
+        model = perfmodel.model_for(store, fp, family.name, reuse=True)
+        if model is None or not model.confident():
+            return None
+        cands = [c.as_dict() for c in family.valid_configs(problem, device_limits(device))]
+        pred = perfmodel.zero_shot(model, family.problem_to_dict(problem), cands)
+    except Exception as e:  # noqa: BLE001 - a model problem means PyTorch's kernel, never a crash
+        log.info("torchtune_ops: no zero-shot prediction for %s (%s: %s)", family.name, type(e).__name__, e)
+        return None
+    if pred is None:
+        return None
+    return _Predicted(winner=Config.from_dict(pred.config).to_json(), vs_aten=pred.vs_aten)
+
+
+def _predicted_choice(op: str, launch: Callable, entry: _Predicted, base: dict, device: torch.device,
+                      s: settings.Settings) -> Choice:
+    """A choice that runs aten and the predicted kernel at its first call, keeps the kernel only when its
+    output matches aten's within the family's tolerance (and, on CUDA, it is faster), and returns aten's
+    output for that call."""
+    from .kernels.base import Config
+
+    config = Config.from_json(entry.winner)
+    c = Choice(base["aten"], kernel=str(config), source="predicted", **base)
+    c.strict = s.strict
+    kernel = _kernel_fn(op, launch, config, c)
+
+    def first(*args):
+        ref = c.aten(*args)
+        if _capturing(device):
+            return ref
+        why = _check_predicted(c, kernel, args, ref, device)
+        with _lock:
+            if why is None:
+                c.fn = kernel
+            else:
+                c.fn, c.kernel, c.source = c.aten, "aten", "predicted-rejected"
+        if why is not None:
+            log.info("torchtune_ops: predicted %s configuration %s not used for %s: %s", c.family.name, config,
+                     c.problem, why)
+        return ref
+
+    c.fn = first
+    return c
+
+
+def _check_predicted(c: Choice, kernel: Callable, args: tuple, ref: torch.Tensor,
+                     device: torch.device) -> str | None:
+    """Why the predicted kernel must not be used (None: it may): it failed, disagrees with aten, or, on
+    CUDA, is not faster than aten by ``PREDICTED_MARGIN``."""
+    from .kernels.base import relative_error
+
+    try:
+        out = kernel(*args)
+    except Exception as e:  # noqa: BLE001 - strict mode re-raises from the kernel wrapper
+        return f"it failed ({type(e).__name__}: {e})"
+    if c.source == "failed":  # the guarded kernel raised and already fell back
+        return "it failed"
+    err = relative_error(out, ref)
+    tol = c.family.tolerance(c.problem)
+    if not err <= tol:
+        warnings.warn(f"torchtune_ops: the predicted {c.family.name} configuration gives a wrong result on "
+                      f"{c.problem} (relative error {err:.3g} > {tol:.3g}); using PyTorch's kernel",
+                      RuntimeWarning, stacklevel=4)
+        return f"relative error {err:.3g} > tolerance {tol:.3g}"
+    if device.type == "cuda":
+        from .timing import benchmark
+
+        t_k = benchmark(lambda: kernel(*args), warmup_ms=5, rep_ms=20, device=device)
+        t_a = benchmark(lambda: c.aten(*args), warmup_ms=5, rep_ms=20, device=device)
+        c.time_ms, c.aten_ms = t_k.median_ms, t_a.median_ms
+        if not t_k.median_ms < t_a.median_ms * (1 - PREDICTED_MARGIN):
+            return f"not faster than aten ({t_k.median_ms:.4g} ms vs {t_a.median_ms:.4g} ms)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -141,7 +141,11 @@ def featurize(family: str, problem: Mapping[str, Any], configs: Sequence[Mapping
         feats = {f"cfg.{k}": v for k, v in cols.items()}
         for k, v in sorted(problem.items()):
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                feats[f"prob.{k}"] = np.full(n, float(np.log2(max(float(v), 1.0))))
+                lv = float(np.log2(max(float(v), 1.0)))
+                feats[f"prob.{k}"] = np.full(n, lv)
+                for name, col in cols.items():  # problem size over a positive numeric parameter (tiles)
+                    if (col > 0).all() and all(not isinstance(c.get(name), str) for c in configs[:1]):
+                        feats[f"prob.{k}/cfg.{name}"] = lv - np.log2(col)
         return (np.stack(list(feats.values()), axis=1) if feats else np.zeros((n, 0))), list(feats)
     c = {k: np.asarray([float(cfg.get(k, 1 if k != "TMA" else 0)) for cfg in configs]) for k in _GEMM_PARAMS}
     M, N, K, B = (float(view[k]) for k in ("M", "N", "K", "batch"))
@@ -569,7 +573,8 @@ _models: dict[tuple[str, str, str], tuple[int, PerfModel | None]] = {}
 _warned: set[str] = set()
 
 
-def model_for(store: Any, fingerprint: str, family: str, *, train: bool = True) -> PerfModel | None:
+def model_for(store: Any, fingerprint: str, family: str, *, train: bool = True,
+              reuse: bool = False) -> PerfModel | None:
     """The performance model of ``family`` on the device ``fingerprint``, or None when the history is too
     short.
 
@@ -582,11 +587,15 @@ def model_for(store: Any, fingerprint: str, family: str, *, train: bool = True) 
         fingerprint: the device fingerprint key.
         family: the kernel family's name.
         train: train when no fresh model exists (default True); False only loads.
+        reuse: return the model already in memory without checking the store for new trials (run-time
+            dispatch, where reading the history at every unseen problem would cost too much). Default False.
     """
-    rows = history_rows(store, fingerprint, family)
-    n = sum(1 for r in rows)
     key = (str(store.path), fingerprint, family)
     got = _models.get(key)
+    if reuse and got is not None:
+        return got[1]
+    rows = history_rows(store, fingerprint, family)
+    n = len(rows)
     if got is not None and got[0] == n:
         return got[1]
     path = model_path(store, fingerprint, family)
@@ -665,7 +674,7 @@ def nearest_winners(store: Any, fingerprint: str, family: str, problem: Mapping[
     scored.sort(key=lambda t: t[0])
     out = []
     for _, e in scored[:k]:
-        cfg = e.config
+        cfg = e.config()
         if cfg is None:
             trials = [t for t in store.trials(fingerprint, family, problem=e.problem) if math.isfinite(t.value_ms)]
             cfg = min(trials, key=lambda t: t.value_ms).config_dict() if trials else None
