@@ -898,6 +898,29 @@ def short_table(data: dict) -> str:
     return "\n".join(out).rstrip()
 
 
+def progress(data: dict, *, smoke: bool, models: list[str] | None = None) -> str:
+    """Per section: how much the JSON holds of what a full run measures, and how many failed."""
+    secs = data.get("sections", {})
+    k = secs.get("kernels", {})
+    want = [f"{name}|{m}" for name, _, _, _ in kernel_problems(smoke) for m in KERNEL_METHODS]
+    lines = [f"kernels: {sum(x in k for x in want)}/{len(want)} measurements, "
+             f"{sum('error' in r for r in k.values())} failed"]
+    import record_space
+
+    known = record_space.all_shapes(smoke=smoke)
+    shapes = [next(iter(known))] if smoke else record_space.pick(list(record_space.DEFAULT_SHAPES), known)
+    srch = secs.get("search", {})
+    done = [n for n in shapes if srch.get(f"record|{n}", {}).get("complete")]
+    lines.append(f"search: {len(done)}/{len(shapes)} spaces recorded, replay {'done' if 'replay' in srch else 'to do'}")
+    e = secs.get("e2e", {})
+    items = e2e_items(smoke, models)
+    full = [i for i in items if "cold" in e.get(i.key, {}) and (i.variant == "eager" or "warm" in e.get(i.key, {}))]
+    failed = sum(any("error" in r.get(m, {}) for m in ("cold", "warm")) for r in e.values())
+    lines.append(f"e2e: {len(full)}/{len(items)} measured, {failed} failed; next: "
+                 + next((i.key for i in items if i not in full), "none"))
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- main
 
 def machine(device: torch.device) -> dict:
@@ -933,6 +956,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-again", action="store_true", help="replay even when the JSON has a replay")
     ap.add_argument("--replay-on-gpu", action="store_true",
                     help="replay right after recording on the GPU machine (default: leave it for a CPU machine)")
+    ap.add_argument("--status", action="store_true", help="print what is measured and what is left, then exit")
     ap.add_argument("--retry-errors", action="store_true", help="measure again what failed in an earlier run")
     ap.add_argument("--model", action="append", choices=("gpt2", "resnet50"), help="e2e models (default both)")
     ap.add_argument("--gpt2-layers", type=int, default=12, help="e2e: GPT-2 blocks (12, GPT-2 small)")
@@ -944,7 +968,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(_finite(run_child(json.loads(args.e2e_child)))), flush=True)
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not args.smoke and args.section not in ("report", "search"):
+    if device.type == "cpu" and not args.smoke and args.section not in ("report", "search") and not args.status:
         print("[gpu_suite] no CUDA device: only --smoke (or --section report / a search replay) runs on CPU")
         return 2
     smoke = args.smoke
@@ -968,6 +992,9 @@ def main(argv: list[str] | None = None) -> int:
     res = Results(path, meta=meta, mirror=Path(args.mirror) if args.mirror else None,
                   keep_meta=device.type != "cuda" and not smoke)
     print(f"[gpu_suite] {meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']} -> {path}")
+    if args.status:
+        print(progress(res.data, smoke=smoke, models=args.model))
+        return 0
     if smoke:
         print(f"[gpu_suite] {SMOKE_NOTE}")
     deadline = time.monotonic() + args.budget_s

@@ -114,6 +114,9 @@ def test_suite_resumes_without_measuring_again(smoke_run):
     md.unlink()
     _run([str(BENCH / "gpu_suite.py"), "--section", "report", "--results", str(results)])
     assert md.exists() and json.loads(results.read_text())["meta"]["gpu"] == after["meta"]["gpu"]
+    status = _run([str(BENCH / "gpu_suite.py"), "--smoke", "--status", "--results", str(results)])
+    assert "kernels: 12/12 measurements, 0 failed" in status and "search: 1/1 spaces recorded, replay done" in status
+    assert "e2e: 8/8 measured, 0 failed; next: none" in status
 
 
 def test_record_space_smoke_writes_kernel_tuner_format(tmp_path):
