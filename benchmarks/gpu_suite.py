@@ -520,20 +520,28 @@ class E2EItem:
         return f"{self.model}|{self.dtype}|b{self.batch}|{self.variant}"
 
 
+GPT2_SEQ = 512
+#: the large batch of each model (warm starts are measured there only, unless --warm-all)
+LARGE_BATCH = {"gpt2": 16, "resnet50": 64}
+
+
+def wants_warm(item: E2EItem, *, smoke: bool, warm_all: bool) -> bool:
+    """Whether ``item`` gets a warm-start measurement: compiled variants at the large batch, so once per
+    model, dtype and variant (to save device time), or at every batch with ``warm_all``; in smoke, all."""
+    return item.variant != "eager" and (smoke or warm_all or item.batch == LARGE_BATCH.get(item.model))
+
+
 def e2e_items(smoke: bool, models: list[str] | None = None) -> list[E2EItem]:
     """What the section measures, most informative first (a budget-limited run does those)."""
     if smoke:
         return [E2EItem(m, "float32", 1, v) for m in ("gpt2", "resnet50") for v in E2E_VARIANTS]
-    batches = {"gpt2": (16, 1), "resnet50": (64, 1)}
+    batches = {m: (b, 1) for m, b in LARGE_BATCH.items()}
     items = []
     for dtype in ("bfloat16", "float16"):
         for m in models or ("gpt2", "resnet50"):
             for b in batches[m]:
                 items += [E2EItem(m, dtype, b, v) for v in E2E_VARIANTS]
     return items
-
-
-GPT2_SEQ = 512
 
 
 def build_model(name: str, *, smoke: bool, layers: int = 12):
@@ -688,7 +696,8 @@ def section_e2e(res: Results, *, device, smoke: bool, deadline: float, args) -> 
             if args.retry_errors and any("error" in row.get(m, {}) for m in ("cold", "warm")):
                 row = {}
             need_cold = "cold" not in row
-            need_warm = item.variant != "eager" and "warm" not in row and "error" not in row.get("cold", {})
+            warm = wants_warm(item, smoke=smoke, warm_all=args.warm_all)
+            need_warm = warm and "warm" not in row and "error" not in row.get("cold", {})
             if not (need_cold or need_warm):
                 continue
             left = deadline - time.monotonic()
@@ -705,7 +714,7 @@ def section_e2e(res: Results, *, device, smoke: bool, deadline: float, args) -> 
             env = {k: v for k, v in env.items() if not k.startswith("TORCHTUNE_OPS_")}  # the spec decides
             if not need_cold:  # a warm measurement needs the caches of its own cold run: measure both again
                 row = {}
-            for mode in ("cold", "warm") if item.variant != "eager" else ("cold",):
+            for mode in ("cold", "warm") if warm else ("cold",):
                 s = dict(spec, mode=mode)
                 t0 = time.perf_counter()
                 # smoke: in-process (seconds instead of a new interpreter each), except optimize()'s warm
@@ -914,7 +923,8 @@ def progress(data: dict, *, smoke: bool, models: list[str] | None = None) -> str
     lines.append(f"search: {len(done)}/{len(shapes)} spaces recorded, replay {'done' if 'replay' in srch else 'to do'}")
     e = secs.get("e2e", {})
     items = e2e_items(smoke, models)
-    full = [i for i in items if "cold" in e.get(i.key, {}) and (i.variant == "eager" or "warm" in e.get(i.key, {}))]
+    full = [i for i in items if "cold" in e.get(i.key, {})
+            and (not wants_warm(i, smoke=smoke, warm_all=False) or "warm" in e.get(i.key, {}))]
     failed = sum(any("error" in r.get(m, {}) for m in ("cold", "warm")) for r in e.values())
     lines.append(f"e2e: {len(full)}/{len(items)} measured, {failed} failed; next: "
                  + next((i.key for i in items if i not in full), "none"))
@@ -959,6 +969,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--status", action="store_true", help="print what is measured and what is left, then exit")
     ap.add_argument("--retry-errors", action="store_true", help="measure again what failed in an earlier run")
     ap.add_argument("--model", action="append", choices=("gpt2", "resnet50"), help="e2e models (default both)")
+    ap.add_argument("--warm-all", action="store_true",
+                    help="e2e: warm starts at every batch (default: the large batch only)")
     ap.add_argument("--gpt2-layers", type=int, default=12, help="e2e: GPT-2 blocks (12, GPT-2 small)")
     ap.add_argument("--e2e-rep-ms", type=float, default=300.0, help="e2e latency budget per round, ms (300)")
     ap.add_argument("--e2e-child", default=None, help=argparse.SUPPRESS)

@@ -259,3 +259,12 @@ def test_cpu_replays_the_spaces_a_gpu_run_recorded(smoke_run, tmp_path):
     assert replay["seeds"] == 2 and replay["budget"] == 200
     (by_method,) = replay["summary"].values()
     assert by_method["tune"]["reached"] == 2
+
+
+def test_e2e_plan():
+    items = gpu_suite.e2e_items(smoke=False)
+    assert len(items) == 2 * 2 * 2 * 4 and items[0].dtype == "bfloat16" and items[-1].dtype == "float16"
+    assert {i.model for i in items[:16]} == {"gpt2", "resnet50"}  # both models in bf16 before any fp16
+    warm = [i for i in items if gpu_suite.wants_warm(i, smoke=False, warm_all=False)]
+    assert len(warm) == 2 * 2 * 3 and all(i.batch > 1 and i.variant != "eager" for i in warm)
+    assert sum(gpu_suite.wants_warm(i, smoke=False, warm_all=True) for i in items) == 24
