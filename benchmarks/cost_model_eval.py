@@ -16,8 +16,8 @@ recorded time):
 * **xgpu** (../shared/datasets): per kernel, train on the other GPUs' spaces (configuration features only),
   tune the held-out GPU's.
 
-Training data per problem (or GPU): ``--train-per-problem`` configurations drawn at random (a trial history
-of that size). For each held-out space: Spearman rank correlation of the predictions with the recorded times,
+Training data per problem: ``--train-per-problem`` configurations drawn at random, or (``-tuned40``) the 40
+measurements a tune() run leaves in the cache; per GPU (xgpu): its whole space. For each held-out space: Spearman rank correlation of the predictions with the recorded times,
 top-1 regret (time of the predicted best over the optimum, minus 1), zero-shot fraction of the optimum
 (optimum over the time of the predicted best), and the median over seeds of the measurements tune() needs
 to reach within 5% of the optimum without a prior and with the model (its top predictions measured first,
@@ -115,6 +115,14 @@ def _sample_rows(problem: dict, space: ReplaySpace, n: int, rng) -> list[tuple]:
     return [(problem, cfgs[i], space.time_of(cfgs[i]), math.nan) for i in pick]
 
 
+def _tuned_rows(problem: dict, space: ReplaySpace, n: int, seed: int) -> list[tuple]:
+    """The history a tuning run leaves: the ``n`` configurations tune() measured (no prior)."""
+    from torchtune_ops.search import Space, tune
+
+    res = tune(Space(space.params), space.time_of, candidates=space.configs(), max_trials=n, seed=seed)
+    return [(problem, c, v, math.nan) for c, v in res.trials]
+
+
 def _reach(space: ReplaySpace, *, seed: int, budget: int, hints: perfmodel.Hints | None) -> int | None:
     """Measurements tune() needs to reach within TOL of the optimum (None: not within ``budget``)."""
     from torchtune_ops.search import Space, tune
@@ -140,7 +148,7 @@ def _reach(space: ReplaySpace, *, seed: int, budget: int, hints: perfmodel.Hints
 
 
 def evaluate(family: str, problem: dict, space: ReplaySpace, model: perfmodel.PerfModel, *, seeds: int,
-             budget: int, prune: bool = True) -> dict:
+             budget: int, prune: bool = True, raw_prior: list | None = None) -> dict:
     cfgs = space.configs()
     times = np.asarray([space.time_of(c) for c in cfgs])
     pred = model.predict(problem, cfgs)
@@ -150,37 +158,51 @@ def evaluate(family: str, problem: dict, space: ReplaySpace, model: perfmodel.Pe
     hints = perfmodel.search_hints(model, problem, cfgs, prune=prune)
     base = [_reach(space, seed=s, budget=budget, hints=None) for s in range(seeds)]
     with_model = [_reach(space, seed=s, budget=budget, hints=hints) for s in range(seeds)]
+    raw = []
+    if raw_prior:  # the other problems' measurements passed as they are (each divided by its best)
+        plain = perfmodel.Hints(initial=[], prior=raw_prior, candidates=cfgs, pruned=0)
+        raw = [_reach(space, seed=s, budget=budget, hints=plain) for s in range(seeds)]
 
     def med(xs):
-        return statistics.median(x if x is not None else math.inf for x in xs)
+        return statistics.median(x if x is not None else math.inf for x in xs) if xs else math.nan
 
     return {"space": space.name, "valid": len(cfgs), "within_5pct": space.n_within(TOL),
             "spearman": perfmodel.spearman(pred[fin], times[fin]),
             "top1_regret": (t_top / opt - 1) if math.isfinite(t_top) else math.inf,
             "zero_shot_fraction": opt / t_top if math.isfinite(t_top) else 0.0,
-            "pruned": hints.pruned, "optimum_kept": bool(min(space.time_of(c) for c in hints.candidates) <= opt * (1 + TOL)),
-            "reach_without": base, "reach_with": with_model,
-            "median_without": med(base), "median_with": med(with_model)}
+            "pruned": hints.pruned,
+            "optimum_kept": bool(min(space.time_of(c) for c in hints.candidates) <= opt * (1 + TOL)),
+            "reach_without": base, "reach_with": with_model, "reach_raw_prior": raw,
+            "median_without": med(base), "median_with": med(with_model), "median_raw_prior": med(raw)}
 
 
 def lopo(entries: list[tuple[str, dict, ReplaySpace]], *, label: str, seeds: int, budget: int,
-         per_problem: int, limit: int | None) -> list[dict]:
-    """Leave one problem out: train on the others' sampled histories, evaluate on the held-out one."""
+         per_problem: int, limit: int | None, history: str = "random") -> list[dict]:
+    """Leave one problem out: train on the others' histories, evaluate on the held-out one. ``history``:
+    "random" (``per_problem`` configurations drawn at random) or "tuned" (the ``per_problem``
+    measurements of a tune() run without prior, as the tuner leaves in the cache)."""
     rows_of = {}
     rng = np.random.default_rng(0)
     for i, (_, prob, sp) in enumerate(entries):
-        rows_of[i] = _sample_rows(prob, sp, per_problem, rng)
+        rows_of[i] = (_tuned_rows(prob, sp, per_problem, seed=100 + i) if history == "tuned"
+                      else _sample_rows(prob, sp, per_problem, rng))
     out = []
     for i, (fam, prob, sp) in enumerate(entries[:limit] if limit else entries):
         rows = [r for j, rs in rows_of.items() if j != i for r in rs]
         t0 = time.perf_counter()
         model = perfmodel.PerfModel.fit(rows, family=fam, sms=132, cv=False)
         fit_s = time.perf_counter() - t0
-        res = evaluate(fam, prob, sp, model, seeds=seeds, budget=budget)
+        best = {}
+        for r in rows:
+            k = json.dumps(r[0], sort_keys=True)
+            best[k] = min(best.get(k, math.inf), r[2])
+        raw = [(r[1], r[2] / best[json.dumps(r[0], sort_keys=True)]) for r in rows if math.isfinite(r[2])]
+        res = evaluate(fam, prob, sp, model, seeds=seeds, budget=budget, raw_prior=raw)
         res.update(eval=label, fit_s=fit_s)
         out.append(res)
         print(f"  {label} {sp.name}: rho {res['spearman']:.2f}, zero-shot {res['zero_shot_fraction']:.3f}, "
-              f"to 5%: {res['median_without']} -> {res['median_with']} (fit {fit_s:.1f} s)", flush=True)
+              f"to 5%: {res['median_without']} -> {res['median_with']} (raw prior {res['median_raw_prior']}; "
+              f"fit {fit_s:.1f} s)", flush=True)
     return out
 
 
@@ -216,13 +238,14 @@ def machine() -> dict:
 
 def table(results: list[dict]) -> str:
     lines = ["| eval | space | valid | within 5% | Spearman | top-1 regret | zero-shot | pruned | to 5% without | "
-             "to 5% with model | ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "to 5% with model | ratio | to 5% raw prior |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         a, b = r["median_without"], r["median_with"]
         ratio = a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
         lines.append(f"| {r['eval']} | {r['space']} | {r['valid']} | {r['within_5pct']} | {r['spearman']:.2f} | "
                      f"{r['top1_regret']:.3f} | {r['zero_shot_fraction']:.3f} | {r['pruned']} | {a} | {b} | "
-                     f"{ratio:.1f}x |")
+                     f"{ratio:.1f}x | {r['median_raw_prior']} |")
     return "\n".join(lines)
 
 
@@ -234,8 +257,13 @@ def summary(results: list[dict], budget: int) -> dict:
         rs = [r for r in results if r["eval"] == label]
         a = [min(r["median_without"], budget + 1) for r in rs]
         b = [min(r["median_with"], budget + 1) for r in rs]
+        c = [min(r["median_raw_prior"], budget + 1) for r in rs]
+        both = [r for r in rs if math.isfinite(r["median_without"]) and math.isfinite(r["median_with"])]
         out[label] = {"spaces": len(rs), "sum_median_without": sum(a), "sum_median_with": sum(b),
                       "ratio_of_sums": sum(a) / max(sum(b), 1e-9),
+                      "sum_median_raw_prior": sum(c),
+                      "spaces_both_reached": len(both), "ratio_where_both_reached":
+                          sum(r["median_without"] for r in both) / max(sum(r["median_with"] for r in both), 1e-9),
                       "mean_zero_shot_fraction": statistics.mean(r["zero_shot_fraction"] for r in rs),
                       "mean_spearman": statistics.mean(r["spearman"] for r in rs),
                       "zero_shot_at_least_0.9": sum(r["zero_shot_fraction"] >= 0.9 for r in rs)}
@@ -261,8 +289,11 @@ def main(argv=None) -> int:
     results: list[dict] = []
     if not args.no_synthetic:
         shapes = SYNTH_SHAPES[:4] if args.smoke else SYNTH_SHAPES
-        results += lopo(synthetic_spaces(shapes), label="lopo-synthetic", seeds=seeds, budget=args.budget,
-                        per_problem=per, limit=limit)
+        synth = synthetic_spaces(shapes)
+        results += lopo(synth, label="lopo-synthetic", seeds=seeds, budget=args.budget, per_problem=per,
+                        limit=limit)
+        results += lopo(synth, label="lopo-synthetic-tuned40", seeds=seeds, budget=args.budget, per_problem=40,
+                        limit=limit, history="tuned")
     if args.space:
         by_family: dict[str, list] = {}
         for e in recorded(args.space):
@@ -283,7 +314,9 @@ def main(argv=None) -> int:
     summ = summary(results, args.budget)
     for label, s in summ.items():
         print(f"\n{label}: measurements to 5% (sum of medians) {s['sum_median_without']} without, "
-              f"{s['sum_median_with']} with the model ({s['ratio_of_sums']:.1f}x); mean zero-shot fraction "
+              f"{s['sum_median_with']} with the model ({s['ratio_of_sums']:.1f}x), {s['sum_median_raw_prior']} "
+              f"with the raw histories as prior ({s['ratio_where_both_reached']:.1f}x on the "
+              f"{s['spaces_both_reached']} spaces where both reached 5%); mean zero-shot fraction "
               f"{s['mean_zero_shot_fraction']:.3f} ({s['zero_shot_at_least_0.9']}/{s['spaces']} spaces >= 0.9); "
               f"mean Spearman {s['mean_spearman']:.2f}")
     print(f"\n{elapsed:.0f} s")
