@@ -42,39 +42,16 @@ import triton.language as tl
 
 from ..errors import InvalidConfig, UnsupportedProblem
 from . import _compat
+from ._jit import ACTIVATION_CODES, activate, tile_order
 from .base import Config, DeviceLimits, KernelFamily, Value, iter_known
 
-ACTIVATIONS = ("none", "relu", "silu", "gelu_tanh")
-_ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
+ACTIVATIONS = tuple(ACTIVATION_CODES)
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _TORCH_DTYPE = {v: k for k, v in _DTYPES.items()}
 _INT32_MAX = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------------------------- kernels
-
-@triton.jit
-def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # grouped ("swizzled") tile order: GROUP_M row-tiles share the column tiles while they are in L2
-    width = GROUP_M * num_pid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _activate(x, ACT: tl.constexpr):
-    if ACT == 1:  # relu (NaN propagates like torch.relu)
-        x = tl.where(x < 0.0, 0.0, x)
-    elif ACT == 2:  # silu
-        x = x * tl.sigmoid(x)
-    elif ACT == 3:  # gelu, tanh approximation: 0.5*(1 + tanh(u)) == sigmoid(2u)
-        x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
-    return x
-
 
 @triton.jit
 def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -99,7 +76,7 @@ def _conv2d_kernel(
     SPLIT_K: tl.constexpr,
 ):
     g = tl.program_id(1)
-    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(KG, BLOCK_N), GROUP_M)
+    pid_m, pid_n = tile_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(KG, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -187,7 +164,7 @@ def _conv2d_kernel(
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + g * KG + n_ld).to(tl.float32)[None, :]
-        acc = _activate(acc, ACT)
+        acc = activate(acc, ACT)
         y_rows = img * syn + (p * syp + q * syq)
         y_ptrs = y_ptr + (g * KG).to(tl.int64) * syc + (y_rows[:, None] + (offs_n * syc)[None, :])
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -209,7 +186,7 @@ def _splitk_reduce_kernel(
         acc += tl.load(ws_ptr + (rows[:, None] + offs_n[None, :]), mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < KOUT, other=0.0).to(tl.float32)[None, :]
-    acc = _activate(acc, ACT)
+    acc = activate(acc, ACT)
     img = offs_m // (P * Q)
     pq = offs_m - img * (P * Q)
     p = pq // Q
@@ -234,7 +211,7 @@ def _conv2d_depthwise_kernel(
 ):
     # One input channel per group: output channel k reads input channel k // MULT; no reduction over
     # channels, so the taps are accumulated elementwise in float32 over a [BLOCK_M, BLOCK_N] tile.
-    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(KOUT, BLOCK_N), GROUP_M)
+    pid_m, pid_n = tile_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(KOUT, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ld = offs_m % M
@@ -268,7 +245,7 @@ def _conv2d_depthwise_kernel(
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + n_ld).to(tl.float32)[None, :]
-    acc = _activate(acc, ACT)
+    acc = activate(acc, ACT)
     y_rows = img * syn + (p * syp + q * syq)
     y_ptrs = y_ptr + (y_rows[:, None] + (offs_n * syc)[None, :])
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < KOUT)[None, :])
@@ -401,7 +378,7 @@ def conv_problem(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None 
     dtype = _DTYPES.get(x.dtype)
     if dtype is None or w.dtype != x.dtype:
         raise UnsupportedProblem(f"conv2d kernels take float16/bfloat16/float32, got {x.dtype}/{w.dtype}")
-    if activation not in _ACT_CODE:
+    if activation not in ACTIVATION_CODES:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     n, c, h, wd = x.shape
     k, cg, r, s = w.shape
@@ -517,7 +494,7 @@ def _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out
         raise UnsupportedProblem("conv2d inputs must be on one device")
     if not (x.is_cuda or _compat.INTERPRET):
         raise UnsupportedProblem(f"conv2d kernels run on CUDA (or CPU under TRITON_INTERPRET=1), got {x.device}")
-    act = _ACT_CODE.get(activation)
+    act = ACTIVATION_CODES.get(activation)
     if act is None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     block_m, block_n, block_k, group_m, num_warps, num_stages, split_k = _params(

@@ -32,29 +32,18 @@ import triton.language as tl
 
 from ..errors import InvalidConfig, UnsupportedProblem
 from . import _compat
+from ._jit import ACTIVATION_CODES, activate, tile_order
 from .base import Config, DeviceLimits, KernelFamily, Value
 from .gemm_space import (TORCH_DTYPES, GemmProblem, check, gemm_problem, known_configs,
                          space)
 
 __all__ = ["gemm", "GemmFamily", "GemmProblem", "gemm_problem", "GEMM", "ACTIVATIONS"]
 
-ACTIVATIONS = {"none": 0, "relu": 1, "gelu_tanh": 2, "silu": 3}
+ACTIVATIONS = ACTIVATION_CODES
 # BIAS constexpr: how the epilogue reads the bias.
 _NO_BIAS, _BIAS_VALUE, _BIAS_SCALAR, _BIAS_ROW, _BIAS_COL, _BIAS_FULL = range(6)
 _INT32_MAX = 2**31 - 1
 _EPILOGUE_BLOCK = 64
-
-
-@triton.jit
-def _tile_order(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Grouped ordering: GROUP_M tile rows are walked column by column, so their B tiles stay in L2."""
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -75,15 +64,7 @@ def _epilogue(acc, rm, rn, M, N, bias_ptr, stride_xm, stride_xn, beta, bias_valu
         x = tl.load(bias_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn,
                     mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0)
         acc += beta * x.to(tl.float32)
-    if ACT == 1:  # relu; NaN stays NaN like torch.relu
-        acc = tl.where(acc < 0.0, 0.0, acc)
-    elif ACT == 2:  # gelu, tanh approximation: 0.5 x (1 + tanh(z)) == x * sigmoid(2 z)
-        # x * (1 / (1 + exp(-2z))): where exp overflows the factor is 0, so -inf gives NaN like torch
-        z2 = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc * (1.0 / (1.0 + tl.exp(-z2)))
-    elif ACT == 3:  # silu: x * sigmoid(x), NaN at -inf like torch
-        acc = acc * (1.0 / (1.0 + tl.exp(-acc)))
-    return acc
+    return activate(acc, ACT)
 
 
 @triton.jit
@@ -109,7 +90,7 @@ def _gemm_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tiles = num_pid_m * num_pid_n
     pid_b = (pid // tiles).to(tl.int64)
-    pid_m, pid_n = _tile_order(pid % tiles, num_pid_m, num_pid_n, GROUP_M)
+    pid_m, pid_n = tile_order(pid % tiles, num_pid_m, num_pid_n, GROUP_M)
     a_ptr += pid_b * stride_ab
     b_ptr += pid_b * stride_bb
 
