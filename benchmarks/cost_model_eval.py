@@ -245,7 +245,7 @@ def table(results: list[dict]) -> str:
         ratio = a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
         lines.append(f"| {r['eval']} | {r['space']} | {r['valid']} | {r['within_5pct']} | {r['spearman']:.2f} | "
                      f"{r['top1_regret']:.3f} | {r['zero_shot_fraction']:.3f} | {r['pruned']} | {a} | {b} | "
-                     f"{ratio:.1f}x | {r['median_raw_prior']} |")
+                     f"{'-' if math.isnan(ratio) else f'{ratio:.1f}x'} | {r['median_raw_prior']} |")
     return "\n".join(lines)
 
 

@@ -285,6 +285,32 @@ def test_search_hints_warm_start_and_pruning():
 TOY_KNOWN = [{"BLOCK": 1, "MODE": "col", "UNROLL": 1, "W": 1}]
 
 
+def test_related_hints_speed_up_the_generic_search():
+    """Two "other GPUs" (distorted copies of the same timings) warm-start search.tune on a third."""
+    from torchtune_ops.search import Space, tune
+
+    n = 2048
+    cfgs = toy_configs(n)
+    rng = np.random.default_rng(3)
+    sources = [[(c, toy_time(n, c) * s * float(np.exp(rng.normal(0, 0.05)))) for c in cfgs] for s in (0.5, 3.0)]
+    h = perfmodel.related_hints(sources, cfgs, floor=40)
+    assert 0 < h.pruned < len(cfgs) and all(c in h.candidates for c in h.initial)
+    best = min(toy_time(n, c) for c in cfgs)
+
+    def reach(**kw):
+        res = tune(Space(TOY.space(ToyProblem(n))), lambda c: toy_time(n, c), max_trials=80, seed=0, **kw)
+        return next(i + 1 for i, (_, v) in enumerate(res.trials) if v <= 1.05 * best)
+
+    assert reach(initial=h.initial, prior=h.prior, candidates=h.candidates) * 3 <= reach(candidates=cfgs)
+    assert perfmodel.related_hints([], cfgs).prior == []  # no sources: no model, nothing pruned
+
+
+def test_doctests():
+    import doctest
+
+    assert doctest.testmod(perfmodel).failed == 0
+
+
 def test_nearest_winners_are_the_closest_problems_winners():
     store = default_store()
     seed_history(store, [16, 1024, 65536])

@@ -32,8 +32,9 @@ import numpy as np
 
 log = logging.getLogger("torchtune_ops")
 
-__all__ = ["PerfModel", "PerfModelWarning", "Hints", "featurize", "model_for", "model_path", "history_rows",
-           "search_hints", "zero_shot", "nearest_winners", "spearman", "SCHEMA", "NOMINAL_SMS"]
+__all__ = ["PerfModel", "PerfModelWarning", "Hints", "Prediction", "featurize", "model_for", "model_path",
+           "history_rows", "search_hints", "related_hints", "zero_shot", "nearest_winners", "spearman", "SCHEMA",
+           "NOMINAL_SMS"]
 
 #: format version of the saved model files (a different version is retrained, not read)
 SCHEMA = 1
@@ -735,6 +736,35 @@ def search_hints(model: PerfModel | None, problem: Mapping[str, Any], candidates
         keep_idx = set(order[:n_keep].tolist()) | {keyset[json.dumps(c, sort_keys=True)] for c in init}
         kept = [cands[i] for i in sorted(keep_idx)]
     return Hints(initial=init, prior=prior, candidates=kept, pruned=len(cands) - len(kept))
+
+
+def related_hints(sources: Sequence[Sequence[tuple[Mapping[str, Any], float]]],
+                  candidates: Sequence[Mapping[str, Any]], *, prune: bool | None = True,
+                  **options: Any) -> Hints:
+    """Hints for ``search.tune`` from the measurements of related problems (other shapes, or the same
+    kernel on other GPUs), described by their configurations alone.
+
+    Args:
+        sources: one list of (config, value) pairs per related problem; values of different sources need
+            not be comparable (each is normalised by its own best). At least two sources with two finite
+            values each, else the hints carry no model.
+        candidates: the valid configurations of the problem to tune.
+        prune: as in ``search_hints``; default True (there is no held-out estimate here).
+        options: more keyword arguments for ``search_hints`` (top, keep_fraction, floor, known, ...).
+
+    Returns:
+        ``Hints``; pass ``initial=h.initial, prior=h.prior, candidates=h.candidates`` to ``search.tune``.
+
+    Example:
+        >>> a = [({"x": x}, abs(x - 5) + 1.0) for x in range(10)]
+        >>> b = [({"x": x}, 2 * abs(x - 5) + 3.0) for x in range(10)]
+        >>> related_hints([a, b], [{"x": x} for x in range(10)], top=1).initial
+        [{'x': 5}]
+    """
+    rows = [({"source": f"s{i}"}, dict(c), v, math.nan) for i, src in enumerate(sources) for c, v in src]
+    names = list(candidates[0].keys()) if candidates else None
+    model = PerfModel.fit(rows, family="related", params=names, cv=False) if rows else None
+    return search_hints(model, {}, candidates, prune=prune, **options)
 
 
 def _dedup(cs: list[dict]) -> list[dict]:
