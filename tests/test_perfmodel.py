@@ -168,6 +168,11 @@ def test_conv_features_use_the_gemm_view():
 def test_generic_features_need_no_problem_fields():
     X, names = perfmodel.featurize("kt:conv", {"gpu": "A100"}, [{"a": 1, "b": "x"}, {"a": 4, "b": "y"}])
     assert names == ["cfg.a", "cfg.b"] and X.shape == (2, 2) and X[0, 1] != X[1, 1]
+    # numeric problem fields add their log2 and its ratio to each numeric parameter, zeros included
+    for cfgs in ([{"a": 0, "b": "x"}], [{"a": 8, "b": "y"}, {"a": 2, "b": "x"}]):
+        X, names = perfmodel.featurize("toy", {"n": 64, "tag": "z"}, cfgs)
+        assert names == ["cfg.a", "cfg.b", "prob.n", "prob.n/cfg.a"] and np.isfinite(X).all()
+    assert X[0, 3] == pytest.approx(3.0)
 
 
 def test_training_ranks_a_held_out_problem():
@@ -537,3 +542,22 @@ def test_zero_shot_not_confident_or_off_uses_aten():
         ops.mm(a, b)
     [p] = dispatch.stats()["problems"]
     assert p["source"] == "untuned" and p["kernel"] == "aten"
+
+
+@pytest.mark.gpu
+def test_zero_shot_on_a_gpu_is_kept_only_when_faster_than_aten():
+    from torchtune_ops.device import fingerprint
+
+    store = default_store()
+    fp = fingerprint("cuda").key
+    _gemm_history(store, fp, value=_smooth, aten_factor=10.0)
+    a = torch.randn(1000, 999, device="cuda", dtype=torch.float16)
+    b = torch.randn(999, 1001, device="cuda", dtype=torch.float16)
+    for _ in range(3):
+        torch.testing.assert_close(ops.mm(a, b), torch.mm(a, b), rtol=2e-2, atol=2e-1)
+    [c] = dispatch._memo.values()
+    assert c.source in ("predicted", "predicted-rejected")
+    if c.source == "predicted":
+        assert c.time_ms < c.aten_ms
+    else:
+        assert c.kernel == "aten"

@@ -98,15 +98,17 @@ def _gemm_view(family: str, p: Mapping[str, Any]) -> dict[str, float] | None:
     return None
 
 
-def _config_columns(configs: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Each parameter as numbers: its value when numeric, else the index of the value among those seen."""
+def _config_columns(configs: Sequence[Mapping[str, Any]],
+                    names: Sequence[str]) -> dict[str, tuple[np.ndarray, bool]]:
+    """Each parameter as numbers and whether it is numeric: its values when all are numbers, else a stable
+    code per value."""
     cols = {}
     for n in names:
         vals = [c.get(n) for c in configs]
-        if all(isinstance(v, (int, float, bool)) and v is not None for v in vals):
-            cols[n] = np.asarray(vals, dtype=float)
+        if all(isinstance(v, (int, float)) for v in vals):
+            cols[n] = (np.asarray(vals, dtype=float), True)
         else:
-            cols[n] = np.asarray([_stable_code(v) for v in vals], dtype=float)
+            cols[n] = (np.asarray([_stable_code(v) for v in vals], dtype=float), False)
     return cols
 
 
@@ -139,14 +141,14 @@ def featurize(family: str, problem: Mapping[str, Any], configs: Sequence[Mapping
     if view is None:
         names = list(params if params is not None else (configs[0].keys() if configs else ()))
         cols = _config_columns(configs, names)
-        feats = {f"cfg.{k}": v for k, v in cols.items()}
+        feats = {f"cfg.{k}": v for k, (v, _) in cols.items()}
         for k, v in sorted(problem.items()):
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 lv = float(np.log2(max(float(v), 1.0)))
                 feats[f"prob.{k}"] = np.full(n, lv)
-                for name, col in cols.items():  # problem size over a positive numeric parameter (tiles)
-                    if (col > 0).all() and all(not isinstance(c.get(name), str) for c in configs[:1]):
-                        feats[f"prob.{k}/cfg.{name}"] = lv - np.log2(col)
+                for name, (col, numeric) in cols.items():  # problem size over a numeric parameter (tiles)
+                    if numeric:
+                        feats[f"prob.{k}/cfg.{name}"] = lv - _log2(col)
         return (np.stack(list(feats.values()), axis=1) if feats else np.zeros((n, 0))), list(feats)
     c = {k: np.asarray([float(cfg.get(k, 1 if k != "TMA" else 0)) for cfg in configs]) for k in _GEMM_PARAMS}
     M, N, K, B = (float(view[k]) for k in ("M", "N", "K", "batch"))
@@ -467,7 +469,7 @@ class PerfModel:
         vs = None if d.get("vs_aten") is None else _Trees.from_dict(d["vs_aten"])
         names = [str(n) for n in d["names"]]
         for t in (rank, vs):
-            if t is not None and t.feat.size and t.feat.max() >= len(names):
+            if t is not None and t.feat.size and (t.feat.max() >= len(names) or t.feat.min() < -1):
                 raise ValueError("tree refers to a feature the model does not have")
         params = d.get("params")
         return cls(family=str(d["family"]), sms=int(d["sms"]), params=None if params is None else list(params),
