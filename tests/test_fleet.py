@@ -106,7 +106,7 @@ def _entry(key="{}", ms=1.0, fp="fp"):
 # ------------------------------------------------------------------------------ several worker processes
 
 def _worker(url, sleep_s, events_path):
-    """One fleet worker (run in a forked process): its events and final report go to ``events_path``."""
+    """One fleet worker (run in a child process): its events and final report go to ``events_path``."""
     with open(events_path, "w", buffering=1) as out:
         def show(event, family, key):
             out.write(f"{event} {key}\n")
@@ -119,8 +119,9 @@ def _worker(url, sleep_s, events_path):
 
 
 def _spawn(url, sleep_s, events_path):
-    # forked from this process, which has imported torch already: real processes that start at once
-    p = multiprocessing.get_context("fork").Process(target=_worker, args=(url, sleep_s, str(events_path)))
+    # spawned, not forked: a fork of a process whose torch/OpenMP threads already ran (as in the full suite)
+    # can crash in the child
+    p = multiprocessing.get_context("spawn").Process(target=_worker, args=(url, sleep_s, str(events_path)))
     p.start()
     return p
 
