@@ -1,0 +1,51 @@
+"""Every benchmark's --smoke mode runs on this machine and writes its results file (CI exercises them).
+
+The figures themselves are not asserted (timings belong in benchmarks, not tests); what is checked is that
+each script runs end to end, exits 0 and records the machine it ran on.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    env.pop("TORCHTUNE_OPS_CACHE_DIR", None)
+    env["TORCHTUNE_OPS_CACHE_DIR"] = str(tmp_path / "cache")
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _json_files(path: Path):
+    files = [path] if path.is_file() else sorted(path.glob("*.json"))
+    assert files, f"no results written under {path}"
+    return [json.loads(f.read_text()) for f in files]
+
+
+@pytest.mark.parametrize("script, out_is_dir", [
+    ("benchmarks/search_efficiency.py", True),
+    ("benchmarks/bench_bundle_load.py", True),
+    ("benchmarks/bench_dispatch.py", False),
+    ("benchmarks/bench_store.py", False),
+])
+def test_smoke_mode_runs_and_records_the_machine(script, out_is_dir, tmp_path):
+    out = tmp_path / ("results" if out_is_dir else "results.json")
+    if out_is_dir:
+        out.mkdir()
+    _run([script, "--smoke", "--out", str(out)], tmp_path)
+    for data in _json_files(out):
+        text = json.dumps(data)
+        assert any(k in text for k in ("machine", "host", "cpu", "device")), text[:500]
+
+
+def test_fleet_benchmark_smoke_on_sqlite(tmp_path):
+    out = tmp_path / "fleet.json"
+    _run(["benchmarks/bench_fleet.py", "--smoke", "--backend", "sqlite", "--out", str(out)], tmp_path)
+    assert _json_files(out)
