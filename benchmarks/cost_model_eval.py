@@ -18,12 +18,13 @@ recorded time):
 
 Training data per problem: ``--train-per-problem`` configurations drawn at random, or (``-tuned40``) the 40
 measurements a tune() run leaves in the cache; per GPU (xgpu): its whole space. For each held-out space:
-Spearman rank correlation of the predictions with the recorded times, top-1 regret (time of the predicted best over the optimum, minus 1), zero-shot fraction of the optimum
-(optimum over the time of the predicted best), and the median over seeds of the measurements tune() needs
-to reach within 5% of the optimum without a prior, with the model (its top predictions measured first,
-its predictions as ``prior=``, the worst predicted half pruned: ``perfmodel.search_hints``) and with the
-other problems' raw measurements as ``prior=`` (for reference). Prints a
-markdown table and writes JSON with the machine's name, versions and the date under benchmarks/results/.
+Spearman rank correlation of the predictions with the recorded times, top-1 regret (time of the predicted
+best over the optimum, minus 1), zero-shot fraction of the optimum (optimum over the time of the predicted
+best), and the median over seeds of the measurements tune() needs to reach within 5% of the optimum: without
+a prior, with the model (its top predictions measured first, its predictions as ``prior=``, the worst
+predicted half pruned: ``perfmodel.search_hints``) and, for reference, with the other problems' raw
+measurements as ``prior=``. Prints a markdown table and writes JSON with the machine's name, versions and
+the date under benchmarks/results/.
 """
 from __future__ import annotations
 
