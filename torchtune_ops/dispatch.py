@@ -11,7 +11,10 @@ MPS, ...) get PyTorch's kernel; otherwise the family's problem is built (M round
 with ``bucket="pow2"``), looked up in the on-disk store under the device fingerprint, and, when missing
 there and tuning is switched on, tuned now (``autotune="on"``) or in a background thread
 (``autotune="background"``: PyTorch's kernel serves the op until the winner is swapped in). A tuned
-configuration is used only if its entry says it beat PyTorch's kernel.
+configuration is used only if its entry says it beat PyTorch's kernel. With tuning off, an unseen problem
+may run the performance model's predicted configuration (perfmodel.py, docs/perfmodel.md) when the model is
+confident; it is checked against PyTorch's output (and, on CUDA, its time) at its first call and kept in
+memory only.
 
 Never worse than PyTorch: a kernel that raises at run time is replaced by PyTorch's kernel for that problem
 with one warning (``strict`` re-raises); inputs PyTorch itself rejects raise PyTorch's own error.
