@@ -79,6 +79,11 @@ OPS = {
     "linear": Op("linear", lambda d: [(d["M"], d["K"]), (d["N"], d["K"]), (d["N"],)],
                  lambda x, w, b: F.linear(x, w, b), lambda x, w, b: ops.mm_act(x, w.t(), b, "none"),
                  lambda t: ("mm_act", (t[0], t[1].t(), t[2], "none"))),
+    # the op the backend puts in place of activation(F.linear(x, w, b)) (any leading dims of x)
+    "linear_act": Op("linear_act", lambda d: [(d["B"], d["M"], d["K"]), (d["N"], d["K"]), (d["N"],)],
+                     lambda x, w, b: F.linear(x, w, b), lambda x, w, b: ops.linear_act(x, w, b, "none"),
+                     lambda t: ("mm_act", (t[0].reshape(t[0].shape[:-1].numel(), t[0].shape[-1]), t[1].t(), t[2],
+                                           "none"))),
     "conv2d": Op("conv2d", lambda d: [(d["B"], d["K"], d["M"], d["N"]),
                                       (d["C"], d["K"], min(3, max(d["M"], 1)), min(2, max(d["N"], 1))), (d["C"],)],
                  lambda x, w, b: F.conv2d(x, w, b, 1, (1, 0), 1, 1),
@@ -139,10 +144,14 @@ def _make(op: Op, size: str, dtype=torch.float32, layout: str = "contiguous", se
 # ---------------------------------------------------------------------------------------------------------
 # Forcing a Triton winner for the exact problem, and comparing with PyTorch.
 
-def _force(op: Op, tensors: list) -> bool:
-    """Store a Triton winner (the smallest valid configuration) for the problem these operands make, as
-    if tuning had found it; False when the kernels do not cover the operands (dtype, zero size, ...)."""
-    name, args = op.dispatched(tensors)
+def _force(op: Op, tensors: list, pick: Callable[[list], Any] | None = None) -> bool:
+    """Store a Triton winner (``pick(valid configurations)``; default the smallest known one) for the
+    problem these operands make, as if tuning had found it; False when the kernels do not cover the
+    operands (dtype, zero size, ...)."""
+    try:
+        name, args = op.dispatched(tensors)
+    except (RuntimeError, IndexError):  # e.g. no matrix of this shape: nothing to force
+        return False
     s = settings.current()
     try:
         family, problem, _ = dispatch._family_and_problem(name, args, s)
@@ -151,12 +160,18 @@ def _force(op: Op, tensors: list) -> bool:
     problem = dispatch._bucketed(family, problem, s)
     device = tensors[0].device
     limits = device_limits(device)
-    configs = family.known_configs(problem, limits) or family.valid_configs(problem, limits)
-    cfg = min(configs, key=lambda c: (c.get("BLOCK_M", 1) * c.get("BLOCK_N", 1) * c.get("BLOCK_K", 1),
-                                      c.get("SPLIT_K", 1), c.to_json()))
+    if pick is not None:
+        cfg = pick(family.valid_configs(problem, limits))
+    else:
+        configs = family.known_configs(problem, limits) or family.valid_configs(problem, limits)
+        cfg = min(configs, key=_size)
     default_store().put(Entry(fingerprint(device).key, family.name, dispatch._problem_key(family, problem),
                               winner=cfg.to_json(), time_ms=0.5, aten_ms=1.0, trials=1, source="test"))
     return True
+
+
+def _size(c) -> tuple:
+    return (c.get("BLOCK_M", 1) * c.get("BLOCK_N", 1) * c.get("BLOCK_K", 1), c.get("SPLIT_K", 1), c.to_json())
 
 
 def _ran_triton() -> bool:
@@ -213,18 +228,20 @@ def same_as_torch(what: str, ours: Callable[[], Any], ref: Callable[[], Any], to
 
 
 def _check(op: Op, tensors: list, *, forced: bool, what: str, mode=contextlib.nullcontext,
-           force_as: list | None = None) -> None:
+           force_as: list | None = None, check_ran: bool = True) -> Any:
     """Compare ours with PyTorch on ``tensors``; with ``forced``, a Triton winner is stored first for the
-    problem the op will see (``force_as``: the operands as the op receives them, e.g. after autocast)."""
+    problem the op will see (``force_as``: the operands as the op receives them, e.g. after autocast), and
+    (``check_ran``) our kernel must have run. Returns our result (None when PyTorch raised)."""
     dispatch.reset()
     covered = forced and _force(op, force_as if force_as is not None else tensors)
     dtype = tensors[0].dtype
     with mode():
         out = same_as_torch(what, lambda: op.ours(*tensors), lambda: op.ref(*tensors),
                             _tolerance(force_as[0].dtype if force_as else dtype))
-    if covered and out is not None:
+    if covered and out is not None and check_ran:
         assert _ran_triton(), f"{what}: the forced Triton winner did not run"
         FIGURES["triton_runs"] += 1
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -420,3 +437,170 @@ def test_bad_inputs_under_optimize():
     finally:
         torch._dynamo.reset()
         dispatch.set_tune_options(timer=None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lazy views, scalars, bias layouts and convolution hyper-parameters.
+
+def _neg_view(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t`` in a real tensor whose negative bit is set (what ``z.conj().imag`` gives): its
+    memory holds -t, and PyTorch's kernels negate on read."""
+    v = torch.complex(torch.zeros_like(t), -t).conj().imag
+    assert v.is_neg() and torch.equal(v, t)
+    return v
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["triton", "aten"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_negative_bit_views(name, forced):
+    op = OPS[name]
+    t = _make(op, "odd")
+    for which in ((0,), (1,), (0, 1)):
+        neg = [_neg_view(x) if i in which else x for i, x in enumerate(t)]
+        _check(op, neg, forced=forced, what=f"{name} negative-bit operand(s) {which}", check_ran=False)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_autocast_leaves_float64_alone(name):
+    """PyTorch's autocast casts float32/float16 operands to the autocast dtype but never float64 ones."""
+    op = OPS[name]
+    for dtype in (torch.float64, torch.float16):
+        t = _make(op, "odd", dtype=dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            same_as_torch(f"{name} {dtype} under autocast", lambda: op.ours(*t), lambda: op.ref(*t),
+                          None if dtype == torch.float64 else 3e-2)
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["triton", "aten"])
+@pytest.mark.parametrize("name", ["addmm", "baddbmm"])
+def test_alpha_and_beta_zero_ignore_their_operand_like_pytorch(name, forced):
+    """beta=0 ignores the bias and alpha=0 the product, NaN and Inf included (BLAS semantics)."""
+    op = OPS[name]
+    call = {"addmm": (lambda a, b, c, beta, alpha: ops.addmm(c, a, b, beta, alpha),
+                      lambda a, b, c, beta, alpha: torch.addmm(c, a, b, beta=beta, alpha=alpha)),
+            "baddbmm": (lambda a, b, c, beta, alpha: ops.baddbmm(c, a, b, beta, alpha),
+                        lambda a, b, c, beta, alpha: torch.baddbmm(c, a, b, beta=beta, alpha=alpha))}[name]
+    for beta, alpha in ((0.0, 1.0), (1.0, 0.0), (0.0, 0.0), (0, 2), (0.5, 0)):
+        a, b, c = _make(op, "odd")
+        a, c = a.clone(), c.clone()
+        a.view(-1)[0] = float("nan")
+        c.view(-1)[0] = float("inf")
+        dispatch.reset()
+        if forced:
+            scaled = Op(name, op.shapes, op.ref, op.ours,
+                        lambda t: (name, (t[2], t[0], t[1], beta, alpha)))
+            _force(scaled, [a, b, c])
+        same_as_torch(f"{name} beta={beta} alpha={alpha}", lambda: call[0](a, b, c, beta, alpha),
+                      lambda: call[1](a, b, c, beta, alpha), 1e-4)
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["triton", "aten"])
+def test_bias_layouts(forced):
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    biases = {"scalar": torch.randn(()), "one": torch.randn(1), "row": torch.randn(3), "1xN": torch.randn(1, 3),
+              "Mx1": torch.randn(5, 1), "full": torch.randn(5, 3), "expanded": torch.randn(3).expand(5, 3),
+              "transposed": torch.randn(3, 5).t(), "sliced": torch.randn(5, 6)[:, ::2]}
+    for what, c in biases.items():
+        _check(OPS["addmm"], [a, b, c], forced=forced, what=f"addmm bias {what}")
+    A, B = torch.randn(2, 5, 7), torch.randn(2, 7, 3)
+    for what, c in {"row": torch.randn(3), "matrix": torch.randn(5, 3), "batched": torch.randn(2, 5, 3),
+                    "expanded": torch.randn(5, 3).expand(2, 5, 3), "Mx1": torch.randn(2, 5, 1)}.items():
+        _check(OPS["baddbmm"], [A, B, c], forced=forced, what=f"baddbmm bias {what}")
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["triton", "aten"])
+def test_conv_hyper_parameters(forced):
+    cases = [  # stride, padding, dilation, groups, kernel, channels_last input, channels_last weight
+        ((1, 1), (0, 0), (1, 1), 1, (1, 1), False, False), ((2, 3), (4, 1), (1, 1), 1, (3, 2), False, False),
+        ((1, 1), (2, 2), (2, 1), 1, (3, 3), True, False), ((1, 1), (1, 1), (1, 1), 2, (3, 3), False, True),
+        ((3, 3), (0, 0), (1, 1), 4, (1, 1), True, True), ((1, 1), (5, 5), (1, 1), 1, (3, 3), False, False),
+        ((7, 7), (0, 0), (1, 1), 1, (2, 2), False, False), ((1, 2), (0, 3), (3, 1), 1, (2, 2), True, False),
+        ((1, 1), (0, 0), (1, 1), 1, (9, 8), False, False),  # the kernel covers the whole input
+    ]
+    for stride, padding, dilation, groups, k, cl, wcl in cases:
+        x, w, bias = torch.randn(2, 4, 9, 8), torch.randn(4, 4 // groups, *k), torch.randn(4)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        if wcl:
+            w = w.to(memory_format=torch.channels_last)
+        args = (list(stride), list(padding), list(dilation), groups)
+        op = Op("conv2d", None, lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, groups),
+                lambda x, w, b: ops.conv2d(x, w, b, *args), lambda t: ("conv2d", (t[0], t[1], t[2], *args)))
+        out = _check(op, [x, w, bias], forced=forced, what=f"conv2d {stride} {padding} {dilation} {groups} {k}")
+        assert out is None or out.stride() == F.conv2d(x, w, bias, stride, padding, dilation, groups).stride()
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["triton", "aten"])
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh", "silu"])
+def test_fused_activations_on_nan_and_inf(activation, forced):
+    """The backend's mm_act (a linear followed by an activation): NaN, +Inf and -Inf before the activation
+    come out as PyTorch's activation makes them (relu(-inf) = 0, silu(-inf) = gelu(-inf) = NaN)."""
+    act = {"relu": F.relu, "silu": F.silu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}[activation]
+    x, w, bias = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)
+    bias = bias.clone()
+    bias[0], bias[1], bias[2] = float("nan"), float("inf"), float("-inf")
+    for dtype in (torch.float32, torch.float16):
+        t = [x.to(dtype), w.to(dtype), bias.to(dtype)]
+        op = Op("mm_act", None, lambda x, w, b: act(F.linear(x, w, b)),
+                lambda x, w, b: ops.mm_act(x, w.t(), b, activation),
+                lambda t: ("mm_act", (t[0], t[1].t(), t[2], activation)))
+        _check(op, t, forced=forced, what=f"mm_act {activation} {dtype}")
+
+
+def test_every_split_k_and_tile_shape_on_awkward_inputs():
+    """Configurations of every kind forced in turn (each SPLIT_K, the smallest and largest tiles) on a
+    long-K product with NaN, Inf, transposed and expanded operands and a bias."""
+    M, K, N = 5, 300, 3
+    base = [torch.randn(M, K), torch.randn(K, N), torch.randn(N)]
+    nan, inf = [x.clone() for x in base], [x.clone() for x in base]
+    nan[0][1, 7] = float("nan")
+    inf[1][9, 2] = float("inf")
+    cases = {"plain": base, "nan": nan, "inf": inf, "transposed": [base[0].t().contiguous().t()] + base[1:],
+             "expanded": [base[0][:1].expand(M, K)] + base[1:]}
+    picks = {f"split_k={k}": (lambda k: lambda cs: min((c for c in cs if c["SPLIT_K"] == k), key=_size))(k)
+             for k in (1, 2, 4, 8, 16)}
+    picks["largest"] = lambda cs: max((c for c in cs if c["SPLIT_K"] == 1), key=_size)
+    for pname, pick in picks.items():
+        for cname, t in cases.items():
+            for op, args in ((OPS["mm"], t[:2]), (OPS["addmm"], t)):
+                dispatch.reset()
+                assert _force(op, args, pick)
+                out = same_as_torch(f"{op.name} {pname} {cname}", lambda: op.ours(*args), lambda: op.ref(*args),
+                                    1e-4)
+                assert out is not None and _ran_triton()
+                FIGURES["triton_runs"] += 1
+
+
+def test_conv_tile_shapes_on_awkward_inputs():
+    op = OPS["conv2d"]
+    x, w, bias = _make(op, "odd", seed=9)
+    nan = x.clone()
+    nan[1, 2, 3, 1] = float("nan")
+    cases = {"plain": [x, w, bias], "nan": [nan, w, bias], "channels_last": [x.to(memory_format=torch.channels_last), w, bias]}
+    picks = {"smallest": lambda cs: min(cs, key=_size), "largest": lambda cs: max(cs, key=_size),
+             "group_m": lambda cs: min((c for c in cs if c.get("GROUP_M", 1) == 1), key=_size)}
+    for pname, pick in picks.items():
+        for cname, t in cases.items():
+            dispatch.reset()
+            assert _force(op, t, pick)
+            out = same_as_torch(f"conv2d {pname} {cname}", lambda: op.ours(*t), lambda: op.ref(*t), 1e-4)
+            assert out is not None and _ran_triton()
+            FIGURES["triton_runs"] += 1
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["triton", "aten"])
+def test_linear_act_takes_what_f_linear_takes(forced):
+    """F.linear accepts a 1-D input, a 1-D weight, K = 0 and any leading dims; linear_act (what the
+    backend makes of it) must give the same results, or PyTorch's error type where F.linear raises."""
+    op = OPS["linear_act"]
+    w, b = torch.randn(3, 7), torch.randn(3)
+    cases = {"x 1-D": (torch.randn(7), w, b), "x 3-D": (torch.randn(2, 5, 7), w, b), "x 4-D": (torch.randn(2, 1, 5, 7), w, b),
+             "x 0-D": (torch.tensor(1.0), w, b), "w 1-D": (torch.randn(5, 7), torch.randn(7), None),
+             "w 1-D, x 1-D": (torch.randn(7), torch.randn(7), None), "w 1-D, 0-D bias": (torch.randn(5, 7), torch.randn(7), torch.tensor(0.5)),
+             "K = 0": (torch.randn(5, 0), torch.randn(3, 0), b), "no rows": (torch.randn(0, 7), w, b),
+             "w 3-D": (torch.randn(5, 7), torch.randn(2, 3, 7), None), "x sliced 3-D": (torch.randn(2, 5, 14)[..., ::2], w, b)}
+    for what, t in cases.items():
+        dispatch.reset()
+        if forced:
+            _force(op, list(t))
+        same_as_torch(f"linear_act {what}", lambda: op.ours(*t), lambda: op.ref(*t), 1e-4)

@@ -607,7 +607,7 @@ def test_a_problem_too_large_for_the_memory_left_is_not_tuned(tuning_on, monkeyp
     skipped = [w for w in caught if issubclass(w.category, TuningSkipped)]
     assert len(skipped) == 2 and "MiB" in str(skipped[0].message)  # ...one per problem (layouts differ)
     assert measured == [] and default_store().entries() == []
-    assert {p["kernel"] for p in dispatch.stats()["problems"]} == {"aten"}
+    assert {(p["kernel"], p["source"]) for p in dispatch.stats()["problems"]} == {("aten", "too-large")}
     # small problems still tune
     monkeypatch.setattr(tuner, "free_memory", lambda device: 10**9)
     c = torch.randn(3, 30)
@@ -655,3 +655,93 @@ def test_two_threads_tuning_the_same_problem_tune_it_once(tmp_path):
         assert sorted(len(t.calls) > 0 for t in timers) == [False, True]  # one of them measured nothing
         assert len(st.entries()) == 1 and len({t.run for t in st.trials()}) == 1
         assert not st.claimed(*results[0].key)
+
+
+def test_a_cached_configuration_outside_the_family_space_is_never_launched(tuning_on, monkeypatch):
+    """A well-formed row (valid JSON, known parameters, plain values) whose configuration is not one of
+    the family's valid ones for the problem: validated like a bundle's, refused with one warning, and
+    PyTorch's kernel runs. Nothing outside the space ever reaches a kernel launch."""
+    from torchtune_ops.kernels import gemm as kgemm
+
+    a, b = torch.randn(6, 5), torch.randn(5, 4)
+    _check_close(ops.mm(a, b), torch.mm(a, b))
+    [e] = default_store().entries()
+    table = f"entries_v{store_mod.SCHEMA_VERSION}"
+    launched = []
+    real = kgemm.gemm
+
+    def spy(*args, config, **kw):
+        launched.append(dict(config.as_dict() if hasattr(config, "as_dict") else config))
+        return real(*args, config=config, **kw)
+
+    monkeypatch.setattr(kgemm, "gemm", spy)
+    for change in ({"BLOCK_M": 2048}, {"num_warps": 3}, {"SPLIT_K": 64}, {"GROUP_M": 0}):
+        hostile = dict(e.config(), **change)
+        conn = sqlite3.connect(str(store_mod.default_path()))
+        conn.execute(f"UPDATE {table} SET winner=? WHERE problem=?", (json.dumps(hostile), e.problem))
+        conn.commit()
+        conn.close()
+        store_mod._defaults.clear()  # as a new process would read it
+        dispatch.reset()
+        _fault()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                _check_close(ops.mm(a, b), torch.mm(a, b))
+        assert hostile not in launched, change
+        assert len(_ours(caught)) == 1, (change, [str(w.message) for w in caught])
+        assert {p["kernel"] for p in dispatch.stats()["problems"]} == {"aten"}
+
+
+def test_a_worker_that_cannot_start_fails_the_tuning_fast_and_cleanly(tmp_path, monkeypatch):
+    """E.g. ``sys.executable`` is not a Python that can run the worker: the tuning fails with
+    WorkerError (nothing stored, claim released; dispatch then uses PyTorch's kernel with one warning),
+    and later problems fail at once instead of waiting for a start timeout each."""
+    worker.shutdown()
+    monkeypatch.setattr(worker, "_broken", None)
+    monkeypatch.setattr(worker, "_CHILD", "import sys; sys.exit(3)")
+    _fault()
+    with Store.open(tmp_path / "c.sqlite") as st:
+        for n in (13, 14):
+            t0 = time.monotonic()
+            with pytest.raises(worker.WorkerError):
+                tune_problem(TOY, ToyProblem(n=n, faults="error"), device="cpu", store=st, fingerprint=FP,
+                             isolate=True)
+            assert time.monotonic() - t0 < 20
+            key = (FP, "toy", problem_key(TOY.problem_to_dict(ToyProblem(n=n, faults="error"))))
+            assert st.entries() == [] and not st.claimed(*key)
+        assert worker._broken is not None
+
+
+def test_a_partly_corrupt_cache_keeps_every_readable_entry(tmp_path):
+    """Damage in some pages (here the trial history's) used to cost the whole file: it is moved aside, but
+    the rows it still gives (read forwards up to the damage and backwards down to it) are written into
+    the new file first."""
+    path = tmp_path / "c.sqlite"
+    with Store.open(path) as st:
+        entries = [Entry(FP, "gemm", json.dumps({"M": i}), winner="aten", time_ms=1.0, aten_ms=1.0, trials=40)
+                   for i in range(50)]
+        for e in entries:
+            st.put(e)
+        for e in entries:
+            st.put(e, [({"B": j, "pad": "x" * 200}, 1.0) for j in range(40)], policy="keep")
+    conn = sqlite3.connect(str(path))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # three pages of the trial history, three quarters into the file
+        f.seek((size * 3 // 4) // 4096 * 4096)
+        f.write(os.urandom(3 * 4096))
+    _fault()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        st = Store.open(path)
+        trials = st.trials()  # reading the damaged pages finds the corruption
+        trials = st.trials()
+    assert any("corrupt" in str(w.message) for w in caught)
+    assert list(tmp_path.glob("c.sqlite.corrupt-*"))
+    _check_kept(st, entries)
+    assert len(trials) >= 0.9 * 50 * 40
+    with Store.open(path) as fresh:  # and it is on disk
+        assert len(fresh.entries()) == 50
+    st.close()

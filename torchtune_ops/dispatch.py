@@ -288,6 +288,10 @@ def _family_and_problem(op: str, args: tuple, s: settings.Settings):
         raise UnsupportedProblem(f"Triton cannot run on {device} here")
     if any(t.numel() == 0 for t in tensors):
         raise UnsupportedProblem("zero-size tensor")
+    if _lazy(tensors):
+        raise UnsupportedProblem("a negative or conjugate view (PyTorch's kernels resolve the lazy bit)")
+    if op in ("addmm", "baddbmm") and args[4] == 0:
+        raise UnsupportedProblem("alpha = 0: PyTorch's kernel ignores the product, NaN and Inf included")
     try:
         if op == "conv2d":
             from .kernels import conv as kconv
@@ -371,10 +375,35 @@ def _decide(op: str, args: tuple, device: torch.device, aten: Callable, capturin
     from .kernels.base import Config
 
     config = Config.from_json(winner) if isinstance(winner, str) else winner
+    why = _invalid(family, problem, config, device)
+    if why is not None:  # a cache row is untrusted data: only a valid configuration of ours may run
+        _warn_once(("invalid", family.name, pkey), f"torchtune_ops: ignoring the cached {family.name} "
+                   f"configuration for {problem}: {why}; using PyTorch's kernel")
+        return Choice(aten, kernel="aten", source="invalid", **base, **info)
     c = Choice(aten, kernel=str(config), source=source, **base, **info)
     c.strict = s.strict
     c.fn = _kernel_fn(op, launch, config, c)
     return c
+
+
+def _lazy(tensors) -> bool:
+    """True when a tensor carries a negative or conjugate bit: its memory holds other values than it
+    reads as, which only PyTorch's kernels resolve."""
+    return any(isinstance(t, torch.Tensor) and (t.is_neg() or t.is_conj()) for t in tensors)
+
+
+def _invalid(family: Any, problem: Any, config: Any, device: torch.device) -> str | None:
+    """Why ``config`` is not one of ``family``'s valid configurations for ``problem`` here, or None
+    (the same validation as a bundle's entries)."""
+    from .bundles import check_config
+    from .errors import BundleError
+    from .kernels.base import device_limits
+
+    try:
+        check_config(family.name, config.as_dict(), problem, device_limits(device), "cache entry")
+    except BundleError as e:
+        return str(e)
+    return None
 
 
 def _ntrials(entry: Any) -> int:
@@ -417,7 +446,12 @@ def _lookup_or_tune_local(family, problem, pkey, fp, device, s):
     if s.autotune == "background":
         _background().submit(family, problem, pkey, device, s)
         return None, "background"
-    return _tune(family, problem, device, store, s), "tuned"
+    entry = _tune(family, problem, device, store, s)
+    # an unstored aten answer of the tuner says why: too large to tune here, or tuned by another process
+    return entry, entry.source if entry is not None and entry.source in _UNSTORED else "tuned"
+
+
+_UNSTORED = ("too-large", "claimed-elsewhere")
 
 
 def _bundle_entry(family, problem, fp, s):
@@ -595,6 +629,8 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice) -> Callable:
                           dilation=tuple(dilation), groups=groups)
 
     def guarded(*args):
+        if _lazy(args):  # same key as the plain tensors', but the kernel would read the raw memory
+            return c.aten(*args)
         try:
             return run(*args)
         except KeyboardInterrupt:
@@ -688,7 +724,7 @@ def stats() -> dict[str, Any]:
 
     Returns ``{"ops": {op: {"calls", "hits", "misses", <source>: n, "failures"}}, "problems": [...]}``;
     each problem row has op, shape, dtype, kernel ("aten" or the configuration), source (unsupported,
-    store, tuned, untuned, failed, background, broadcast), calls and, when tuned, time_ms, aten_ms, trials.
+    store, tuned, untuned, failed, background, broadcast, invalid, too-large, claimed-elsewhere), calls and, when tuned, time_ms, aten_ms, trials.
     """
     with _lock:
         ops: dict[str, dict[str, int]] = {op: dict(c) for op, c in _counts.items()}

@@ -86,7 +86,12 @@ def _conv2d_grad_input(grad, w, padding, opts=""):
 def _linear_act(x, w, bias, activation, opts=""):
     """``activation(F.linear(x, w, bias))`` for any leading dims of ``x``: one tuned mm_act on the
     flattened rows."""
-    out = dispatch.mm_act(x.reshape(-1, x.shape[-1]), w.t(), bias, activation, opts)
+    if x.dim() == 0 or w.dim() != 2:  # shapes F.linear takes but one matmul does not: PyTorch's own
+        return _act_ref(torch.nn.functional.linear(x, w, bias), activation)
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    out = dispatch.mm_act(x.reshape(rows, x.shape[-1]), w.t(), bias, activation, opts)  # K = 0 included
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -377,8 +382,8 @@ def _autocast_kernel(name: str, device_type: str) -> Callable:
 
     def kernel(*args, **kwargs):
         dtype = torch.get_autocast_dtype(device_type)
-        cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.device.type == device_type
-                else a for a in args]
+        cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
+                and a.device.type == device_type else a for a in args]  # PyTorch never casts float64
         with torch.autocast(device_type, enabled=False):
             return overload(*cast, **kwargs)
 
