@@ -76,6 +76,10 @@ def _worker(url: str, probs: list, sleep_s: float, max_trials: int, fp: str, out
                                      "first_start_s": first_last[0], "last_end_s": first_last[1]}))
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
 def run(url: str, n_workers: int, probs: list, sleep_s: float, max_trials: int, fp: str) -> dict:
     """Wall-clock seconds for ``n_workers`` forked workers to finish ``probs`` on an empty database."""
     ctx = multiprocessing.get_context("fork")
@@ -99,8 +103,9 @@ def run(url: str, n_workers: int, probs: list, sleep_s: float, max_trials: int, 
     return {"workers": n_workers, "wall_s": round(wall, 3), "problems": len(probs),
             "tuned_per_worker": [r["tuned"] for r in reports], "measuring_s": round(slept, 3),
             "tuning_s": round(tuning, 3),
-            "first_start_s": [round(r["first_start_s"], 3) for r in reports],
-            "last_end_s": [round(r["last_end_s"], 3) for r in reports],
+            # None for a worker that found the queue empty (on small lists the others took every problem)
+            "first_start_s": [_round(r["first_start_s"]) for r in reports],
+            "last_end_s": [_round(r["last_end_s"]) for r in reports],
             # worker-seconds outside tune_problem (queue, heartbeats, results, start-up, idle), per problem
             "coordination_per_problem_s": round((wall * n_workers - tuning) / len(probs), 4)}
 

@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny run on CPU through the Triton interpreter")
     ap.add_argument("--requests", type=int, default=200, help="round trips timed (default 200)")
     ap.add_argument("--trials", type=int, default=8, help="configurations measured per tuning run (default 8)")
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/bench_worker-<host>-<date>.json)")
     args = ap.parse_args()
 
     import torch
@@ -84,7 +85,8 @@ def main() -> None:
         "tuning_run": {k: {**v, "seconds": round(v["seconds"], 3)} for k, v in runs.items()},
         "note": "worker start includes a new interpreter importing torch and Triton; interpreter timings are not GPU timings",
     }
-    out = HERE / "results" / f"bench_worker-{platform.node()}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    out = Path(args.out) if args.out else (
+        HERE / "results" / f"bench_worker-{platform.node()}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
