@@ -155,7 +155,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride, 
 # ---------------------------------------------------------------------------------------------------------
 # PyTorch's kernels, with the same call signature as the choice functions.
 
-def _act(x: torch.Tensor, activation: str) -> torch.Tensor:
+def activation_ref(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """PyTorch's own activation ("none", "relu", "gelu_tanh" or "silu") applied to ``x``."""
     if activation == "relu":
         return torch.relu(x)
     if activation == "gelu_tanh":
@@ -168,7 +169,7 @@ def _act(x: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def _aten_mm_act(a, b, bias, activation):
-    return _act(torch.mm(a, b) if bias is None else torch.addmm(bias, a, b), activation)
+    return activation_ref(torch.mm(a, b) if bias is None else torch.addmm(bias, a, b), activation)
 
 
 def _aten_addmm(bias, a, b, beta, alpha):

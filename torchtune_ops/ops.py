@@ -87,7 +87,7 @@ def _linear_act(x, w, bias, activation, opts=""):
     """``activation(F.linear(x, w, bias))`` for any leading dims of ``x``: one tuned mm_act on the
     flattened rows."""
     if x.dim() == 0 or w.dim() != 2:  # shapes F.linear takes but one matmul does not: PyTorch's own
-        return _act_ref(torch.nn.functional.linear(x, w, bias), activation)
+        return dispatch.activation_ref(torch.nn.functional.linear(x, w, bias), activation)
     rows = 1
     for d in x.shape[:-1]:
         rows *= d
@@ -106,18 +106,6 @@ ops = torch.ops.torchtune_ops
 
 # ---------------------------------------------------------------------------------------------------------
 # Fake implementations: aten's own op on fake tensors (exact output metadata and PyTorch's own errors).
-
-def _act_ref(x: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "relu":
-        return torch.relu(x)
-    if activation == "gelu_tanh":
-        return torch.nn.functional.gelu(x, approximate="tanh")
-    if activation == "silu":
-        return torch.nn.functional.silu(x)
-    if activation == "none":
-        return x
-    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-
 
 @torch.library.register_fake(f"{NAMESPACE}::mm", lib=_lib)
 def _mm_fake(a, b, opts=""):
@@ -142,7 +130,7 @@ def _baddbmm_fake(bias, a, b, beta=1, alpha=1, opts=""):
 @torch.library.register_fake(f"{NAMESPACE}::mm_act", lib=_lib)
 def _mm_act_fake(a, b, bias, activation, opts=""):
     pre = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
-    return _act_ref(pre, activation)
+    return dispatch.activation_ref(pre, activation)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::conv2d", lib=_lib)
@@ -158,7 +146,7 @@ def _conv2d_grad_input_fake(grad, w, padding, opts=""):
 
 @torch.library.register_fake(f"{NAMESPACE}::linear_act", lib=_lib)
 def _linear_act_fake(x, w, bias, activation, opts=""):
-    return _act_ref(torch.nn.functional.linear(x, w, bias), activation)
+    return dispatch.activation_ref(torch.nn.functional.linear(x, w, bias), activation)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -237,19 +225,22 @@ def _setup_mm_act(ctx, inputs, output):
     ctx.save_for_backward(a, b, bias, output if activation == "relu" else None)
 
 
+def _pre_activation_grad(g, out, activation, recompute_pre):
+    """Gradient at the pre-activation: relu uses the saved output; gelu/silu recompute the pre-activation
+    (through a tuned op) instead of keeping it alive between forward and backward."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(g, out, 0)
+    if activation == "none":
+        return g
+    pre = recompute_pre()
+    if activation == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(g, pre, approximate="tanh")
+    return torch.ops.aten.silu_backward(g, pre)
+
+
 def _mm_act_backward(ctx, g):
     a, b, bias, out = ctx.saved_tensors
-    act = ctx.activation
-    if act == "relu":
-        gpre = torch.ops.aten.threshold_backward(g, out, 0)
-    elif act == "none":
-        gpre = g
-    else:
-        pre = ops.mm_act(a, b, bias, "none", ctx.opts)
-        if act == "gelu_tanh":
-            gpre = torch.ops.aten.gelu_backward(g, pre, approximate="tanh")
-        else:
-            gpre = torch.ops.aten.silu_backward(g, pre)
+    gpre = _pre_activation_grad(g, out, ctx.activation, lambda: ops.mm_act(a, b, bias, "none", ctx.opts))
     ga = ops.mm(gpre, b.t(), ctx.opts) if _needs(ctx, 0) else None
     gb = ops.mm(a.t(), gpre, ctx.opts) if _needs(ctx, 1) else None
     gbias = _sum_to(gpre, ctx.bias_shape) if ctx.has_bias and _needs(ctx, 2) else None
@@ -258,17 +249,7 @@ def _mm_act_backward(ctx, g):
 
 def _linear_act_backward(ctx, g):
     x, w, bias, out = ctx.saved_tensors
-    act = ctx.activation
-    if act == "relu":
-        gpre = torch.ops.aten.threshold_backward(g, out, 0)
-    elif act == "none":
-        gpre = g
-    else:
-        pre = ops.linear_act(x, w, bias, "none", ctx.opts)
-        if act == "gelu_tanh":
-            gpre = torch.ops.aten.gelu_backward(g, pre, approximate="tanh")
-        else:
-            gpre = torch.ops.aten.silu_backward(g, pre)
+    gpre = _pre_activation_grad(g, out, ctx.activation, lambda: ops.linear_act(x, w, bias, "none", ctx.opts))
     g2 = gpre.reshape(-1, gpre.shape[-1])
     gx = ops.mm(g2, w, ctx.opts).reshape(x.shape) if _needs(ctx, 0) else None
     gw = ops.mm(g2.t(), x.reshape(-1, x.shape[-1]), ctx.opts) if _needs(ctx, 1) else None
