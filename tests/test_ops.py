@@ -1,6 +1,7 @@
 """The custom ops called directly: fake impls (opcheck), results and gradients against PyTorch, the run-time
 dispatch (aten for what the kernels do not cover, tuned kernels, the store, fall-back on failure, bucketing,
 background tuning)."""
+import time
 import warnings
 
 import pytest
@@ -244,6 +245,34 @@ def test_failing_kernel_falls_back_with_one_warning(kernels_win, monkeypatch):
     with settings.override(strict=True):
         with pytest.raises(RuntimeError, match="injected"):
             ops.mm(a, b)
+
+
+def test_problem_claimed_elsewhere_is_looked_up_again_later(kernels_win, monkeypatch):
+    from torchtune_ops import tuner
+    from torchtune_ops.store import Entry
+
+    real = tuner.tune_problem
+    answers = []
+
+    def busy_then_real(family, problem, **kw):
+        if not answers:  # first lookup: another process holds the claim; nothing is stored
+            answers.append("claimed")
+            return Entry("fp", family.name, "{}", winner="aten", time_ms=1.0, aten_ms=1.0, trials=0,
+                         source="claimed-elsewhere")
+        answers.append("tuned")
+        return real(family, problem, **kw)
+
+    monkeypatch.setattr(tuner, "tune_problem", busy_then_real)
+    monkeypatch.setattr(dispatch, "CLAIM_RETRY_S", 0.5)
+    a, b = torch.randn(9, 10), torch.randn(10, 11)
+    _close(ops.mm(a, b), torch.mm(a, b))     # served by PyTorch while the other process tunes
+    _close(ops.mm(a, b), torch.mm(a, b))     # inside the retry window: no second lookup
+    assert [p["source"] for p in dispatch.stats()["problems"]] == ["claimed-elsewhere"]
+    time.sleep(0.6)
+    _close(ops.mm(a, b), torch.mm(a, b))     # retry window over: this call forgets the choice
+    _close(ops.mm(a, b), torch.mm(a, b))     # looked up again: tuned now
+    assert answers == ["claimed", "tuned"]
+    assert [p["source"] for p in dispatch.stats()["problems"]] == ["tuned"]
 
 
 def test_pow2_bucketing_tunes_one_problem_for_many_m(kernels_win):

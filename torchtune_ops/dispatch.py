@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 import warnings
 from typing import Any, Callable
 
@@ -252,6 +253,8 @@ def _resolve(key: tuple, op: str, args: tuple, opts: str) -> Choice:
         _count(op, "misses")
         _count(op, choice.source)
         _memo[key] = choice
+    if choice.source == "claimed-elsewhere":
+        _retry_later(key, choice)
     if not _logging_ready:
         _configure_logging()
     if log.isEnabledFor(logging.INFO):
@@ -453,6 +456,26 @@ def _lookup_or_tune_local(family, problem, pkey, fp, device, s):
 
 
 _UNSTORED = ("too-large", "claimed-elsewhere")
+
+#: seconds a problem that another process is tuning runs PyTorch's kernel before it is looked up again
+CLAIM_RETRY_S = 30.0
+
+
+def _retry_later(key: tuple, choice: Choice) -> None:
+    """Serve PyTorch's kernel for now and forget the choice after CLAIM_RETRY_S, so that the next call
+    looks the problem up again: it finds the other process's result, or tunes if that process died (its
+    claim's lease has run out). Only this rare path pays for the clock read."""
+    deadline = time.monotonic() + CLAIM_RETRY_S
+    run = choice.fn
+
+    def fn(*args):
+        if time.monotonic() >= deadline:
+            with _lock:
+                if _memo.get(key) is choice:
+                    del _memo[key]
+        return run(*args)
+
+    choice.fn = fn
 
 
 def _bundle_entry(family, problem, fp, s):
