@@ -414,8 +414,10 @@ class Store:
         try:
             st = os.stat(self.path)
         except OSError:
+            with _dir_lock(self.path):  # a process moving a corrupt file aside replaces it under this lock
+                replaced = os.path.exists(self.path)
             self._open_disk()  # recreates it, or falls back to memory with its own warning
-            if self.mode == "disk":
+            if self.mode == "disk" and not replaced:
                 self._warn("vanished", f"torchtune_ops cache {self.path} vanished; started a new one")
             return
         if (st.st_dev, st.st_ino) != self._ident:
@@ -555,6 +557,11 @@ class Store:
                     os.replace(self.path, aside)
                 except OSError:
                     aside = None
+                else:
+                    # an empty file (a valid empty database) takes its place before the lock is released,
+                    # so a process beside us never sees the path missing and takes it for a vanished cache
+                    with contextlib.suppress(OSError):
+                        os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         if aside is not None:
             n_e, n_t = (len(x) for x in self._salvaged) if self._salvaged else (0, 0)
             self._warn("corrupt", f"torchtune_ops cache {self.path} was corrupt ({error}); "
