@@ -53,6 +53,8 @@ if (_SMOKE or _CHILD) and not torch.cuda.is_available():  # a child on CPU is a 
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from replay import json_safe  # noqa: E402
+
 RESULTS = HERE / "results"
 SMOKE_RESULTS = HERE / "out"  # git-ignored
 
@@ -79,15 +81,6 @@ def _versions() -> dict:
         except Exception:  # noqa: BLE001 - absent or broken: recorded as missing
             out[mod] = None
     return out
-
-
-def _finite(x):
-    """JSON-safe copy: NaN/inf become None."""
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 class Results:
@@ -129,7 +122,7 @@ class Results:
     def save(self) -> None:
         self.data["meta"]["updated"] = _now()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for path, text in ((self.path, json.dumps(_finite(self.data), indent=1)), (self.md_path, markdown(self.data))):
+        for path, text in ((self.path, json.dumps(json_safe(self.data), indent=1)), (self.md_path, markdown(self.data))):
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(text)
             os.replace(tmp, path)
@@ -977,7 +970,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.e2e_child:
-        print("RESULT " + json.dumps(_finite(run_child(json.loads(args.e2e_child)))), flush=True)
+        print("RESULT " + json.dumps(json_safe(run_child(json.loads(args.e2e_child)))), flush=True)
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke and args.section not in ("report", "search") and not args.status:

@@ -63,6 +63,15 @@ class ReplaySpace:
         return (len(self.times) + 1) / (self.n_within(tolerance) + 1)
 
 
+def json_safe(x: Any) -> Any:
+    """JSON-safe copy for results files: NaN and infinities (never reached, failed) become None."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 def _time(record: dict[str, Any]) -> float:
     t = record.get("time")
     if isinstance(t, (int, float)) and math.isfinite(t):

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from replay import ReplaySpace, best_so_far, load_space, trace_metrics  # noqa: E402
+from replay import ReplaySpace, best_so_far, json_safe, load_space, trace_metrics  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATASETS = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "datasets"))
@@ -157,15 +157,6 @@ def summarize(runs: list[dict], budget: int) -> dict:
     }
 
 
-def _finite(x):
-    """JSON-safe copy: infinities (never reached, failed) become None."""
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
 def _cell(s: dict, budget: int) -> str:
     f50 = s["fraction"].get(50, float("nan"))
     fb = s["fraction"].get(min(200, budget), float("nan"))
@@ -288,7 +279,7 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = os.path.join(a.out, f"search_efficiency{'-smoke' if a.smoke else ''}-{stamp}.json")
     with open(path, "w") as f:
-        json.dump(_finite(record), f, indent=1)
+        json.dump(json_safe(record), f, indent=1)
     print(f"wrote {path}")
     return 0
 
