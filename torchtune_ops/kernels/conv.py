@@ -54,6 +54,15 @@ _INT32_MAX = 2**31 - 1
 # ----------------------------------------------------------------------------------------------- kernels
 
 @triton.jit
+def _output_pixel(m, P, Q):
+    """Split flat output indices (over N*P*Q) into image, output row and output column."""
+    img = m // (P * Q)
+    pq = m - img * (P * Q)
+    p = pq // Q
+    return img, p, pq - p * Q
+
+
+@triton.jit
 def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:  # the interpreter multiplies bf16 operands as raw bits
         a = a.to(tl.float32)
@@ -84,10 +93,7 @@ def _conv2d_kernel(
     # Tail rows/columns wrap onto valid ones: their loads need no mask and they are never stored.
     m_ld = offs_m % M
     n_ld = offs_n % KG
-    img = m_ld // (P * Q)
-    pq = m_ld - img * (P * Q)
-    p = pq // Q
-    q = pq - p * Q
+    img, p, q = _output_pixel(m_ld, P, Q)
     ih0 = p * STRIDE_H - PAD_H
     iw0 = q * STRIDE_W - PAD_W
     if BIG:  # tensors over 2**31 elements: 64-bit image offsets
@@ -187,10 +193,7 @@ def _splitk_reduce_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < KOUT, other=0.0).to(tl.float32)[None, :]
     acc = activate(acc, ACT)
-    img = offs_m // (P * Q)
-    pq = offs_m - img * (P * Q)
-    p = pq // Q
-    q = pq - p * Q
+    img, p, q = _output_pixel(offs_m, P, Q)
     if BIG:
         img = img.to(tl.int64)
     y_rows = img * syn + (p * syp + q * syq)
@@ -216,10 +219,7 @@ def _conv2d_depthwise_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ld = offs_m % M
     n_ld = offs_n % KOUT
-    img = m_ld // (P * Q)
-    pq = m_ld - img * (P * Q)
-    p = pq // Q
-    q = pq - p * Q
+    img, p, q = _output_pixel(m_ld, P, Q)
     ih0 = p * STRIDE_H - PAD_H
     iw0 = q * STRIDE_W - PAD_W
     if BIG:
