@@ -21,6 +21,40 @@ HAS_TENSOR_DESCRIPTOR: bool = hasattr(tl, "make_tensor_descriptor")
 UPCAST_BF16_DOT: bool = INTERPRET
 
 
+def _numpy_refuses_sized_scalars() -> bool:
+    """NumPy >= 2.4 raises TypeError on int() of an array with ndim > 0 (deprecated since 1.25)."""
+    import numpy as np
+
+    try:
+        int(np.zeros(1, dtype=np.int32))
+    except TypeError:
+        return True
+    return False
+
+
+def _fix_interpreter_index() -> None:
+    """Triton's interpreter up to 3.6 gives its scalar tensors ``__index__ = int(handle.data)``, and the
+    data is a one-element 1-d array, so every runtime loop bound (``range(0, n)``) fails under NumPy
+    >= 2.4 (triton-lang/triton#9171; 3.9 squeezes first). Wrap the function that installs the patch
+    so that it installs the squeezing one; the same as what 3.9 does, so harmless where already fixed."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_torchtune_ops_fixed", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor._torchtune_ops_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if INTERPRET and _numpy_refuses_sized_scalars():
+    _fix_interpreter_index()
+
+
 # --- convolution: PyTorch float32 precision for conv (tf32 vs ieee) ---
 import contextlib  # noqa: E402
 from typing import Iterator  # noqa: E402
