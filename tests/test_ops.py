@@ -64,6 +64,16 @@ def _samples():
         ("linear_act", (r(2, 3, 7, requires_grad=True), r(5, 7, requires_grad=True), r(5, requires_grad=True),
                         "gelu_tanh")),
         ("linear_act", (r(7), r(5, 7), None, "relu")),
+        ("linear_act", (r(5, 7, requires_grad=True), r(7, requires_grad=True), None, "silu")),          # 1-D weight
+        ("linear_act", (r(2, 5, 7, requires_grad=True), r(7, requires_grad=True), r((), requires_grad=True),
+                        "relu")),
+        ("linear_act", (r(7, requires_grad=True), r(7, requires_grad=True), None, "gelu_tanh")),      # 0-d output
+        ("linear_act", (r(2, 1, 3, 7, requires_grad=True), r(5, 7, requires_grad=True), r(5, requires_grad=True),
+                        "none")),
+        ("linear_act", (r(5, 0, requires_grad=True), r(3, 0, requires_grad=True), r(3, requires_grad=True),
+                        "relu")),                                                                       # K = 0
+        ("linear_act", (r(0, 7, requires_grad=True), r(3, 7, requires_grad=True), r((), requires_grad=True),
+                        "silu")),                                                                       # no rows
     ]
 
 
@@ -158,6 +168,72 @@ def test_conv2d_matches_torch_forward_and_backward(stride, padding, dilation, gr
     g = torch.randn_like(expect)
     for p, q in zip(torch.autograd.grad(out, (x, w, bias), g), torch.autograd.grad(expect, (x, w, bias), g)):
         _close(p, q, 1e-3)
+
+
+LINEAR_SHAPES = [  # input, weight, bias (None: no bias)
+    ((7,), (3, 7), (3,)),             # a vector input
+    ((13, 17), (11, 17), (11,)),      # primes
+    ((2, 5, 7), (3, 7), ()),          # batched, 0-d bias
+    ((2, 1, 3, 7), (1, 7), None),     # 4-D input, one output feature
+    ((5, 7), (7,), None),             # 1-D weight: output (5,)
+    ((2, 5, 7), (7,), ()),            # 1-D weight, batched, 0-d bias
+    ((7,), (7,), ()),                 # vector input and weight: a 0-d output
+    ((0, 7), (3, 7), (3,)),           # no rows
+    ((2, 0, 7), (3, 7), (3,)),        # zero-size batch
+    ((5, 0), (3, 0), (3,)),           # K = 0: the bias alone
+    ((5, 7), (0, 7), (0,)),           # no output features
+    ((7,), (3, 7), (1, 3)),           # a 2-D bias beside a vector: PyTorch's output is (3,)
+    ((2, 5, 7), (3, 7), (5, 3)),      # a 2-D bias broadcast over the batch
+]
+
+
+@pytest.mark.parametrize("mode", ["float32", "float64", "float32-tuned"])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("x_shape,w_shape,b_shape", LINEAR_SHAPES, ids=lambda v: "x".join(map(str, v))
+                         if isinstance(v, tuple) else str(v))
+def test_linear_act_forward_and_gradients_match_f_linear(x_shape, w_shape, b_shape, activation, mode, request):
+    """linear_act (what the backend makes of activation(F.linear(x, w, b))) against F.linear and the
+    activation, result and every input gradient, for every shape F.linear takes. Tuned: every product
+    (forward, recomputed pre-activation, both gradient products) is tuned, and our kernels must run."""
+    if mode.endswith("tuned"):
+        request.getfixturevalue("kernels_win")
+    dtype = torch.float64 if mode == "float64" else torch.float32
+    gen = torch.Generator().manual_seed(sum(x_shape) + 7 * sum(w_shape))
+    inputs = [torch.randn(s, generator=gen, dtype=dtype) for s in (x_shape, w_shape, b_shape) if s is not None]
+    ours_in = [t.clone().requires_grad_() for t in inputs]
+    ref_in = [t.clone().requires_grad_() for t in inputs]
+    bias = (lambda ts: ts[2] if b_shape is not None else None)
+    out = ops.linear_act(ours_in[0], ours_in[1], bias(ours_in), activation)
+    expect = _act(F.linear(ref_in[0], ref_in[1], bias(ref_in)), activation)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    _close(out, expect, tol)
+    g = torch.randn(expect.shape, generator=gen, dtype=dtype)
+    got = torch.autograd.grad(out, ours_in, g)
+    want = torch.autograd.grad(expect, ref_in, g)
+    for p, q in zip(got, want):
+        _close(p, q, tol * 10)
+    ran = [p for p in dispatch.stats()["problems"] if p["kernel"] != "aten" and p["calls"] > 0]
+    if mode.endswith("tuned") and 0 not in x_shape + w_shape:
+        assert ran, "no tuned kernel ran"
+    elif not mode.endswith("tuned"):
+        assert not ran
+
+
+@pytest.mark.parametrize("x_shape,w_shape,b_shape", [
+    ((), (3, 7), None), ((7,), (), None), ((), (), None),            # 0-d input or weight
+    ((5, 7), (2, 3, 7), None),                                        # a weight of 3 dims
+    ((5, 7), (7,), ()), ((5, 7), (7,), (5,)),                         # 1-D weight, matrix input and a bias
+    ((5, 7), (3, 6), None), ((2, 5, 7), (3, 7), (4,)),               # inner sizes, bias size
+], ids=str)
+def test_linear_act_raises_pytorchs_error_where_f_linear_does(x_shape, w_shape, b_shape):
+    """Shapes F.linear rejects: linear_act raises the same error type, with and without grad."""
+    x, w = torch.randn(x_shape), torch.randn(w_shape)
+    b = None if b_shape is None else torch.randn(b_shape)
+    with pytest.raises(RuntimeError):
+        F.linear(x, w, b)
+    for grad in (False, True):
+        with pytest.raises(RuntimeError):
+            ops.linear_act(x.requires_grad_(grad), w, b, "relu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.int64, torch.complex64])

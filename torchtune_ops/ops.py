@@ -83,15 +83,22 @@ def _conv2d_grad_input(grad, w, padding, opts=""):
                            opts)
 
 
-def _linear_act(x, w, bias, activation, opts=""):
-    """``activation(F.linear(x, w, bias))`` for any leading dims of ``x``: one tuned mm_act on the
-    flattened rows."""
-    if x.dim() == 0 or w.dim() != 2:  # shapes F.linear takes but one matmul does not: PyTorch's own
-        return dispatch.activation_ref(torch.nn.functional.linear(x, w, bias), activation)
+def _rows(x: torch.Tensor) -> int:
+    """The number of rows of ``x`` flattened to a matrix over its last dim (1 for a vector)."""
     rows = 1
     for d in x.shape[:-1]:
         rows *= d
-    out = dispatch.mm_act(x.reshape(rows, x.shape[-1]), w.t(), bias, activation, opts)  # K = 0 included
+    return rows
+
+
+def _linear_act(x, w, bias, activation, opts=""):
+    """``activation(F.linear(x, w, bias))`` for any leading dims of ``x``: one tuned mm_act on the
+    flattened rows."""
+    # Shapes F.linear takes but one matmul of the flattened rows does not (a 1-D weight, a bias of 2 or
+    # more dims beside a vector or batched input) and its errors (0-d input): PyTorch's own.
+    if x.dim() == 0 or w.dim() != 2 or (bias is not None and bias.dim() > 1 and x.dim() != 2):
+        return dispatch.activation_ref(torch.nn.functional.linear(x, w, bias), activation)
+    out = dispatch.mm_act(x.reshape(_rows(x), x.shape[-1]), w.t(), bias, activation, opts)  # K = 0 included
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -157,9 +164,12 @@ def _needs(ctx, i: int) -> bool:
 
 
 def _sum_to(g: torch.Tensor, shape) -> torch.Tensor:
-    """Reduce a broadcast gradient ``g`` to ``shape`` (the shape of the broadcast input)."""
+    """Reduce a broadcast gradient ``g`` to ``shape`` (the shape of the broadcast input; it may have more
+    dims than ``g``: F.linear of a vector with a (1, N) bias gives an (N,) output)."""
     if tuple(g.shape) == tuple(shape):
         return g
+    if len(shape) > g.dim():
+        g = g.reshape((1,) * (len(shape) - g.dim()) + tuple(g.shape))
     lead = g.dim() - len(shape)
     if lead:
         g = g.sum(dim=tuple(range(lead)))
@@ -248,12 +258,18 @@ def _mm_act_backward(ctx, g):
 
 
 def _linear_act_backward(ctx, g):
+    """Gradients of ``activation(F.linear(x, w, bias))`` for every shape F.linear takes: x of any rank >= 1,
+    w of shape (N, K) or (K,) (read as (1, K) with the output's last dim dropped), K = 0 and zero rows
+    included, a bias of any shape that broadcasts. Both products go through the tuned mm."""
     x, w, bias, out = ctx.saved_tensors
     gpre = _pre_activation_grad(g, out, ctx.activation, lambda: ops.linear_act(x, w, bias, "none", ctx.opts))
-    g2 = gpre.reshape(-1, gpre.shape[-1])
-    gx = ops.mm(g2, w, ctx.opts).reshape(x.shape) if _needs(ctx, 0) else None
-    gw = ops.mm(g2.t(), x.reshape(-1, x.shape[-1]), ctx.opts) if _needs(ctx, 1) else None
-    gbias = _sum_to(g2, ctx.bias_shape) if ctx.has_bias and _needs(ctx, 2) else None
+    k, rows = x.shape[-1], _rows(x)
+    n = w.shape[0] if w.dim() == 2 else 1
+    mat_shape = x.shape[:-1] + w.shape[:-1]          # x @ w.T before the bias broadcasts it
+    g2 = _sum_to(gpre, mat_shape).reshape(rows, n)   # explicit sizes: -1 is ambiguous with zero rows or n = 0
+    gx = ops.mm(g2, w.reshape(n, k), ctx.opts).reshape(x.shape) if _needs(ctx, 0) else None
+    gw = ops.mm(g2.t(), x.reshape(rows, k), ctx.opts).reshape(w.shape) if _needs(ctx, 1) else None
+    gbias = _sum_to(gpre, ctx.bias_shape) if ctx.has_bias and _needs(ctx, 2) else None
     return gx, gw, gbias, None, None
 
 
