@@ -8,6 +8,7 @@ The counts (inputs tried, wrong results) go to benchmarks/results/faults_summary
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable
 
 import pytest
@@ -604,3 +605,45 @@ def test_linear_act_takes_what_f_linear_takes(forced):
         if forced:
             _force(op, list(t))
         same_as_torch(f"linear_act {what}", lambda: op.ours(*t), lambda: op.ref(*t), 1e-4)
+
+
+def _bad_variants(op: Op, good: list) -> dict[str, list]:
+    """Calls with the same dispatch key as ``good`` that our kernel must not run on: a meta tensor in each
+    position (PyTorch accepts some of these beside CPU tensors) and a negative-bit view."""
+    out = {f"meta at {i}": [t.to("meta") if j == i else t for j, t in enumerate(good)] for i in range(len(good))}
+    out["negative-bit operand"] = [_neg_view(good[0])] + good[1:]
+    return out
+
+
+@pytest.mark.parametrize("order", ["bad_first", "good_first"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_a_bad_call_keeps_the_kernel_of_the_good_calls(name, order, monkeypatch):
+    """A call PyTorch answers without raising but our kernel cannot take (a meta tensor beside CPU ones, a
+    lazy view) shares the problem's key. It gets PyTorch's result (metadata only for meta tensors, whose
+    values are undefined), and neither poisons the problem (marked failed) nor leaves its own choice
+    behind: the good calls before and after it run our kernel, once each."""
+    from torchtune_ops.kernels import conv as kconv
+    from torchtune_ops.kernels import gemm as kgemm
+
+    launches = []
+    for module, attr in ((kgemm, "gemm"), (kconv, "conv2d")):
+        real = getattr(module, attr)
+        monkeypatch.setattr(module, attr, lambda *a, _real=real, **k: launches.append(1) or _real(*a, **k))
+    op = OPS[name]
+    good = _make(op, "odd")
+    for what, bad in _bad_variants(op, good).items():
+        dispatch.reset()
+        launches.clear()
+        assert _force(op, good)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a kernel failure would warn
+            if order == "good_first":
+                same_as_torch(f"{name} good", lambda: op.ours(*good), lambda: op.ref(*good), 1e-4)
+            same_as_torch(f"{name} {what}", lambda: op.ours(*bad), lambda: op.ref(*bad), 1e-4,
+                          values="meta" not in what)
+            same_as_torch(f"{name} good after {what}", lambda: op.ours(*good), lambda: op.ref(*good), 1e-4)
+        st = dispatch.stats()
+        assert [(p["source"], p["kernel"] != "aten") for p in st["problems"]] == [("store", True)], what
+        assert not any(c.get("failures") for c in st["ops"].values()), what
+        assert _ran_triton() and len(launches) == (2 if order == "good_first" else 1), what
+        FIGURES["triton_runs"] += 1

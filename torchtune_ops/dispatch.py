@@ -231,6 +231,12 @@ def _capturing(device: torch.device) -> bool:
 def _resolve(key: tuple, op: str, args: tuple, opts: str) -> Choice:
     aten = ATEN[op]
     device = args[1].device if op in ("addmm", "baddbmm") else args[0].device
+    if not _plain(args, device):
+        # Tensors on several devices (PyTorch accepts a meta tensor beside CPU ones) or a lazy view share the
+        # key of the well-formed calls, so their choice must not be remembered for them: PyTorch's kernel,
+        # for this call only.
+        return Choice(aten, op=op, kernel="aten", source="unsupported", aten=aten,
+                      problem="tensors on different devices, or a negative or conjugate view")
     capturing = _capturing(device)
     with settings.override(**_opts_overrides(opts)):
         strict = settings.current().strict
@@ -386,7 +392,7 @@ def _decide(op: str, args: tuple, device: torch.device, aten: Callable, capturin
         return Choice(aten, kernel="aten", source="invalid", **base, **info)
     c = Choice(aten, kernel=str(config), source=source, **base, **info)
     c.strict = s.strict
-    c.fn = _kernel_fn(op, launch, config, c)
+    c.fn = _kernel_fn(op, launch, config, c, device)
     return c
 
 
@@ -394,6 +400,16 @@ def _lazy(tensors) -> bool:
     """True when a tensor carries a negative or conjugate bit: its memory holds other values than it
     reads as, which only PyTorch's kernels resolve."""
     return any(isinstance(t, torch.Tensor) and (t.is_neg() or t.is_conj()) for t in tensors)
+
+
+def _plain(args: tuple, device: torch.device) -> bool:
+    """True when every tensor in ``args`` is on ``device`` and reads as its memory holds (no negative or
+    conjugate bit): what a kernel chosen for the key may be launched on. The key names one operand's
+    device and no lazy bit (to stay cheap), so a call can share a key without fitting its kernel."""
+    for t in args:
+        if isinstance(t, torch.Tensor) and (t.device != device or t.is_neg() or t.is_conj()):
+            return False
+    return True
 
 
 def _invalid(family: Any, problem: Any, config: Any, device: torch.device) -> str | None:
@@ -582,11 +598,11 @@ def _predicted_choice(op: str, launch: Callable, entry: _Predicted, base: dict, 
     config = Config.from_json(entry.winner)
     c = Choice(base["aten"], kernel=str(config), source="predicted", **base)
     c.strict = s.strict
-    kernel = _kernel_fn(op, launch, config, c)
+    kernel = _kernel_fn(op, launch, config, c, device)
 
     def first(*args):
         ref = c.aten(*args)
-        if _capturing(device):
+        if _capturing(device) or not _plain(args, device):  # nothing to check the kernel on this time
             return ref
         why = _check_predicted(c, kernel, args, ref, device)
         with _lock:
@@ -636,8 +652,9 @@ def _check_predicted(c: Choice, kernel: Callable, args: tuple, ref: torch.Tensor
 # ---------------------------------------------------------------------------------------------------------
 # Calling a tuned kernel, with the fall-back to PyTorch's kernel.
 
-def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice) -> Callable:
-    """The function a tuned choice runs: our kernel with the same arguments as PyTorch's op."""
+def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.device) -> Callable:
+    """The function a tuned choice runs: our kernel with the same arguments as PyTorch's op, launched only
+    on tensors that are all on ``device`` (the key's) and carry no negative or conjugate bit."""
     if op in ("mm", "bmm"):
         def run(a, b):
             return launch(a, b, config=config)
@@ -653,7 +670,10 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice) -> Callable:
                           dilation=tuple(dilation), groups=groups)
 
     def guarded(*args):
-        if _lazy(args):  # same key as the plain tensors', but the kernel would read the raw memory
+        # Same key as the kernel's inputs but not fit for it: a lazy view (the kernel would read the raw
+        # memory) or a tensor on another device (a meta tensor's null pointer, a CPU bias beside CUDA
+        # operands). PyTorch's kernel takes this call, and the problem keeps its kernel.
+        if not _plain(args, device):
             return c.aten(*args)
         try:
             return run(*args)
