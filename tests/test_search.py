@@ -114,6 +114,44 @@ def test_tpe_finds_the_optimum_faster_than_random():
     assert statistics.median(tpe) * 2 < statistics.median(rnd), (tpe, rnd)
 
 
+def _stalled_strategy(stall):
+    """A TPE strategy told: a best at (0,0,0,0), `stall` worse neighbours of it, and one poorer
+    measurement far away at (7,7,7,7); returns the strategy, its candidates and the available mask."""
+    import numpy as np
+
+    space = Space({n: list(range(8)) for n in "abcd"})
+    cands = np.asarray(list(itertools.product(range(8), repeat=4)), dtype=np.int64)
+    row = {tuple(r): i for i, r in enumerate(cands.tolist())}
+    strat = TPEStrategy(n_startup=0, stall=stall)
+    strat.start(space, cands, [], np.random.default_rng(0))
+    available = np.ones(len(cands), dtype=bool)
+    told = [((7, 7, 7, 7), 3.5), ((0, 0, 0, 0), 1.0)]
+    told += [(tuple(i + 1 if d == k else 0 for d in range(4)), 2.0 + i) for i in range(3) for k in range(4)]
+    for point, value in told[:2 + stall]:
+        strat.observe(row[point], value)
+        available[row[point]] = False
+    return strat, cands, available
+
+
+@pytest.mark.parametrize("stall", [4, 10])
+def test_a_stalled_search_steps_to_the_best_other_region_once_per_stall(stall):
+    strat, cands, available = _stalled_strategy(stall)
+    far = cands[strat.propose(available)]
+    assert (far != 0).sum() >= 3  # at least `far` parameters away from the best
+    assert (far != 7).sum() <= 1  # in the region of the far measurement
+    # The stall counter restarted: the next proposal is the plain model's, as without far steps.
+    available[(far[None, :] == cands).all(axis=1)] = False
+    twin, _, _ = _stalled_strategy(stall)
+    twin.stall = 0
+    assert strat.propose(available) == twin.propose(available)
+
+
+def test_without_far_steps_a_stalled_search_does_not_go_to_the_poorer_region():
+    strat, cands, available = _stalled_strategy(10)
+    strat.stall = 0
+    assert (cands[strat.propose(available)] != 7).sum() >= 2
+
+
 @pytest.mark.parametrize("failure", ["inf", "nan", "raise"])
 def test_failing_configs_are_scored_as_failed_and_the_search_goes_on(failure):
     def objective(cfg):

@@ -67,12 +67,18 @@ class TPEStrategy:
             available candidates.
         local_every: every this many model proposals, search only among the one-parameter neighbours of
             the best configuration so far (exploitation). 0 turns it off. Default 3.
+        stall: after this many measurements in a row without improvement, make one *far step*: propose
+            among the candidates at least ``far`` parameters away from the best, scored by a density whose
+            good group is drawn from the measurements in that region only (so a search stuck in one basin
+            tries the most promising other one). Repeats every ``stall`` measurements while stuck. 0 turns
+            it off. Default 10.
+        far: how many parameters a far step's candidates differ from the best in, at least. Default 3.
     """
 
-    def __init__(self, *, n_startup: int = 8, n_startup_prior: int = 0, gamma: float = 0.25,
+    def __init__(self, *, n_startup: int = 8, n_startup_prior: int = 0, gamma: float = 0.15,
                  max_good: int = 20, bandwidth: float = 0.1, min_bandwidth: float = 1.0, eps: float = 0.2,
                  prior_weight: float = 4.0, prior_gamma: float = 0.1, prior_max_good: int = 50,
-                 n_ei_candidates: int | None = None, local_every: int = 3):
+                 n_ei_candidates: int | None = None, local_every: int = 3, stall: int = 10, far: int = 3):
         self.n_startup = n_startup
         self.n_startup_prior = n_startup_prior
         self.gamma = gamma
@@ -85,6 +91,8 @@ class TPEStrategy:
         self.prior_max_good = prior_max_good
         self.n_ei_candidates = n_ei_candidates
         self.local_every = local_every
+        self.stall = stall
+        self.far = far
 
     def start(self, space, candidates, prior, rng):
         self.rng = rng
@@ -94,6 +102,7 @@ class TPEStrategy:
         self.values: list[float] = []
         self.cands: list[int] = []
         self.n_model = 0
+        self.since_best, self.best_value = 0, math.inf
         self.prior_good = self.prior_bad = None
         if prior:
             index = np.asarray([p[0] for p in prior], dtype=np.int64)
@@ -120,6 +129,10 @@ class TPEStrategy:
         self.cands.append(candidate)
         self.values.append(value)
         self.rows.add(self.rows.candidates[candidate])
+        if value < self.best_value:
+            self.best_value, self.since_best = value, 0
+        else:
+            self.since_best += 1
 
     def _startup(self) -> int:
         return self.n_startup_prior if (self.prior_good is not None) else self.n_startup
@@ -143,6 +156,11 @@ class TPEStrategy:
         finite = [v for v in self.values if math.isfinite(v)]
         if len(self.values) < self._startup() or (not finite and self.prior_good is None):
             return int(self.rng.choice(np.flatnonzero(available)))
+        if self.stall and finite and self.since_best >= self.stall:
+            self.since_best = 0  # the next far step waits for another stall
+            row = self._far_step(available)
+            if row is not None:
+                return row
         self.n_model += 1
         score = self.log_ratio()
         pool = available
@@ -157,6 +175,24 @@ class TPEStrategy:
             pick = self.rng.choice(rows, size=min(self.n_ei_candidates, len(rows)), replace=False,
                                    p=l / l.sum())
             rows = np.unique(pick)
+        return int(rows[np.argmax(score[rows])])
+
+    def _far_step(self, available: np.ndarray) -> int | None:
+        """The best-scored available candidate at least ``far`` parameters from the best so far, under a
+        density whose good group holds only measurements that far away (None when there is no candidate)."""
+        values = np.asarray(self.values, dtype=float)
+        best = self.rows.candidates[self.cands[int(np.argmin(values))]]
+        pool = available & ((self.rows.candidates != best).sum(axis=1) >= self.far)
+        if not pool.any():
+            return None
+        measured = self.rows.candidates[np.asarray(self.cands)]
+        far_away = (measured != best).sum(axis=1) >= self.far
+        good = split_good(np.where(far_away, values, math.inf), self.gamma, self.max_good)
+        good_sum, bad_sum = self.rows.sum_rows(good)
+        # l(x) from the far good group against every other measurement (the best's basin included); with no
+        # far measurement yet, this prefers the least explored candidates.
+        score = np.log(self.uniform + good_sum) - np.log(self.uniform + bad_sum)
+        rows = np.flatnonzero(pool)
         return int(rows[np.argmax(score[rows])])
 
 
