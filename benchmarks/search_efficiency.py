@@ -43,8 +43,8 @@ BASELINES = {
 }
 
 
-def run_tune(space: ReplaySpace, seed: int, budget: int) -> dict:
-    from torchtune_ops.search import Space, tune
+def run_tune(space: ReplaySpace, seed: int, budget: int, tpe: dict | None = None) -> dict:
+    from torchtune_ops.search import Space, TPEStrategy, tune
 
     configs = space.configs()
     calls = []
@@ -54,16 +54,18 @@ def run_tune(space: ReplaySpace, seed: int, budget: int) -> dict:
         calls.append(t)
         return t
 
-    result = tune(Space(space.params), objective, candidates=configs, max_trials=budget, seed=seed)
+    result = tune(Space(space.params), objective, candidates=configs, max_trials=budget, seed=seed,
+                  strategy=TPEStrategy(**(tpe or {})))
     assert len(calls) == len(result.trials) and None not in calls
     return {"values": [v for _, v in result.trials]}
 
 
-def run_tune_prior(space: ReplaySpace, seed: int, budget: int, related: list[ReplaySpace] = ()) -> dict:
+def run_tune_prior(space: ReplaySpace, seed: int, budget: int, related: list[ReplaySpace] = (),
+                   tpe: dict | None = None) -> dict:
     """tune() warm-started with a history from related spaces (the same kernel on the other GPUs): from
     each, its 100 best configurations and 400 others drawn at random, times divided by its optimum."""
     import numpy as np
-    from torchtune_ops.search import Space, tune
+    from torchtune_ops.search import Space, TPEStrategy, tune
 
     rng = np.random.default_rng(1000 + seed)
     prior = []
@@ -73,7 +75,7 @@ def run_tune_prior(space: ReplaySpace, seed: int, budget: int, related: list[Rep
         pick = np.concatenate([order[:100], rng.choice(order[100:], min(400, len(order) - 100), replace=False)])
         prior += [(cfgs[i], float(times[i] / other.optimum)) for i in pick]
     result = tune(Space(space.params), space.time_of, candidates=space.configs(), max_trials=budget, seed=seed,
-                  prior=prior)
+                  prior=prior, strategy=TPEStrategy(**(tpe or {})))
     return {"values": [v for _, v in result.trials]}
 
 
@@ -128,11 +130,13 @@ def _load(path: str, name: str | None) -> ReplaySpace:
 
 
 def _job(args):
-    path, name, method, seed, budget, related = args
+    path, name, method, seed, budget, related, tpe = args
     space = _load(path, name)
     t0 = time.perf_counter()
     if method == "tune_prior":
-        out = run_tune_prior(space, seed, budget, [_load(p, n) for p, n in related])
+        out = run_tune_prior(space, seed, budget, [_load(p, n) for p, n in related], tpe)
+    elif method == "tune":
+        out = run_tune(space, seed, budget, tpe)
     else:
         out = METHODS[method](space, seed, budget)
     out["seconds"] = time.perf_counter() - t0
@@ -147,6 +151,9 @@ def summarize(runs: list[dict], budget: int) -> dict:
     med = statistics.median(finite) if finite else math.inf
     return {
         "fraction": {c: statistics.mean(r["fraction"][c] for r in runs) for c in CHECKPOINTS if c <= budget},
+        # standard error of each mean: seeds differ by far more than the gaps between methods
+        "fraction_se": {c: (statistics.stdev(r["fraction"][c] for r in runs) / math.sqrt(len(runs))
+                            if len(runs) > 1 else None) for c in CHECKPOINTS if c <= budget},
         "median_to_within": med,
         "reached": sum(x is not None for x in reach),
         "seeds": len(runs),
@@ -173,6 +180,10 @@ def main(argv=None) -> int:
                    "when given, only these spaces are replayed")
     p.add_argument("--only", default="", help="comma-separated substrings: replay only matching spaces")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1 "
+                   "(e.g. to check on seeds the knobs were not chosen on)")
+    p.add_argument("--tpe", default="", help="TPEStrategy knobs for tune/tune_prior, e.g. "
+                   "'gamma=0.25,stall=0' (an ablation); default: the library's defaults")
     p.add_argument("--budget", type=int, default=200)
     p.add_argument("--methods", default="tune,random,optuna_tpe",
                    help="comma-separated, of: tune, random, optuna_tpe, tune_prior (tune() warm-started with "
@@ -193,6 +204,15 @@ def main(argv=None) -> int:
     if a.only:
         paths = [x for x in paths if any(s in (x[1] or x[0]) for s in a.only.split(","))]
     methods = [m for m in a.methods.split(",") if m]
+    try:
+        tpe = {k.strip(): json.loads(v) for k, v in (kv.split("=", 1) for kv in a.tpe.split(",") if kv.strip())}
+    except ValueError:
+        p.error(f"--tpe takes KEY=NUMBER pairs separated by commas, got {a.tpe!r}")
+    try:
+        from torchtune_ops.search import TPEStrategy
+        TPEStrategy(**tpe)
+    except TypeError as e:
+        p.error(f"--tpe: {e}")
     for m in methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}")
@@ -207,8 +227,9 @@ def main(argv=None) -> int:
         return tuple((p, n) for p, n in paths if os.path.dirname(p) == os.path.dirname(path) and p != path
                      and _load(p, n).params == params)
 
-    jobs = [(path, name, m, seed, a.budget, related(path, name) if m == "tune_prior" else ())
-            for path, name in paths for m in methods for seed in range(a.seeds)]
+    seeds = range(a.first_seed, a.first_seed + a.seeds)
+    jobs = [(path, name, m, seed, a.budget, related(path, name) if m == "tune_prior" else (), tpe)
+            for path, name in paths for m in methods for seed in seeds]
     t0 = time.perf_counter()
     if a.jobs > 1:
         with ProcessPoolExecutor(a.jobs) as ex:
@@ -251,10 +272,13 @@ def main(argv=None) -> int:
                      f"{cells} | {tt} |")
     table = "\n".join(lines)
     print(f"Each cell: mean fraction of optimum at 50 / at {min(200, a.budget)} measurements / median "
-          f"measurements to within 5% (seeds that got there). {a.seeds} seeds, budget {a.budget}.\n")
+          f"measurements to within 5% (seeds that got there). Seeds {seeds.start}-{seeds.stop - 1}, budget "
+          f"{a.budget}{', tune knobs ' + a.tpe if tpe else ''}.\n")
     print(table)
     for name, by in summary.items():
-        full = ", ".join(f"{m}: " + " ".join(f"{c}:{v:.3f}" for c, v in s["fraction"].items())
+        full = ", ".join(f"{m}: " + " ".join(f"{c}:{v:.3f}" + (f"±{s['fraction_se'][c]:.3f}"
+                                                                 if s["fraction_se"][c] is not None else "")
+                                             for c, v in s["fraction"].items())
                          for m, s in by.items())
         print(f"  {name}: {full}")
         if "optuna_tpe" in by:
@@ -272,7 +296,7 @@ def main(argv=None) -> int:
         "machine": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
         "versions": {"torchtune_ops": torchtune_ops.__version__, "optuna": optuna.__version__,
                      "numpy": numpy.__version__},
-        "seeds": a.seeds, "budget": a.budget, "smoke": a.smoke, "spaces": info, "summary": summary,
+        "seeds": a.seeds, "first_seed": a.first_seed, "tpe": tpe, "budget": a.budget, "smoke": a.smoke, "spaces": info, "summary": summary,
         "targets": targets, "table": table, "seconds": elapsed,
     }
     os.makedirs(a.out, exist_ok=True)
