@@ -50,3 +50,17 @@ def test_fleet_benchmark_smoke_on_sqlite(tmp_path):
     out = tmp_path / "fleet.json"
     _run(["benchmarks/bench_fleet.py", "--smoke", "--backend", "sqlite", "--out", str(out)], tmp_path)
     assert _json_files(out)
+
+
+def test_search_efficiency_seed_range_and_tpe_ablation(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    r = _run(["benchmarks/search_efficiency.py", "--smoke", "--methods", "tune", "--first-seed", "7",
+              "--tpe", "gamma=0.25,stall=0", "--out", str(out)], tmp_path)
+    assert "Seeds 7-8" in r.stdout and "tune knobs gamma=0.25,stall=0" in r.stdout
+    (data,) = _json_files(out)
+    assert data["first_seed"] == 7 and data["tpe"] == {"gamma": 0.25, "stall": 0}
+    assert data["summary"]["convolution_kt/RTX_3090"]["tune"]["seeds"] == 2
+    bad = subprocess.run([sys.executable, "benchmarks/search_efficiency.py", "--smoke", "--tpe", "gama=1",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "gama" in bad.stderr
