@@ -568,6 +568,8 @@ OPEN_CORRUPT = """
         for i in range(5):
             s.put(Entry("gpu-a", "gemm", problem_key({"M": i, "writer": me}), "aten", 1.0, 2.0, 0))
     print(s.mode, len(rec), flush=True)
+    for w in rec:
+        print("warning:", w.message, flush=True)
 """
 
 
@@ -580,8 +582,9 @@ def test_processes_opening_a_corrupt_file_at_once_move_it_aside_once(path):
              for me in range(4)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
-    assert all(o[0].split()[0] == "disk" for o in outs)
-    assert sum(int(o[0].split()[1]) for o in outs) == 1  # one warning among them all
+    assert all(o[0].split()[0] == "disk" for o in outs), [o[0] for o in outs]
+    # one warning among them all (the messages say which cause it was when not)
+    assert sum(int(o[0].split()[1]) for o in outs) == 1, [o[0] for o in outs]
     aside = [p for p in path.parent.iterdir() if ".corrupt-" in p.name and not p.name.endswith(("-wal", "-shm"))]
     assert len(aside) == 1 and aside[0].read_bytes() == b"\x01corrupt" * 1000
     with Store.open(path) as s:
@@ -611,3 +614,52 @@ def test_malformed_rows_are_ignored_with_one_warning(st):
         assert st.get(*entry(1).key, refresh=True) is None
         assert [e.problem for e in st.entries()] == [entry(0).problem]
     assert len(cache_warnings(rec)) == 1 and "malformed" in str(rec[0].message)
+
+
+def test_a_file_replaced_while_being_opened_is_not_taken_for_the_one_opened(path, monkeypatch):
+    """Another process moves the corrupt file aside and puts a fresh one at the path right after we opened
+    the corrupt one: we must open the fresh one, and never move it aside as if it were ours."""
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x01corrupt" * 1000)
+    real_connect = Store._connect
+    calls = []
+
+    def connect_then_replaced(self, target, **kw):
+        conn = real_connect(self, target, **kw)
+        calls.append(target)
+        if len(calls) == 1:  # the process beside us, between our open and our stat
+            os.replace(path, path.with_name(path.name + ".corrupt-by-other"))
+            real_connect(self, str(path)).execute("PRAGMA user_version=7").connection.close()
+        return conn
+
+    monkeypatch.setattr(Store, "_connect", connect_then_replaced)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)  # no warning: nothing of ours was corrupt
+        s = Store.open(path)
+        s.put(Entry("gpu-a", "gemm", problem_key({"M": 1}), "aten", 1.0, 2.0, 0))
+    assert s.mode == "disk" and len(calls) >= 2
+    assert [p.name for p in path.parent.iterdir() if ".corrupt-" in p.name] == [path.name + ".corrupt-by-other"]
+    with sqlite3.connect(path) as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == 7  # the fresh file is still the one in use
+    assert len(s.entries()) == 1
+    s.close()
+
+
+def test_an_immediate_busy_answer_while_opening_is_retried_not_a_memory_fallback(path, monkeypatch):
+    real = Store._connect_disk
+    fails = []
+
+    def busy_twice(self):
+        if len(fails) < 2:
+            e = sqlite3.OperationalError("database is locked")
+            e.sqlite_errorcode = 5  # SQLITE_BUSY, answered at once (as in races on a fresh file)
+            fails.append(e)
+            raise e
+        return real(self)
+
+    monkeypatch.setattr(Store, "_connect_disk", busy_twice)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)
+        s = Store.open(path)
+    assert s.mode == "disk" and len(fails) == 2
+    s.close()

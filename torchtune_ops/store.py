@@ -223,6 +223,15 @@ def _host_id() -> str:
     return host
 
 
+def _ident_of(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``, None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _pid_alive(pid: int) -> bool:
     if os.name != "posix":
         return True  # cannot tell safely; rely on the lease
@@ -366,16 +375,26 @@ class Store:
         d = self.path.parent
         if not d.is_dir():
             d.mkdir(parents=True, mode=0o700)
-        new = not self.path.exists()
-        conn = self._connect(str(self.path))
+        # The identity (device, inode) of the file this connection opened: the only file ever moved aside as
+        # corrupt. A process beside us may replace the file between the open and the stat; then the stats
+        # before and after differ and we open again, rather than take the new file for the one we opened
+        # (and later move a good file aside).
+        for _ in range(8):
+            before = _ident_of(self.path)
+            conn = self._connect(str(self.path))
+            after = _ident_of(self.path)
+            if after is not None and before in (None, after):
+                break
+            conn.close()
+        else:
+            raise OSError(f"{self.path} keeps being replaced or removed while it is opened")
         try:
-            st = os.stat(self.path)  # the file this connection opened: only that one is ever moved aside
-            self._ident = (st.st_dev, st.st_ino)
+            self._ident = after
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                 conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._ensure_schema(conn)
-            if new:
+            if before is None:  # we created it
                 with contextlib.suppress(OSError):
                     os.chmod(self.path, 0o600)
         except BaseException:
@@ -386,7 +405,9 @@ class Store:
     def _open_disk(self) -> None:
         """(Re)open the file; the connection in use, if any, stays the source of a memory fallback until
         the new one works."""
-        for attempt in (0, 1):
+        moved, busy = False, 0
+        while True:
+            t0 = time.monotonic()
             try:
                 conn = self._connect_disk()
             except OSError as e:
@@ -396,8 +417,16 @@ class Store:
                 kind = _classify(e)
                 if kind == "bug":
                     raise
-                if kind == "corrupt" and attempt == 0:
+                if kind == "corrupt" and not moved:
+                    moved = True
                     self._move_aside(e)
+                    continue
+                # SQLite answers "busy" at once, without waiting out the busy timeout, in some races (e.g.
+                # processes beside us setting up a fresh file at once): try again shortly. A busy answer
+                # after a long wait means a stuck lock: fall back to memory.
+                if kind == "busy" and busy < 5 and time.monotonic() - t0 < 1.0:
+                    time.sleep(0.05 * 2 ** busy)
+                    busy += 1
                     continue
                 self._to_memory(f"cannot use {self.path}: {e}")
                 return
