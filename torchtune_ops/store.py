@@ -215,6 +215,12 @@ def _classify(e: sqlite3.Error) -> str:
     return "corrupt" if type(e) is sqlite3.DatabaseError else "unusable"
 
 
+def _describe(e: sqlite3.Error) -> str:
+    """The error with SQLite's extended code name where Python gives it (e.g. SQLITE_IOERR_SHORT_READ)."""
+    name = getattr(e, "sqlite_errorname", None)
+    return f"{e} ({name})" if name else str(e)
+
+
 def _host_id() -> str:
     """This host, and on Linux its PID namespace, so PIDs are only compared where they mean the same."""
     host = socket.gethostname()
@@ -428,7 +434,7 @@ class Store:
                     time.sleep(0.05 * 2 ** busy)
                     busy += 1
                     continue
-                self._to_memory(f"cannot use {self.path}: {e}")
+                self._to_memory(f"cannot use {self.path}: {_describe(e)}")
                 return
             old, self._conn, self.mode = self._conn, conn, "disk"
             if old is not None:
@@ -629,7 +635,7 @@ class Store:
                         self._move_aside(e)
                         self._open_disk()
                     else:
-                        self._to_memory(f"cannot write {self.path}: {e}")
+                        self._to_memory(f"cannot write {self.path}: {_describe(e)}")
             raise CacheError(f"the cache at {self.path} keeps failing")
 
     _orphans: list = []  # connections inherited through fork: never used, never closed
