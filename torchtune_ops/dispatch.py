@@ -298,8 +298,6 @@ def _family_and_problem(op: str, args: tuple, s: settings.Settings):
         raise UnsupportedProblem(f"Triton cannot run on {device} here")
     if any(t.numel() == 0 for t in tensors):
         raise UnsupportedProblem("zero-size tensor")
-    if _lazy(tensors):
-        raise UnsupportedProblem("a negative or conjugate view (PyTorch's kernels resolve the lazy bit)")
     if op in ("addmm", "baddbmm") and args[4] == 0:
         raise UnsupportedProblem("alpha = 0: PyTorch's kernel ignores the product, NaN and Inf included")
     try:
@@ -394,12 +392,6 @@ def _decide(op: str, args: tuple, device: torch.device, aten: Callable, capturin
     c.strict = s.strict
     c.fn = _kernel_fn(op, launch, config, c, device)
     return c
-
-
-def _lazy(tensors) -> bool:
-    """True when a tensor carries a negative or conjugate bit: its memory holds other values than it
-    reads as, which only PyTorch's kernels resolve."""
-    return any(isinstance(t, torch.Tensor) and (t.is_neg() or t.is_conj()) for t in tensors)
 
 
 def _plain(args: tuple, device: torch.device) -> bool:

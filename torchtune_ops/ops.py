@@ -31,6 +31,7 @@ Schemas (``Scalar`` arguments as in aten)::
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -83,14 +84,6 @@ def _conv2d_grad_input(grad, w, padding, opts=""):
                            opts)
 
 
-def _rows(x: torch.Tensor) -> int:
-    """The number of rows of ``x`` flattened to a matrix over its last dim (1 for a vector)."""
-    rows = 1
-    for d in x.shape[:-1]:
-        rows *= d
-    return rows
-
-
 def _linear_act(x, w, bias, activation, opts=""):
     """``activation(F.linear(x, w, bias))`` for any leading dims of ``x``: one tuned mm_act on the
     flattened rows."""
@@ -98,7 +91,7 @@ def _linear_act(x, w, bias, activation, opts=""):
     # more dims beside a vector or batched input) and its errors (0-d input): PyTorch's own.
     if x.dim() == 0 or w.dim() != 2 or (bias is not None and bias.dim() > 1 and x.dim() != 2):
         return dispatch.activation_ref(torch.nn.functional.linear(x, w, bias), activation)
-    out = dispatch.mm_act(x.reshape(_rows(x), x.shape[-1]), w.t(), bias, activation, opts)  # K = 0 included
+    out = dispatch.mm_act(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w.t(), bias, activation, opts)  # K = 0 included
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -263,7 +256,7 @@ def _linear_act_backward(ctx, g):
     included, a bias of any shape that broadcasts. Both products go through the tuned mm."""
     x, w, bias, out = ctx.saved_tensors
     gpre = _pre_activation_grad(g, out, ctx.activation, lambda: ops.linear_act(x, w, bias, "none", ctx.opts))
-    k, rows = x.shape[-1], _rows(x)
+    k, rows = x.shape[-1], math.prod(x.shape[:-1])  # 1 for a vector
     n = w.shape[0] if w.dim() == 2 else 1
     mat_shape = x.shape[:-1] + w.shape[:-1]          # x @ w.T before the bias broadcasts it
     g2 = _sum_to(gpre, mat_shape).reshape(rows, n)   # explicit sizes: -1 is ambiguous with zero rows or n = 0

@@ -230,10 +230,10 @@ def _host_id() -> str:
 
 
 def _ident_of(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the file at ``path``, None when there is none."""
+    """(device, inode) of the file at ``path``, None when there is none (or it cannot be looked up)."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except OSError:
         return None
     return st.st_dev, st.st_ino
 
@@ -446,16 +446,15 @@ class Store:
     def _check_file(self) -> None:
         """Reconnect when the file we use is no longer the one at ``path``: another process moved a
         corrupt file aside (silently), or the file or directory vanished (one warning, then recreated)."""
-        try:
-            st = os.stat(self.path)
-        except OSError:
+        ident = _ident_of(self.path)
+        if ident is None:
             with _dir_lock(self.path):  # a process moving a corrupt file aside replaces it under this lock
                 replaced = os.path.exists(self.path)
             self._open_disk()  # recreates it, or falls back to memory with its own warning
             if self.mode == "disk" and not replaced:
                 self._warn("vanished", f"torchtune_ops cache {self.path} vanished; started a new one")
             return
-        if (st.st_dev, st.st_ino) != self._ident:
+        if ident != self._ident:
             self._open_disk()
 
     def _open_readonly(self) -> None:
@@ -569,11 +568,8 @@ class Store:
                 self._conn.close()
             self._conn = None
         with _dir_lock(self.path):  # stat-and-rename must not interleave with another process's
-            try:
-                st = os.stat(self.path)
-                same = self._ident == (st.st_dev, st.st_ino)
-            except OSError:
-                same = False  # already gone: another process moved it
+            ident = _ident_of(self.path)  # None when already gone: another process moved it
+            same = ident is not None and ident == self._ident
             aside = None
             if same:
                 self._salvaged = self._salvage()

@@ -165,8 +165,7 @@ class TPEStrategy:
         score = self.log_ratio()
         pool = available
         if self.local_every and finite and self.n_model % self.local_every == 0:
-            best = self.rows.candidates[self.cands[int(np.argmin(np.asarray(self.values)))]]
-            near = (self.rows.candidates != best).sum(axis=1) == 1
+            near = (self.rows.candidates != self._best_point()).sum(axis=1) == 1
             if (near & available).any():
                 pool = near & available
         rows = np.flatnonzero(pool)
@@ -177,11 +176,15 @@ class TPEStrategy:
             rows = np.unique(pick)
         return int(rows[np.argmax(score[rows])])
 
+    def _best_point(self) -> np.ndarray:
+        """Choice indices of the best configuration measured so far."""
+        return self.rows.candidates[self.cands[int(np.argmin(np.asarray(self.values, dtype=float)))]]
+
     def _far_step(self, available: np.ndarray) -> int | None:
         """The best-scored available candidate at least ``far`` parameters from the best so far, under a
         density whose good group holds only measurements that far away (None when there is no candidate)."""
         values = np.asarray(self.values, dtype=float)
-        best = self.rows.candidates[self.cands[int(np.argmin(values))]]
+        best = self._best_point()
         pool = available & ((self.rows.candidates != best).sum(axis=1) >= self.far)
         if not pool.any():
             return None
