@@ -146,6 +146,28 @@ def test_a_stalled_search_steps_to_the_best_other_region_once_per_stall(stall):
     assert strat.propose(available) == twin.propose(available)
 
 
+def test_a_far_step_does_not_count_one_rank_moves_along_long_axes_as_leaving_the_basin():
+    """Three 30-choice axes: a candidate one rank away on each of them is in the best's basin; a far step
+    must go where at least three parameters moved by ``far_rank`` of their axis or more."""
+    import numpy as np
+
+    space = Space({n: list(range(30)) for n in "abc"} | {"d": [0, 1]})
+    cands = np.asarray(list(itertools.product(range(30), range(30), range(30), range(2))), dtype=np.int64)
+    row = {tuple(r): i for i, r in enumerate(cands.tolist())}
+    strat = TPEStrategy(n_startup=0, stall=3)
+    strat.start(space, cands, [], np.random.default_rng(0))
+    available = np.ones(len(cands), dtype=bool)
+    # The best at the corner; its basin (one rank up on a, b and c) measured as nearly as good.
+    told = [((0, 0, 0, 0), 1.0), ((1, 1, 1, 0), 1.01), ((1, 1, 1, 1), 1.02), ((0, 1, 1, 1), 1.03),
+            ((29, 29, 29, 1), 3.0)]
+    for point, value in told:
+        strat.observe(row[point], value)
+        available[row[point]] = False
+    far = cands[strat.propose(available)]
+    moved = max(1, round(strat.far_rank * 29))
+    assert (np.abs(far[:3]) >= moved).sum() >= 3, far
+
+
 def test_without_far_steps_a_stalled_search_does_not_go_to_the_poorer_region():
     strat, cands, available = _stalled_strategy(10)
     strat.stall = 0

@@ -73,12 +73,16 @@ class TPEStrategy:
             tries the most promising other one). Repeats every ``stall`` measurements while stuck. 0 turns
             it off. Default 10.
         far: how many parameters a far step's candidates differ from the best in, at least. Default 3.
+        far_rank: an ordinal parameter counts as different for ``far`` only when its rank moved by at least
+            ``max(1, round(far_rank * (choices - 1)))``: one step along a long axis (224 to 232 threads) stays
+            in the same basin. Default 0.15.
     """
 
     def __init__(self, *, n_startup: int = 8, n_startup_prior: int = 0, gamma: float = 0.15,
                  max_good: int = 20, bandwidth: float = 0.1, min_bandwidth: float = 1.0, eps: float = 0.2,
                  prior_weight: float = 4.0, prior_gamma: float = 0.1, prior_max_good: int = 50,
-                 n_ei_candidates: int | None = None, local_every: int = 3, stall: int = 10, far: int = 3):
+                 n_ei_candidates: int | None = None, local_every: int = 3, stall: int = 10, far: int = 3,
+                 far_rank: float = 0.15):
         self.n_startup = n_startup
         self.n_startup_prior = n_startup_prior
         self.gamma = gamma
@@ -93,12 +97,17 @@ class TPEStrategy:
         self.local_every = local_every
         self.stall = stall
         self.far = far
+        self.far_rank = far_rank
 
     def start(self, space, candidates, prior, rng):
         self.rng = rng
         self.rows = KernelRows(axis_kernels(space, bandwidth=self.bandwidth, min_bandwidth=self.min_bandwidth,
                                             eps=self.eps), candidates)
         self.uniform = 1.0 / math.prod(space.sizes)
+        self.positions = space.positions
+        self.moved = np.asarray([max(1.0, round(self.far_rank * (n - 1))) if o else 1.0
+                                 for n, o in zip(space.sizes, space.ordinal)])
+        self.where = self._where(candidates)  # (C, D) position of every candidate's choices
         self.values: list[float] = []
         self.cands: list[int] = []
         self.n_model = 0
@@ -120,8 +129,12 @@ class TPEStrategy:
         if len(self.prior_bad_index):
             self.prior_bad = self.rows.mean_density(self.prior_bad_index)
 
+    def _where(self, points: np.ndarray) -> np.ndarray:
+        return np.stack([pos[points[:, d]] for d, pos in enumerate(self.positions)], axis=1)
+
     def add_candidates(self, points):
         self.rows.add_candidates(points)
+        self.where = np.concatenate([self.where, self._where(points)])
         if self.prior_good is not None or self.prior_bad is not None:
             self._prior_densities()
 
@@ -176,21 +189,24 @@ class TPEStrategy:
             rows = np.unique(pick)
         return int(rows[np.argmax(score[rows])])
 
+    def _best_row(self) -> int:
+        """Candidate row of the best configuration measured so far."""
+        return self.cands[int(np.argmin(np.asarray(self.values, dtype=float)))]
+
     def _best_point(self) -> np.ndarray:
         """Choice indices of the best configuration measured so far."""
-        return self.rows.candidates[self.cands[int(np.argmin(np.asarray(self.values, dtype=float)))]]
+        return self.rows.candidates[self._best_row()]
 
     def _far_step(self, available: np.ndarray) -> int | None:
-        """The best-scored available candidate at least ``far`` parameters from the best so far, under a
-        density whose good group holds only measurements that far away (None when there is no candidate)."""
+        """The best-scored available candidate at least ``far`` parameters from the best so far (counted with
+        ``far_rank``), under a density whose good group holds only measurements that far away (None when
+        there is no candidate)."""
         values = np.asarray(self.values, dtype=float)
-        best = self._best_point()
-        pool = available & ((self.rows.candidates != best).sum(axis=1) >= self.far)
+        far = (np.abs(self.where - self.where[self._best_row()]) >= self.moved).sum(axis=1) >= self.far
+        pool = available & far
         if not pool.any():
             return None
-        measured = self.rows.candidates[np.asarray(self.cands)]
-        far_away = (measured != best).sum(axis=1) >= self.far
-        good = split_good(np.where(far_away, values, math.inf), self.gamma, self.max_good)
+        good = split_good(np.where(far[np.asarray(self.cands)], values, math.inf), self.gamma, self.max_good)
         good_sum, bad_sum = self.rows.sum_rows(good)
         # l(x) from the far good group against every other measurement (the best's basin included); with no
         # far measurement yet, this prefers the least explored candidates.
