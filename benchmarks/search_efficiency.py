@@ -23,6 +23,9 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+# One BLAS thread per worker: the search's linear algebra is small, and --jobs workers share the cores.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from replay import ReplaySpace, best_so_far, json_safe, load_space, trace_metrics  # noqa: E402
 

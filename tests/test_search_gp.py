@@ -1,0 +1,130 @@
+"""The Gaussian-process companion of the search (torchtune_ops.search.gp) and how TPEStrategy uses it."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from torchtune_ops.search import Space, TPEStrategy, tune
+from torchtune_ops.search.gp import CandidateGP, features
+
+
+def _grid(*sizes):
+    return np.asarray(list(itertools.product(*(range(n) for n in sizes))), dtype=np.int64)
+
+
+def test_features_put_ordinal_ranks_in_0_1_categoricals_one_apart_and_drop_constant_parameters():
+    space = Space({"block": [16, 128, 32, 64], "order": ["row", "col", "tile"], "one": [7]})
+    x = features(space, _grid(4, 3, 1))
+    assert x.shape == (12, 1 + 3)
+    # block's choices by rank: 16 -> 0, 32 -> 1/3, 64 -> 2/3, 128 -> 1, whatever the listed order.
+    assert x[_grid(4, 3, 1)[:, 1] == 0][:, 0].tolist() == pytest.approx([0.0, 1.0, 1 / 3, 2 / 3])
+    cat = x[:3, 1:]  # block 16 with order row, col, tile
+    for a, b in itertools.combinations(range(3), 2):
+        assert np.linalg.norm(cat[a] - cat[b]) == pytest.approx(1.0)
+
+
+def _gp_told(space, cands, told, **kw):
+    gp = CandidateGP(space, cands, **kw)
+    for row, _ in told:
+        gp.add(row)
+    return gp, np.asarray([v for _, v in told], dtype=float)
+
+
+def test_expected_improvement_points_at_the_minimum_of_a_smooth_function_between_measurements():
+    space = Space({"x": list(range(30))})
+    cands = _grid(30)
+    told = [(i, (i - 12) ** 2 + 10.0) for i in (0, 5, 9, 16, 22, 29)]
+    gp, values = _gp_told(space, cands, told)
+    rows = np.setdiff1d(np.arange(30), [i for i, _ in told])
+    best = rows[np.argmax(gp.expected_improvement(values, rows, np.random.default_rng(0)))]
+    assert 9 < best < 16, best
+
+
+def test_expected_improvement_follows_a_trend_beyond_the_measured_range():
+    """Time falls as a grows (b does not matter): measured a = 0..4 only, the next one to try is a > 4."""
+    space = Space({"a": list(range(10)), "b": list(range(10))})
+    cands = _grid(10, 10)
+    told = [(a * 10 + b, 10.0 - a) for a in range(5) for b in (0, 5, 9)]
+    gp, values = _gp_told(space, cands, told)
+    rows = np.setdiff1d(np.arange(100), [r for r, _ in told])
+    best = cands[rows[np.argmax(gp.expected_improvement(values, rows, np.random.default_rng(0)))]]
+    assert best[0] > 4, best
+
+
+def test_failed_measurements_count_as_the_slowest_and_keep_the_model_finite():
+    space = Space({"x": list(range(20))})
+    cands = _grid(20)
+    told = [(0, math.inf), (1, math.inf), (10, 2.0), (15, 1.0), (19, 3.0)]
+    gp, values = _gp_told(space, cands, told)
+    rows = np.setdiff1d(np.arange(20), [r for r, _ in told])
+    gain = gp.expected_improvement(values, rows, np.random.default_rng(0))
+    assert np.isfinite(gain).all() and (gain >= 0).all()
+    assert cands[rows[np.argmax(gain)]][0] in range(12, 19)  # around the best, away from the failures
+
+
+def test_candidates_added_later_are_scored_as_if_there_from_the_start():
+    space = Space({"a": list(range(8)), "b": list(range(8))})
+    cands = _grid(8, 8)
+    told = [(3, 5.0), (20, 2.0), (41, 4.0), (60, 3.0)]
+    whole, values = _gp_told(space, cands, told)
+    grown, _ = _gp_told(space, cands[:40], [t for t in told if t[0] < 40][:2])
+    grown.add_candidates(cands[40:])
+    for row, _ in told[2:]:
+        grown.add(row)
+    rows = np.arange(64)
+    rng = np.random.default_rng
+    assert grown.expected_improvement(values, rows, rng(0)) == pytest.approx(
+        whole.expected_improvement(values, rows, rng(0)), rel=1e-4)
+
+
+def test_variance_is_computed_for_the_promising_half_and_a_sample_when_rows_are_many():
+    space = Space({"a": list(range(40)), "b": list(range(40))})
+    cands = _grid(40, 40)
+    told = [(r, 1.0 + (r % 7)) for r in range(0, 1600, 97)]
+    gp, values = _gp_told(space, cands, told)
+    rows = np.arange(1600)
+    gain = gp.expected_improvement(values, rows, np.random.default_rng(0), max_variance_rows=200)
+    assert np.isfinite(gain).sum() == 200
+    again = gp.expected_improvement(values, rows, np.random.default_rng(0), max_variance_rows=200)
+    assert np.array_equal(gain, again)  # deterministic given the generator
+
+
+def _run(strategy, seed=0):
+    def cost(cfg):
+        return 1.0 + abs(cfg["a"] - 13) + 0.5 * abs(cfg["b"] - 2) + (0.0 if cfg["c"] == "y" else 3.0)
+
+    space = Space({"a": list(range(20)), "b": list(range(6)), "c": ["x", "y", "z"]})
+    return tune(space, cost, max_trials=40, seed=seed, strategy=strategy)
+
+
+def test_every_second_global_model_proposal_is_the_gp_argmax():
+    calls = []
+
+    class Spy(CandidateGP):
+        def expected_improvement(self, values, rows, rng, **kw):
+            gain = super().expected_improvement(values, rows, rng, **kw)
+            calls.append(int(rows[np.argmax(gain)]))
+            return gain
+
+    import torchtune_ops.search.strategies as strategies
+    original = strategies.CandidateGP
+    strategies.CandidateGP = Spy
+    try:
+        strat = TPEStrategy(gp_every=2)
+        result = _run(strat)
+    finally:
+        strategies.CandidateGP = original
+    measured = [strat.rows.candidates[c] for c in strat.cands]
+    assert calls, "the GP was never asked"
+    # Every GP answer was measured next; about a third of the model's proposals came from it.
+    assert all(any((strat.rows.candidates[c] == m).all() for m in measured) for c in calls)
+    model = len(result.trials) - strat.n_startup
+    assert model / 4 <= len(calls) <= model / 2
+
+
+def test_gp_every_0_is_plain_tpe_and_builds_no_model():
+    strat = TPEStrategy(gp_every=0)
+    result = _run(strat)
+    assert strat.gp is None
+    assert result.best_value == 1.0
