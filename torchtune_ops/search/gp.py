@@ -25,12 +25,13 @@ _erf = np.frompyfunc(math.erf, 1, 1)
 
 def features(space: Space, points: np.ndarray) -> np.ndarray:
     """(m, k) coordinates in [0, 1] of configurations given as choice indices ``points`` (m, D)."""
+    where = space.positions_of(points)
     cols = []
-    for d, (size, ordinal, pos) in enumerate(zip(space.sizes, space.ordinal, space.positions)):
+    for d, (size, ordinal) in enumerate(zip(space.sizes, space.ordinal)):
         if size == 1:
             continue
         if ordinal:
-            cols.append(pos[points[:, d]] / (size - 1))
+            cols.append(where[:, d] / (size - 1))
         else:
             cols.extend((points[:, d] == c) / math.sqrt(2.0) for c in range(size))
     if not cols:

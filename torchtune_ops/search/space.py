@@ -106,6 +106,11 @@ class Space:
         """The configuration dict for a tuple of choice indices."""
         return {n: c[int(i)] for n, c, i in zip(self.names, self.params.values(), index)}
 
+    def positions_of(self, points: np.ndarray) -> np.ndarray:
+        """(m, D) float positions (see ``positions``) of configurations given as choice indices (m, D)."""
+        return np.stack([pos[points[:, d]] for d, pos in enumerate(self.positions)], axis=1).reshape(
+            len(points), len(self.sizes))
+
     def is_valid(self, config: Mapping[str, Any]) -> bool:
         """True when every value is one of the choices and the constraint accepts the configuration."""
         if self.encode(config) is None:

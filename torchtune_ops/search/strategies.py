@@ -117,10 +117,10 @@ class TPEStrategy:
         self.rows = KernelRows(axis_kernels(space, bandwidth=self.bandwidth, min_bandwidth=self.min_bandwidth,
                                             eps=self.eps), candidates)
         self.uniform = 1.0 / math.prod(space.sizes)
-        self.positions = space.positions
+        self.space = space
         self.moved = np.asarray([max(1.0, round(self.far_rank * (n - 1))) if o else 1.0
                                  for n, o in zip(space.sizes, space.ordinal)])
-        self.where = self._where(candidates)  # (C, D) position of every candidate's choices
+        self.where = space.positions_of(candidates)  # (C, D) position of every candidate's choices
         self.gp = (CandidateGP(space, candidates, lengthscale=self.gp_lengthscale, noise=self.gp_noise)
                    if self.gp_every else None)
         self.n_global = 0  # model proposals that were not local steps
@@ -145,12 +145,9 @@ class TPEStrategy:
         if len(self.prior_bad_index):
             self.prior_bad = self.rows.mean_density(self.prior_bad_index)
 
-    def _where(self, points: np.ndarray) -> np.ndarray:
-        return np.stack([pos[points[:, d]] for d, pos in enumerate(self.positions)], axis=1)
-
     def add_candidates(self, points):
         self.rows.add_candidates(points)
-        self.where = np.concatenate([self.where, self._where(points)])
+        self.where = np.concatenate([self.where, self.space.positions_of(points)])
         if self.gp is not None:
             self.gp.add_candidates(points)
         if self.prior_good is not None or self.prior_bad is not None:
