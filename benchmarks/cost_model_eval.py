@@ -17,7 +17,9 @@ recorded time):
   tune the held-out GPU's.
 
 Training data per problem: ``--train-per-problem`` configurations drawn at random, or (``-tuned40``) the 40
-measurements a tune() run leaves in the cache; per GPU (xgpu): its whole space. For each held-out space:
+measurements a tune() run leaves in the cache; per GPU (xgpu): its whole space. LOPO repeats with ``--draws``
+independent sets of training histories (a model trained on 40-trial histories changes a lot from one set to
+the next); the summary sums over them and gives each draw's ratio too. For each held-out space:
 Spearman rank correlation of the predictions with the recorded times, top-1 regret (time of the predicted
 best over the optimum, minus 1), zero-shot fraction of the optimum (optimum over the time of the predicted
 best), and the median over seeds of the measurements tune() needs to reach within 5% of the optimum: without
@@ -150,7 +152,10 @@ def _reach(space: ReplaySpace, *, seed: int, budget: int, hints: perfmodel.Hints
 
 
 def evaluate(family: str, problem: dict, space: ReplaySpace, model: perfmodel.PerfModel, *, seeds: int,
-             budget: int, prune: bool = True, raw_prior: list | None = None) -> dict:
+             budget: int, prune: bool = True, raw_prior: list | None = None,
+             base: list | None = None) -> dict:
+    """Evaluate ``model`` on one held-out space. ``base``: the measurements to 5% without a prior per seed
+    when already known (they do not depend on the model)."""
     cfgs = space.configs()
     times = np.asarray([space.time_of(c) for c in cfgs])
     pred = model.predict(problem, cfgs)
@@ -158,7 +163,8 @@ def evaluate(family: str, problem: dict, space: ReplaySpace, model: perfmodel.Pe
     t_top = times[int(np.argmin(pred))]
     opt = space.optimum
     hints = perfmodel.search_hints(model, problem, cfgs, prune=prune)
-    base = [_reach(space, seed=s, budget=budget, hints=None) for s in range(seeds)]
+    if base is None:
+        base = [_reach(space, seed=s, budget=budget, hints=None) for s in range(seeds)]
     with_model = [_reach(space, seed=s, budget=budget, hints=hints) for s in range(seeds)]
     raw = []
     if raw_prior:  # the other problems' measurements passed as they are (each divided by its best)
@@ -179,32 +185,38 @@ def evaluate(family: str, problem: dict, space: ReplaySpace, model: perfmodel.Pe
 
 
 def lopo(entries: list[tuple[str, dict, ReplaySpace]], *, label: str, seeds: int, budget: int,
-         per_problem: int, limit: int | None, history: str = "random") -> list[dict]:
+         per_problem: int, limit: int | None, history: str = "random", draws: int = 1) -> list[dict]:
     """Leave one problem out: train on the others' histories, evaluate on the held-out one. ``history``:
     "random" (``per_problem`` configurations drawn at random) or "tuned" (the ``per_problem``
-    measurements of a tune() run without prior, as the tuner leaves in the cache)."""
-    rows_of = {}
-    rng = np.random.default_rng(0)
-    for i, (_, prob, sp) in enumerate(entries):
-        rows_of[i] = (_tuned_rows(prob, sp, per_problem, seed=100 + i) if history == "tuned"
-                      else _sample_rows(prob, sp, per_problem, rng))
+    measurements of a tune() run without prior, as the tuner leaves in the cache). ``draws``: how many
+    independent sets of training histories (a model trained on short histories varies from one set to the
+    next far more than the search varies from one seed to the next)."""
     out = []
-    for i, (fam, prob, sp) in enumerate(entries[:limit] if limit else entries):
-        rows = [r for j, rs in rows_of.items() if j != i for r in rs]
-        t0 = time.perf_counter()
-        model = perfmodel.PerfModel.fit(rows, family=fam, sms=132, cv=False)
-        fit_s = time.perf_counter() - t0
-        best = {}
-        for r in rows:
-            k = json.dumps(r[0], sort_keys=True)
-            best[k] = min(best.get(k, math.inf), r[2])
-        raw = [(r[1], r[2] / best[json.dumps(r[0], sort_keys=True)]) for r in rows if math.isfinite(r[2])]
-        res = evaluate(fam, prob, sp, model, seeds=seeds, budget=budget, raw_prior=raw)
-        res.update(eval=label, fit_s=fit_s)
-        out.append(res)
-        print(f"  {label} {sp.name}: rho {res['spearman']:.2f}, zero-shot {res['zero_shot_fraction']:.3f}, "
-              f"to 5%: {res['median_without']} -> {res['median_with']} (raw prior {res['median_raw_prior']}; "
-              f"fit {fit_s:.1f} s)", flush=True)
+    base_of: dict[int, list] = {}  # measurements to 5% without a prior: the same for every draw
+    held_out = list(enumerate(entries[:limit] if limit else entries))
+    for draw in range(draws):
+        rows_of = {}
+        rng = np.random.default_rng(draw)
+        for i, (_, prob, sp) in enumerate(entries):
+            rows_of[i] = (_tuned_rows(prob, sp, per_problem, seed=100 + 1000 * draw + i) if history == "tuned"
+                          else _sample_rows(prob, sp, per_problem, rng))
+        for i, (fam, prob, sp) in held_out:
+            rows = [r for j, rs in rows_of.items() if j != i for r in rs]
+            t0 = time.perf_counter()
+            model = perfmodel.PerfModel.fit(rows, family=fam, sms=132, cv=False)
+            fit_s = time.perf_counter() - t0
+            best = {}
+            for r in rows:
+                k = json.dumps(r[0], sort_keys=True)
+                best[k] = min(best.get(k, math.inf), r[2])
+            raw = [(r[1], r[2] / best[json.dumps(r[0], sort_keys=True)]) for r in rows if math.isfinite(r[2])]
+            res = evaluate(fam, prob, sp, model, seeds=seeds, budget=budget, raw_prior=raw, base=base_of.get(i))
+            base_of[i] = res["reach_without"]
+            res.update(eval=label, draw=draw, fit_s=fit_s)
+            out.append(res)
+            print(f"  {label} (history draw {draw}) {sp.name}: rho {res['spearman']:.2f}, zero-shot "
+                  f"{res['zero_shot_fraction']:.3f}, to 5%: {res['median_without']} -> {res['median_with']} "
+                  f"(raw prior {res['median_raw_prior']}; fit {fit_s:.1f} s)", flush=True)
     return out
 
 
@@ -239,21 +251,27 @@ def machine() -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| eval | space | valid | within 5% | Spearman | top-1 regret | zero-shot | pruned | to 5% without | "
+    lines = ["| eval | draw | space | valid | within 5% | Spearman | top-1 regret | zero-shot | pruned | to 5% without | "
              "to 5% with model | ratio | to 5% raw prior |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         a, b = r["median_without"], r["median_with"]
         ratio = a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
-        lines.append(f"| {r['eval']} | {r['space']} | {r['valid']} | {r['within_5pct']} | {r['spearman']:.2f} | "
+        lines.append(f"| {r['eval']} | {r.get('draw', 0)} | {r['space']} | {r['valid']} | {r['within_5pct']} | {r['spearman']:.2f} | "
                      f"{r['top1_regret']:.3f} | {r['zero_shot_fraction']:.3f} | {r['pruned']} | {a} | {b} | "
                      f"{'-' if math.isnan(ratio) else f'{ratio:.1f}x'} | {r['median_raw_prior']} |")
     return "\n".join(lines)
 
 
+def _ratio(rs: list[dict], budget: int) -> float:
+    a = sum(min(r["median_without"], budget + 1) for r in rs)
+    return a / max(sum(min(r["median_with"], budget + 1) for r in rs), 1e-9)
+
+
 def summary(results: list[dict], budget: int) -> dict:
-    """Per evaluation: sums of the median measurements to 5% (a median beyond the budget counts as
-    ``budget + 1``, which flatters the side that missed), their ratio, mean zero-shot fraction, Spearman."""
+    """Per evaluation: sums of the median measurements to 5% over its spaces and history draws (a median
+    beyond the budget counts as ``budget + 1``, which flatters the side that missed), their ratio and the ratio
+    of each history draw alone, mean zero-shot fraction, Spearman."""
     out = {}
     for label in sorted({r["eval"] for r in results}):
         rs = [r for r in results if r["eval"] == label]
@@ -262,13 +280,16 @@ def summary(results: list[dict], budget: int) -> dict:
         c = [min(r["median_raw_prior"], budget + 1) for r in rs]
         both = [r for r in rs if math.isfinite(r["median_without"]) and math.isfinite(r["median_with"])]
         out[label] = {"spaces": len(rs), "sum_median_without": sum(a), "sum_median_with": sum(b),
-                      "ratio_of_sums": sum(a) / max(sum(b), 1e-9),
+                      "ratio_of_sums": _ratio(rs, budget),
                       "sum_median_raw_prior": sum(c),
                       "spaces_both_reached": len(both), "ratio_where_both_reached":
                           sum(r["median_without"] for r in both) / max(sum(r["median_with"] for r in both), 1e-9),
                       "mean_zero_shot_fraction": statistics.mean(r["zero_shot_fraction"] for r in rs),
                       "mean_spearman": statistics.mean(r["spearman"] for r in rs),
-                      "zero_shot_at_least_0.9": sum(r["zero_shot_fraction"] >= 0.9 for r in rs)}
+                      "zero_shot_at_least_0.9": sum(r["zero_shot_fraction"] >= 0.9 for r in rs),
+                      "draws": len({r.get("draw", 0) for r in rs}),
+                      "ratio_per_draw": [_ratio([r for r in rs if r.get("draw", 0) == d], budget)
+                                         for d in sorted({r.get("draw", 0) for r in rs})]}
     return out
 
 
@@ -281,11 +302,17 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=200, help="most measurements per tune() run")
     ap.add_argument("--train-per-problem", type=int, default=400,
                     help="configurations per training problem/GPU (a trial history of that size)")
+    ap.add_argument("--draws", type=int, default=4,
+                    help="independent sets of training histories per LOPO evaluation (default 4; xgpu trains on "
+                         "whole spaces, so one)")
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--no-datasets", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    if args.draws < 1 or args.seeds < 1:
+        ap.error("--draws and --seeds must be at least 1")
     seeds, limit = (2, 2) if args.smoke else (args.seeds, None)
+    draws = 1 if args.smoke else args.draws
     per = 150 if args.smoke else args.train_per_problem
     t0 = time.perf_counter()
     results: list[dict] = []
@@ -293,9 +320,9 @@ def main(argv=None) -> int:
         shapes = SYNTH_SHAPES[:4] if args.smoke else SYNTH_SHAPES
         synth = synthetic_spaces(shapes)
         results += lopo(synth, label="lopo-synthetic", seeds=seeds, budget=args.budget, per_problem=per,
-                        limit=limit)
+                        limit=limit, draws=draws)
         results += lopo(synth, label="lopo-synthetic-tuned40", seeds=seeds, budget=args.budget, per_problem=40,
-                        limit=limit, history="tuned")
+                        limit=limit, history="tuned", draws=draws)
     if args.space:
         by_family: dict[str, list] = {}
         for e in recorded(args.space):
@@ -304,7 +331,8 @@ def main(argv=None) -> int:
             if len(entries) < 2:
                 print(f"  {fam}: one recorded space; LOPO needs two or more")
                 continue
-            results += lopo(entries, label="lopo", seeds=seeds, budget=args.budget, per_problem=per, limit=limit)
+            results += lopo(entries, label="lopo", seeds=seeds, budget=args.budget, per_problem=per, limit=limit,
+                            draws=draws)
     if not args.no_datasets and os.path.isdir(args.datasets):
         kernels = sorted(d for d in glob.glob(os.path.join(args.datasets, "*")) if os.path.isdir(d))
         for k in kernels[:1] if args.smoke else kernels:
@@ -320,7 +348,8 @@ def main(argv=None) -> int:
               f"with the raw histories as prior ({s['ratio_where_both_reached']:.1f}x on the "
               f"{s['spaces_both_reached']} spaces where both reached 5%); mean zero-shot fraction "
               f"{s['mean_zero_shot_fraction']:.3f} ({s['zero_shot_at_least_0.9']}/{s['spaces']} spaces >= 0.9); "
-              f"mean Spearman {s['mean_spearman']:.2f}")
+              f"mean Spearman {s['mean_spearman']:.2f}" + (
+                  f"; per history draw {', '.join(f'{x:.1f}x' for x in s['ratio_per_draw'])}" if s["draws"] > 1 else ""))
     print(f"\n{elapsed:.0f} s")
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -31,6 +31,7 @@ def _json_files(path: Path):
 
 @pytest.mark.parametrize("script, out_is_dir", [
     ("benchmarks/search_efficiency.py", True),
+    ("benchmarks/cost_model_eval.py", True),
     ("benchmarks/bench_bundle_load.py", True),
     ("benchmarks/bench_dispatch.py", False),
     ("benchmarks/bench_store.py", False),
@@ -64,3 +65,20 @@ def test_search_efficiency_seed_range_and_tpe_ablation(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/search_efficiency.py", "--smoke", "--tpe", "gama=1",
                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "gama" in bad.stderr
+
+
+def test_cost_model_eval_repeats_lopo_over_independent_history_draws():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import cost_model_eval as cme
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    entries = cme.synthetic_spaces([(1, 33, 17, 4000), (1, 16, 4096, 4096), (8, 512, 512, 64)])
+    res = cme.lopo(entries, label="t", seeds=2, budget=15, per_problem=30, limit=1, draws=2)
+    assert [r["draw"] for r in res] == [0, 1] and {r["space"] for r in res} == {entries[0][2].name}
+    # the search without a prior does not depend on the training histories: measured once, shared
+    assert res[0]["reach_without"] == res[1]["reach_without"]
+    summ = cme.summary(res, 15)["t"]
+    assert summ["draws"] == 2 and len(summ["ratio_per_draw"]) == 2
+    capped = [min(r["median_without"], 16) for r in res], [min(r["median_with"], 16) for r in res]
+    assert summ["ratio_of_sums"] == pytest.approx(sum(capped[0]) / sum(capped[1]))
