@@ -47,7 +47,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from replay import ReplaySpace, load_space  # noqa: E402
+from replay import ReplaySpace, load_space, tpe_knobs  # noqa: E402
 
 from torchtune_ops import perfmodel  # noqa: E402
 
@@ -119,17 +119,20 @@ def _sample_rows(problem: dict, space: ReplaySpace, n: int, rng) -> list[tuple]:
     return [(problem, cfgs[i], space.time_of(cfgs[i]), math.nan) for i in pick]
 
 
-def _tuned_rows(problem: dict, space: ReplaySpace, n: int, seed: int) -> list[tuple]:
+def _tuned_rows(problem: dict, space: ReplaySpace, n: int, seed: int, tpe: dict | None = None) -> list[tuple]:
     """The history a tuning run leaves: the ``n`` configurations tune() measured (no prior)."""
-    from torchtune_ops.search import Space, tune
+    from torchtune_ops.search import Space, TPEStrategy, tune
 
-    res = tune(Space(space.params), space.time_of, candidates=space.configs(), max_trials=n, seed=seed)
+    res = tune(Space(space.params), space.time_of, candidates=space.configs(), max_trials=n, seed=seed,
+               strategy=TPEStrategy(**(tpe or {})))
     return [(problem, c, v, math.nan) for c, v in res.trials]
 
 
-def _reach(space: ReplaySpace, *, seed: int, budget: int, hints: perfmodel.Hints | None) -> int | None:
-    """Measurements tune() needs to reach within TOL of the optimum (None: not within ``budget``)."""
-    from torchtune_ops.search import Space, tune
+def _reach(space: ReplaySpace, *, seed: int, budget: int, hints: perfmodel.Hints | None,
+           tpe: dict | None = None) -> int | None:
+    """Measurements tune() needs to reach within TOL of the optimum (None: not within ``budget``). ``tpe``:
+    TPEStrategy knobs (None: the defaults)."""
+    from torchtune_ops.search import Space, TPEStrategy, tune
 
     bound = space.optimum * (1 + TOL)
     count = [0, None]
@@ -147,13 +150,13 @@ def _reach(space: ReplaySpace, *, seed: int, budget: int, hints: perfmodel.Hints
     else:
         kw = dict(candidates=space.configs())
     tune(Space(space.params), objective, max_trials=budget, seed=seed, should_stop=lambda: count[1] is not None,
-         **kw)
+         strategy=TPEStrategy(**(tpe or {})), **kw)
     return count[1]
 
 
 def evaluate(family: str, problem: dict, space: ReplaySpace, model: perfmodel.PerfModel, *, seeds: int,
              budget: int, prune: bool = True, raw_prior: list | None = None,
-             base: list | None = None) -> dict:
+             base: list | None = None, tpe: dict | None = None) -> dict:
     """Evaluate ``model`` on one held-out space. ``base``: the measurements to 5% without a prior per seed
     when already known (they do not depend on the model)."""
     cfgs = space.configs()
@@ -164,12 +167,12 @@ def evaluate(family: str, problem: dict, space: ReplaySpace, model: perfmodel.Pe
     opt = space.optimum
     hints = perfmodel.search_hints(model, problem, cfgs, prune=prune)
     if base is None:
-        base = [_reach(space, seed=s, budget=budget, hints=None) for s in range(seeds)]
-    with_model = [_reach(space, seed=s, budget=budget, hints=hints) for s in range(seeds)]
+        base = [_reach(space, seed=s, budget=budget, hints=None, tpe=tpe) for s in range(seeds)]
+    with_model = [_reach(space, seed=s, budget=budget, hints=hints, tpe=tpe) for s in range(seeds)]
     raw = []
     if raw_prior:  # the other problems' measurements passed as they are (each divided by its best)
         plain = perfmodel.Hints(initial=[], prior=raw_prior, candidates=cfgs, pruned=0)
-        raw = [_reach(space, seed=s, budget=budget, hints=plain) for s in range(seeds)]
+        raw = [_reach(space, seed=s, budget=budget, hints=plain, tpe=tpe) for s in range(seeds)]
 
     def med(xs):
         return statistics.median(x if x is not None else math.inf for x in xs) if xs else math.nan
@@ -185,12 +188,14 @@ def evaluate(family: str, problem: dict, space: ReplaySpace, model: perfmodel.Pe
 
 
 def lopo(entries: list[tuple[str, dict, ReplaySpace]], *, label: str, seeds: int, budget: int,
-         per_problem: int, limit: int | None, history: str = "random", draws: int = 1) -> list[dict]:
+         per_problem: int, limit: int | None, history: str = "random", draws: int = 1,
+         tpe: dict | None = None) -> list[dict]:
     """Leave one problem out: train on the others' histories, evaluate on the held-out one. ``history``:
     "random" (``per_problem`` configurations drawn at random) or "tuned" (the ``per_problem``
     measurements of a tune() run without prior, as the tuner leaves in the cache). ``draws``: how many
     independent sets of training histories (a model trained on short histories varies from one set to the
-    next far more than the search varies from one seed to the next)."""
+    next far more than the search varies from one seed to the next). ``tpe``: TPEStrategy knobs for every
+    tune() run, the histories' included."""
     out = []
     base_of: dict[int, list] = {}  # measurements to 5% without a prior: the same for every draw
     held_out = list(enumerate(entries[:limit] if limit else entries))
@@ -198,8 +203,8 @@ def lopo(entries: list[tuple[str, dict, ReplaySpace]], *, label: str, seeds: int
         rows_of = {}
         rng = np.random.default_rng(draw)
         for i, (_, prob, sp) in enumerate(entries):
-            rows_of[i] = (_tuned_rows(prob, sp, per_problem, seed=100 + 1000 * draw + i) if history == "tuned"
-                          else _sample_rows(prob, sp, per_problem, rng))
+            rows_of[i] = (_tuned_rows(prob, sp, per_problem, seed=100 + 1000 * draw + i, tpe=tpe)
+                          if history == "tuned" else _sample_rows(prob, sp, per_problem, rng))
         for i, (fam, prob, sp) in held_out:
             rows = [r for j, rs in rows_of.items() if j != i for r in rs]
             t0 = time.perf_counter()
@@ -210,7 +215,8 @@ def lopo(entries: list[tuple[str, dict, ReplaySpace]], *, label: str, seeds: int
                 k = json.dumps(r[0], sort_keys=True)
                 best[k] = min(best.get(k, math.inf), r[2])
             raw = [(r[1], r[2] / best[json.dumps(r[0], sort_keys=True)]) for r in rows if math.isfinite(r[2])]
-            res = evaluate(fam, prob, sp, model, seeds=seeds, budget=budget, raw_prior=raw, base=base_of.get(i))
+            res = evaluate(fam, prob, sp, model, seeds=seeds, budget=budget, raw_prior=raw, base=base_of.get(i),
+                           tpe=tpe)
             base_of[i] = res["reach_without"]
             res.update(eval=label, draw=draw, fit_s=fit_s)
             out.append(res)
@@ -220,13 +226,14 @@ def lopo(entries: list[tuple[str, dict, ReplaySpace]], *, label: str, seeds: int
     return out
 
 
-def cross_gpu(kernel_dir: str, *, seeds: int, budget: int, per_problem: int, limit: int | None) -> list[dict]:
+def cross_gpu(kernel_dir: str, *, seeds: int, budget: int, per_problem: int, limit: int | None,
+              tpe: dict | None = None) -> list[dict]:
     """Train on every other GPU's space of the kernel (configuration features only), tune the held-out one."""
     paths = sorted(glob.glob(os.path.join(kernel_dir, "*.json.gz")))
     spaces = [load_space(p) for p in paths]
     kernel = os.path.basename(kernel_dir.rstrip("/"))
     entries = [(f"kt:{kernel}", {"gpu": os.path.basename(p).split(".")[0]}, s) for p, s in zip(paths, spaces)]
-    return lopo(entries, label="xgpu", seeds=seeds, budget=budget, per_problem=per_problem, limit=limit)
+    return lopo(entries, label="xgpu", seeds=seeds, budget=budget, per_problem=per_problem, limit=limit, tpe=tpe)
 
 
 def recorded(paths: list[str]) -> list[tuple[str, dict, ReplaySpace]]:
@@ -260,6 +267,22 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['eval']} | {r.get('draw', 0)} | {r['space']} | {r['valid']} | {r['within_5pct']} | {r['spearman']:.2f} | "
                      f"{r['top1_regret']:.3f} | {r['zero_shot_fraction']:.3f} | {r['pruned']} | {a} | {b} | "
                      f"{'-' if math.isnan(ratio) else f'{ratio:.1f}x'} | {r['median_raw_prior']} |")
+    return "\n".join(lines)
+
+
+def draws_table(results: list[dict], budget: int) -> str:
+    """One row per evaluation and space, the history draws side by side (``table`` has one row per draw)."""
+    lines = ["| eval | space | valid | within 5% | Spearman | zero-shot | to 5% without | to 5% with model, "
+             "per draw | ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    seen: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        seen.setdefault((r["eval"], r["space"]), []).append(r)
+    for (label, space), rs in seen.items():
+        fmt = lambda x: "inf" if not math.isfinite(x) else f"{x:g}"  # noqa: E731
+        lines.append(f"| {label} | {space} | {rs[0]['valid']} | {rs[0]['within_5pct']} | "
+                     f"{statistics.mean(r['spearman'] for r in rs):.2f} | "
+                     f"{statistics.mean(r['zero_shot_fraction'] for r in rs):.3f} | {fmt(rs[0]['median_without'])} | "
+                     f"{' / '.join(fmt(r['median_with']) for r in rs)} | {_ratio(rs, budget):.1f}x |")
     return "\n".join(lines)
 
 
@@ -305,12 +328,18 @@ def main(argv=None) -> int:
     ap.add_argument("--draws", type=int, default=4,
                     help="independent sets of training histories per LOPO evaluation (default 4; xgpu trains on "
                          "whole spaces, so one)")
+    ap.add_argument("--tpe", default="", help="TPEStrategy knobs for every tune() run, e.g. prior_weight=4 "
+                    "(ablations; default: the defaults)")
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--no-datasets", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     if args.draws < 1 or args.seeds < 1:
         ap.error("--draws and --seeds must be at least 1")
+    try:
+        tpe = tpe_knobs(args.tpe)
+    except ValueError as e:
+        ap.error(str(e))
     seeds, limit = (2, 2) if args.smoke else (args.seeds, None)
     draws = 1 if args.smoke else args.draws
     per = 150 if args.smoke else args.train_per_problem
@@ -320,9 +349,9 @@ def main(argv=None) -> int:
         shapes = SYNTH_SHAPES[:4] if args.smoke else SYNTH_SHAPES
         synth = synthetic_spaces(shapes)
         results += lopo(synth, label="lopo-synthetic", seeds=seeds, budget=args.budget, per_problem=per,
-                        limit=limit, draws=draws)
+                        limit=limit, draws=draws, tpe=tpe)
         results += lopo(synth, label="lopo-synthetic-tuned40", seeds=seeds, budget=args.budget, per_problem=40,
-                        limit=limit, history="tuned", draws=draws)
+                        limit=limit, history="tuned", draws=draws, tpe=tpe)
     if args.space:
         by_family: dict[str, list] = {}
         for e in recorded(args.space):
@@ -332,15 +361,17 @@ def main(argv=None) -> int:
                 print(f"  {fam}: one recorded space; LOPO needs two or more")
                 continue
             results += lopo(entries, label="lopo", seeds=seeds, budget=args.budget, per_problem=per, limit=limit,
-                            draws=draws)
+                            draws=draws, tpe=tpe)
     if not args.no_datasets and os.path.isdir(args.datasets):
         kernels = sorted(d for d in glob.glob(os.path.join(args.datasets, "*")) if os.path.isdir(d))
         for k in kernels[:1] if args.smoke else kernels:
             results += cross_gpu(k, seeds=seeds, budget=args.budget, per_problem=per if args.smoke else 10**9,
-                                 limit=limit)
+                                 limit=limit, tpe=tpe)
     elapsed = time.perf_counter() - t0
     print()
     print(table(results))
+    print()
+    print(draws_table(results, args.budget))
     summ = summary(results, args.budget)
     for label, s in summ.items():
         print(f"\n{label}: measurements to 5% (sum of medians) {s['sum_median_without']} without, "

@@ -115,3 +115,18 @@ def trace_metrics(best_so_far: list[float], optimum: float, *, checkpoints=(10, 
 
 def best_so_far(values: list[float]) -> list[float]:
     return list(np.minimum.accumulate(np.asarray(values, dtype=float))) if values else []
+
+
+def tpe_knobs(text: str) -> dict[str, Any]:
+    """``"gamma=0.25,stall=0"`` as TPEStrategy keyword arguments; ValueError names what is wrong."""
+    try:
+        knobs = {k.strip(): json.loads(v) for k, v in (kv.split("=", 1) for kv in text.split(",") if kv.strip())}
+    except ValueError:
+        raise ValueError(f"--tpe takes KEY=NUMBER pairs separated by commas, got {text!r}") from None
+    from torchtune_ops.search import TPEStrategy
+
+    try:
+        TPEStrategy(**knobs)
+    except TypeError as e:
+        raise ValueError(f"--tpe: {e}") from None
+    return knobs

@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from replay import ReplaySpace, best_so_far, json_safe, load_space, trace_metrics  # noqa: E402
+from replay import ReplaySpace, best_so_far, json_safe, load_space, tpe_knobs, trace_metrics  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATASETS = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "datasets"))
@@ -208,14 +208,9 @@ def main(argv=None) -> int:
         paths = [x for x in paths if any(s in (x[1] or x[0]) for s in a.only.split(","))]
     methods = [m for m in a.methods.split(",") if m]
     try:
-        tpe = {k.strip(): json.loads(v) for k, v in (kv.split("=", 1) for kv in a.tpe.split(",") if kv.strip())}
-    except ValueError:
-        p.error(f"--tpe takes KEY=NUMBER pairs separated by commas, got {a.tpe!r}")
-    try:
-        from torchtune_ops.search import TPEStrategy
-        TPEStrategy(**tpe)
-    except TypeError as e:
-        p.error(f"--tpe: {e}")
+        tpe = tpe_knobs(a.tpe)
+    except ValueError as e:
+        p.error(str(e))
     for m in methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}")
