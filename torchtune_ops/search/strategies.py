@@ -61,7 +61,7 @@ class TPEStrategy:
         bandwidth: ordinal kernel width as a fraction of the number of choices. Default 0.1.
         min_bandwidth: smallest ordinal kernel width, in rank steps. Default 1.0.
         eps: categorical kernel mass on the other choices. Default 0.2.
-        prior_weight: how many pseudo-observations a prior counts for in each group. Default 4.
+        prior_weight: how many pseudo-observations a prior counts for in each group. Default 12.
         prior_gamma: fraction of the prior in its good group. Default 0.1.
         prior_max_good: most prior configurations in its good group. Default 50.
         n_ei_candidates: when set, the proposal is the best l/g among this many candidates drawn with
@@ -89,7 +89,7 @@ class TPEStrategy:
 
     def __init__(self, *, n_startup: int = 8, n_startup_prior: int = 0, gamma: float = 0.15,
                  max_good: int = 20, bandwidth: float = 0.1, min_bandwidth: float = 1.0, eps: float = 0.2,
-                 prior_weight: float = 4.0, prior_gamma: float = 0.1, prior_max_good: int = 50,
+                 prior_weight: float = 12.0, prior_gamma: float = 0.1, prior_max_good: int = 50,
                  n_ei_candidates: int | None = None, local_every: int = 3, stall: int = 10, far: int = 3,
                  far_rank: float = 0.15, gp_every: int = 2, gp_lengthscale: float = 0.35,
                  gp_noise: float = 1e-2):
