@@ -258,15 +258,16 @@ def machine() -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| eval | draw | space | valid | within 5% | Spearman | top-1 regret | zero-shot | pruned | to 5% without | "
-             "to 5% with model | ratio | to 5% raw prior |",
+    lines = ["| eval | draw | space | valid | within 5% | Spearman | top-1 regret | zero-shot | pruned | "
+             "to 5% without | to 5% with model | ratio | to 5% raw prior |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         a, b = r["median_without"], r["median_with"]
         ratio = a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
-        lines.append(f"| {r['eval']} | {r.get('draw', 0)} | {r['space']} | {r['valid']} | {r['within_5pct']} | {r['spearman']:.2f} | "
-                     f"{r['top1_regret']:.3f} | {r['zero_shot_fraction']:.3f} | {r['pruned']} | {a} | {b} | "
-                     f"{'-' if math.isnan(ratio) else f'{ratio:.1f}x'} | {r['median_raw_prior']} |")
+        lines.append(f"| {r['eval']} | {r.get('draw', 0)} | {r['space']} | {r['valid']} | {r['within_5pct']} | "
+                     f"{r['spearman']:.2f} | {r['top1_regret']:.3f} | {r['zero_shot_fraction']:.3f} | "
+                     f"{r['pruned']} | {a} | {b} | {'-' if math.isnan(ratio) else f'{ratio:.1f}x'} | "
+                     f"{r['median_raw_prior']} |")
     return "\n".join(lines)
 
 
@@ -277,8 +278,11 @@ def draws_table(results: list[dict], budget: int) -> str:
     seen: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         seen.setdefault((r["eval"], r["space"]), []).append(r)
+
+    def fmt(x: float) -> str:
+        return f"{x:g}" if math.isfinite(x) else "inf"
+
     for (label, space), rs in seen.items():
-        fmt = lambda x: "inf" if not math.isfinite(x) else f"{x:g}"  # noqa: E731
         lines.append(f"| {label} | {space} | {rs[0]['valid']} | {rs[0]['within_5pct']} | "
                      f"{statistics.mean(r['spearman'] for r in rs):.2f} | "
                      f"{statistics.mean(r['zero_shot_fraction'] for r in rs):.3f} | {fmt(rs[0]['median_without'])} | "
@@ -286,9 +290,15 @@ def draws_table(results: list[dict], budget: int) -> str:
     return "\n".join(lines)
 
 
+def _capped_sums(rs: list[dict], budget: int) -> tuple[float, float]:
+    """Sums of the medians without and with the model, a median beyond the budget counted as budget + 1."""
+    return (sum(min(r["median_without"], budget + 1) for r in rs),
+            sum(min(r["median_with"], budget + 1) for r in rs))
+
+
 def _ratio(rs: list[dict], budget: int) -> float:
-    a = sum(min(r["median_without"], budget + 1) for r in rs)
-    return a / max(sum(min(r["median_with"], budget + 1) for r in rs), 1e-9)
+    a, b = _capped_sums(rs, budget)
+    return a / max(b, 1e-9)
 
 
 def summary(results: list[dict], budget: int) -> dict:
@@ -298,21 +308,20 @@ def summary(results: list[dict], budget: int) -> dict:
     out = {}
     for label in sorted({r["eval"] for r in results}):
         rs = [r for r in results if r["eval"] == label]
-        a = [min(r["median_without"], budget + 1) for r in rs]
-        b = [min(r["median_with"], budget + 1) for r in rs]
+        a, b = _capped_sums(rs, budget)
         c = [min(r["median_raw_prior"], budget + 1) for r in rs]
         both = [r for r in rs if math.isfinite(r["median_without"]) and math.isfinite(r["median_with"])]
-        out[label] = {"spaces": len(rs), "sum_median_without": sum(a), "sum_median_with": sum(b),
-                      "ratio_of_sums": _ratio(rs, budget),
+        draws = sorted({r.get("draw", 0) for r in rs})
+        out[label] = {"spaces": len(rs), "sum_median_without": a, "sum_median_with": b,
+                      "ratio_of_sums": a / max(b, 1e-9),
                       "sum_median_raw_prior": sum(c),
                       "spaces_both_reached": len(both), "ratio_where_both_reached":
                           sum(r["median_without"] for r in both) / max(sum(r["median_with"] for r in both), 1e-9),
                       "mean_zero_shot_fraction": statistics.mean(r["zero_shot_fraction"] for r in rs),
                       "mean_spearman": statistics.mean(r["spearman"] for r in rs),
                       "zero_shot_at_least_0.9": sum(r["zero_shot_fraction"] >= 0.9 for r in rs),
-                      "draws": len({r.get("draw", 0) for r in rs}),
-                      "ratio_per_draw": [_ratio([r for r in rs if r.get("draw", 0) == d], budget)
-                                         for d in sorted({r.get("draw", 0) for r in rs})]}
+                      "draws": len(draws),
+                      "ratio_per_draw": [_ratio([r for r in rs if r.get("draw", 0) == d], budget) for d in draws]}
     return out
 
 
@@ -380,7 +389,8 @@ def main(argv=None) -> int:
               f"{s['spaces_both_reached']} spaces where both reached 5%); mean zero-shot fraction "
               f"{s['mean_zero_shot_fraction']:.3f} ({s['zero_shot_at_least_0.9']}/{s['spaces']} spaces >= 0.9); "
               f"mean Spearman {s['mean_spearman']:.2f}" + (
-                  f"; per history draw {', '.join(f'{x:.1f}x' for x in s['ratio_per_draw'])}" if s["draws"] > 1 else ""))
+                  f"; per history draw {', '.join(f'{x:.1f}x' for x in s['ratio_per_draw'])}"
+                  if s["draws"] > 1 else ""))
     print(f"\n{elapsed:.0f} s")
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
