@@ -36,10 +36,10 @@ TARGET_MS = 50.0
 
 def synthetic_entries(n: int, seed: int = 0):
     """``n`` distinct fake entries (GEMM and conv2d, two devices) with valid winners."""
-    from torchtune_ops import bundles
-    from torchtune_ops.device import Fingerprint
-    from torchtune_ops.kernels.base import families
-    from torchtune_ops.store import problem_key
+    from torchtune_ops.storage import bundles
+    from torchtune_ops.storage.device import Fingerprint
+    from torchtune_ops.kernels.registry import families
+    from torchtune_ops.storage.store import problem_key
 
     fams = families()
     gemm, conv = fams["gemm"], fams["conv2d"]
@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     import torch
     import triton
 
-    from torchtune_ops import __version__, bundles
+    from torchtune_ops import __version__
+    from torchtune_ops.storage import bundles
 
     t0 = time.perf_counter()
     entries = synthetic_entries(n)
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
         full_ms, _, _ = _median_ms(lambda: bundles.load(path).entries(), max(1, runs // 5))
         b = bundles.load(path)
         probe = entries[: min(len(entries), 2000)]
-        from torchtune_ops.kernels.base import families
+        from torchtune_ops.kernels.registry import families
 
         fams = families()
         objs = [(e.device, e.family, fams[e.family].problem_from_dict(e.problem)) for e in probe]

@@ -62,8 +62,9 @@ def _machine() -> dict:
 
 def run(*, device: str, n: int, repeats: int, size: int) -> dict:
     """Measure every figure on ``device`` with ``size`` x ``size`` float32 operands (n calls per repeat)."""
-    import torchtune_ops.ops  # noqa: F401
-    from torchtune_ops import dispatch, settings
+    import torchtune_ops.runtime.ops  # noqa: F401
+    from torchtune_ops.runtime import dispatch
+    from torchtune_ops import settings
 
     ops = torch.ops.torchtune_ops
     a = torch.randn(size, size, device=device)

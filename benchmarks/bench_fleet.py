@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 import sqlalchemy as sa  # noqa: E402
 
-from torchtune_ops import fleet  # noqa: E402
-from torchtune_ops.device import fingerprint  # noqa: E402
-from torchtune_ops.timing import FakeTimer  # noqa: E402
+from torchtune_ops.tuning import fleet  # noqa: E402
+from torchtune_ops.storage.device import fingerprint  # noqa: E402
+from torchtune_ops.tuning.timing import FakeTimer  # noqa: E402
 
 
 def problems(n: int) -> list[tuple[str, dict]]:

@@ -114,11 +114,11 @@ def smoke_suites() -> dict[str, list]:
 # --- measuring -----------------------------------------------------------------------------------
 
 def _timer(device: torch.device, smoke: bool, rep_ms: float):
-    """A function ``fn -> median ms``: torchtune_ops.timing when present, else triton's do_bench."""
+    """A function ``fn -> median ms``: torchtune_ops.tuning.timing when present, else triton's do_bench."""
     kw = dict(warmup_ms=1.0, rep_ms=2.0, min_reps=1, max_reps=3) if smoke else \
         dict(warmup_ms=rep_ms / 4, rep_ms=rep_ms)
     try:
-        from torchtune_ops.timing import benchmark
+        from torchtune_ops.tuning.timing import benchmark
 
         return lambda fn: benchmark(fn, device=device, **kw).median_ms
     except ImportError:

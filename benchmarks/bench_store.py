@@ -1,4 +1,4 @@
-"""Costs of the tuning cache (torchtune_ops/store.py): the run-time hit, misses, writes, opening, loading.
+"""Costs of the tuning cache (torchtune_ops/storage/store.py): the run-time hit, misses, writes, opening, loading.
 
     python benchmarks/bench_store.py            # full run (10,000 entries)
     python benchmarks/bench_store.py --smoke    # 500 entries, few repeats (CI on CPU)
@@ -51,7 +51,7 @@ def _machine() -> dict:
 
 
 def run(*, entries: int, repeats: int) -> dict:
-    from torchtune_ops.store import Entry, Store, problem_key
+    from torchtune_ops.storage.store import Entry, Store, problem_key
 
     fp = "bench-gpu|cc9.0|sm132|torch2.11|triton3.6|k000000000000"
     winner = '{"BLOCK_K":64,"BLOCK_M":128,"BLOCK_N":128,"GROUP_M":8,"num_stages":3,"num_warps":8}'

@@ -41,10 +41,10 @@ def main() -> None:
 
     import triton
 
-    from torchtune_ops import worker
+    from torchtune_ops.tuning import worker
     from torchtune_ops.kernels.gemm import GEMM, GemmProblem
-    from torchtune_ops.store import Store
-    from torchtune_ops.tuner import tune_problem
+    from torchtune_ops.storage.store import Store
+    from torchtune_ops.tuning.tuner import tune_problem
 
     size = 1024 if device == "cuda" else 24
     problem = GemmProblem(op="mm", batch=1, M=size, N=size, K=size, dtype="float16" if device == "cuda" else "float32")

@@ -1,4 +1,4 @@
-"""How much the performance model (torchtune_ops/perfmodel.py) saves: leave-one-problem-out and cross-GPU.
+"""How much the performance model (torchtune_ops/tuning/perfmodel.py) saves: leave-one-problem-out and cross-GPU.
 
     .venv/bin/python benchmarks/cost_model_eval.py              # synthetic GEMM LOPO + ../shared/datasets
     .venv/bin/python benchmarks/cost_model_eval.py --smoke      # a few seconds
@@ -49,7 +49,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 from replay import ReplaySpace, load_space, tpe_knobs  # noqa: E402
 
-from torchtune_ops import perfmodel  # noqa: E402
+from torchtune_ops.tuning import perfmodel  # noqa: E402
 
 DEFAULT_DATASETS = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "datasets"))
 TOL = 0.05

@@ -164,7 +164,7 @@ def _timing_kw(device: torch.device, rep_ms: float) -> dict:
 
 
 def _timed(fn, device, **kw) -> dict:
-    from torchtune_ops.timing import benchmark
+    from torchtune_ops.tuning.timing import benchmark
 
     t = benchmark(fn, device=device, **kw)
     return {"ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "reps": t.n}
@@ -303,8 +303,8 @@ def _kernel_row(method: str, name: str, cat: str, family, problem, inputs, ref, 
     if method == "aten":
         row.update(_timed(lambda: family.reference(problem, inputs), device, **kw))
     elif method == "tuned":
-        from torchtune_ops.store import Store
-        from torchtune_ops.tuner import tune_problem
+        from torchtune_ops.storage.store import Store
+        from torchtune_ops.tuning.tuner import tune_problem
 
         store = Store.open(store_path, readonly=False)
         t0 = time.perf_counter()

@@ -127,8 +127,8 @@ def record_shape(name: str, family, problem, *, device: torch.device, out_dir: P
                  deadline: float, rep_ms: float, max_configs: int | None, compilers=None,
                  log=print) -> dict:
     """Record (or continue recording) one shape; returns a summary (path, complete, valid, measured, ...)."""
-    from torchtune_ops.timing import benchmark
-    from torchtune_ops.tuner import candidate_failures
+    from torchtune_ops.tuning.timing import benchmark
+    from torchtune_ops.kernels import candidate_failures
 
     path = space_path(out_dir, meta["gpu"], family.name, name)
     data = load(path)

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchtune_ops import backend, dispatch, settings
+from torchtune_ops.runtime import backend, dispatch
+from torchtune_ops import settings
 
 
 class Net(nn.Module):
@@ -136,7 +137,7 @@ def test_entry_point_backend_without_importing_the_package(tmp_path):
         assert "torchtune_ops" not in sys.modules
         out = torch.compile(m, backend="torchtune_ops", options={"compiler": "eager"})(x)
         torch.testing.assert_close(out, m(x))
-        from torchtune_ops import backend
+        from torchtune_ops.runtime import backend
         print("COUNTS", sorted(backend.intercepted().items()))
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHTUNE_OPS_")}
@@ -153,7 +154,7 @@ x = torch.randn(4, 6)
 with torch.no_grad():
     out = torch.compile(m, backend="torchtune_ops")(x)
     torch.testing.assert_close(out, m(x))
-from torchtune_ops import dispatch
+from torchtune_ops.runtime import dispatch
 print("CALLS", sum(c["calls"] for c in dispatch.stats()["ops"].values()))
 """
 

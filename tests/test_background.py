@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from torchtune_ops import background, settings
+from torchtune_ops.tuning import background
+from torchtune_ops import settings
 
 
 class Fam:
@@ -126,9 +127,9 @@ def test_through_the_ops_the_budget_stops_background_tuning():
     later problems stay on PyTorch's kernel, untuned (tests/test_ops.py checks the winner swap-in)."""
     import torch
 
-    import torchtune_ops.ops  # noqa: F401  (registers the ops)
-    from torchtune_ops import dispatch
-    from torchtune_ops.timing import FakeTimer
+    import torchtune_ops.runtime.ops  # noqa: F401  (registers the ops)
+    from torchtune_ops.runtime import dispatch
+    from torchtune_ops.tuning.timing import FakeTimer
 
     ops = torch.ops.torchtune_ops
     dispatch.reset()
@@ -152,7 +153,7 @@ def test_through_the_ops_the_budget_stops_background_tuning():
             assert rows[shape]["source"] == "background" and rows[shape]["kernel"] == "aten"
         st = background.current().stats()
         assert st["submitted"] == 1 and st["tuned"] == 0 and st["dropped"] == 1
-        from torchtune_ops.store import default_store
+        from torchtune_ops.storage.store import default_store
 
         assert default_store().entries() == []
     finally:

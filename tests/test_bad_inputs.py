@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 import torchtune_ops
-import torchtune_ops.ops  # noqa: F401  (registers the ops)
-from torchtune_ops import dispatch, settings
-from torchtune_ops.device import fingerprint
+import torchtune_ops.runtime.ops  # noqa: F401  (registers the ops)
+from torchtune_ops.runtime import dispatch, resolve
+from torchtune_ops import settings
+from torchtune_ops.storage.device import fingerprint
 from torchtune_ops.errors import UnsupportedProblem
 from torchtune_ops.kernels.base import device_limits
-from torchtune_ops.store import Entry, default_store
-from torchtune_ops.timing import FakeTimer
+from torchtune_ops.storage.store import Entry, default_store
+from torchtune_ops.tuning.timing import FakeTimer
 
 ops = torch.ops.torchtune_ops
 
@@ -155,10 +156,10 @@ def _force(op: Op, tensors: list, pick: Callable[[list], Any] | None = None) -> 
         return False
     s = settings.current()
     try:
-        family, problem, _ = dispatch._family_and_problem(name, args, s)
+        family, problem, _ = resolve._family_and_problem(name, args, s)
     except UnsupportedProblem:
         return False
-    problem = dispatch._bucketed(family, problem, s)
+    problem = resolve._bucketed(family, problem, s)
     device = tensors[0].device
     limits = device_limits(device)
     if pick is not None:
@@ -166,7 +167,7 @@ def _force(op: Op, tensors: list, pick: Callable[[list], Any] | None = None) -> 
     else:
         configs = family.known_configs(problem, limits) or family.valid_configs(problem, limits)
         cfg = min(configs, key=_size)
-    default_store().put(Entry(fingerprint(device).key, family.name, dispatch._problem_key(family, problem),
+    default_store().put(Entry(fingerprint(device).key, family.name, resolve._problem_key(family, problem),
                               winner=cfg.to_json(), time_ms=0.5, aten_ms=1.0, trials=1, source="test"))
     return True
 

@@ -11,11 +11,12 @@ import textwrap
 
 import pytest
 
-from torchtune_ops import bundles as B
-from torchtune_ops.device import Fingerprint, fingerprint
+from torchtune_ops.storage import bundles as B
+from torchtune_ops.storage.device import Fingerprint, fingerprint
 from torchtune_ops.errors import BundleError
-from torchtune_ops.kernels.base import CPU_INTERPRETER, families
-from torchtune_ops.store import Store, problem_key
+from torchtune_ops.kernels.base import CPU_INTERPRETER
+from torchtune_ops.kernels.registry import families
+from torchtune_ops.storage.store import Store, problem_key
 
 GEMM = families()["gemm"]
 CONV = families()["conv2d"]
@@ -92,9 +93,10 @@ def test_problem_keys_match_the_store_and_lookup_by_problem(bundle_path):
 
 _CHILD = textwrap.dedent("""
     import json, sys
-    from torchtune_ops import bundles, settings
-    from torchtune_ops.device import fingerprint
-    from torchtune_ops.store import Store
+    from torchtune_ops.storage import bundles
+    from torchtune_ops import settings
+    from torchtune_ops.storage.device import fingerprint
+    from torchtune_ops.storage.store import Store
     store = Store.open(sys.argv[2])
     res = bundles.import_bundle(bundles.load(sys.argv[1]), store, local=fingerprint("cpu"))
     out = {"written": res.written, "trials": len(store.trials()),
@@ -337,8 +339,9 @@ def test_shipped_bundle_paths_are_json_files():
 def test_deployment_bundle_readonly_and_record_through_the_ops(tmp_path):
     import torch
 
-    import torchtune_ops.ops  # noqa: F401  (registers the ops)
-    from torchtune_ops import dispatch, settings
+    import torchtune_ops.runtime.ops  # noqa: F401  (registers the ops)
+    from torchtune_ops.runtime import dispatch
+    from torchtune_ops import settings
     from torchtune_ops.kernels.gemm import gemm_problem as problem_of
 
     a, b = torch.randn(9, 10), torch.randn(10, 11)
@@ -370,7 +373,7 @@ def test_deployment_bundle_readonly_and_record_through_the_ops(tmp_path):
         assert probs["[4,6] x [6,3]"]["source"] == "store"
         after = {f: (os.stat(cache / f).st_size, os.stat(cache / f).st_mtime_ns) for f in os.listdir(cache)}
         assert after == before  # read-only: nothing written, nothing tuned
-        from torchtune_ops import record
+        from torchtune_ops.storage import record
 
         recorded = record.read_shapes(shapes)
         assert [(f, p["M"], p["N"], p["K"]) for f, p in recorded] == [("gemm", 7, 5, 13)]

@@ -11,10 +11,11 @@ import textwrap
 
 import pytest
 
-from torchtune_ops import bundles as B
-from torchtune_ops.device import Fingerprint, fingerprint
-from torchtune_ops.kernels.base import CPU_INTERPRETER, families
-from torchtune_ops.store import Entry, Store, problem_key
+from torchtune_ops.storage import bundles as B
+from torchtune_ops.storage.device import Fingerprint, fingerprint
+from torchtune_ops.kernels.base import CPU_INTERPRETER
+from torchtune_ops.kernels.registry import families
+from torchtune_ops.storage.store import Entry, Store, problem_key
 
 GEMM = families()["gemm"]
 CONV = families()["conv2d"]
@@ -191,7 +192,7 @@ def test_usage_errors_exit_2(tmp_path):
 
 
 def test_tune_from_a_shape_file(tmp_path):
-    from torchtune_ops import record
+    from torchtune_ops.storage import record
 
     shapes = tmp_path / "shapes.jsonl"
     rec = record.ShapeRecorder(shapes)

@@ -27,13 +27,16 @@ import torch
 import torch.nn.functional as F
 
 import torchtune_ops
-import torchtune_ops.ops  # noqa: F401  (registers the ops)
-from torchtune_ops import dispatch, settings, store as store_mod, tuner, worker
+import torchtune_ops.runtime.ops  # noqa: F401  (registers the ops)
+from torchtune_ops.runtime import dispatch
+from torchtune_ops import settings
+from torchtune_ops.storage import store as store_mod
+from torchtune_ops.tuning import tuner, worker
 from torchtune_ops.errors import KernelFailure
 from torchtune_ops.kernels.base import Config, KernelFamily
-from torchtune_ops.store import CacheWarning, Entry, Store, default_store, problem_key
-from torchtune_ops.timing import FakeTimer, Timing
-from torchtune_ops.tuner import TuningSkipped, tune_problem
+from torchtune_ops.storage.store import CacheWarning, Entry, Store, default_store, problem_key
+from torchtune_ops.tuning.timing import FakeTimer, Timing
+from torchtune_ops.tuning.tuner import TuningSkipped, tune_problem
 
 ops = torch.ops.torchtune_ops
 FP = "fake-gpu|faults"

@@ -1,4 +1,4 @@
-"""Fleet tuning (torchtune_ops.fleet) against a real PostgreSQL server on loopback, and against SQLite.
+"""Fleet tuning (torchtune_ops.tuning.fleet) against a real PostgreSQL server on loopback, and against SQLite.
 
 The PostgreSQL server comes from ``TEST_POSTGRES_URL`` (``.ci/run`` starts one with
 scripts/start_postgres.sh and exports it) or, when unset, is started here with the same script. When no
@@ -19,10 +19,11 @@ import pytest
 
 import sqlalchemy as sa  # the fleet extra is a test dependency (scripts/setup.sh installs it)
 
-from torchtune_ops import bundles, fleet  # noqa: E402
-from torchtune_ops.device import fingerprint  # noqa: E402
-from torchtune_ops.store import Entry, Store  # noqa: E402
-from torchtune_ops.timing import FakeTimer  # noqa: E402
+from torchtune_ops.storage import bundles
+from torchtune_ops.tuning import fleet  # noqa: E402
+from torchtune_ops.storage.device import fingerprint  # noqa: E402
+from torchtune_ops.storage.store import Entry, Store  # noqa: E402
+from torchtune_ops.tuning.timing import FakeTimer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FP = fingerprint("cpu").key
@@ -34,7 +35,7 @@ PROBLEMS = [("gemm", {"op": "mm", "batch": 1, "M": m, "N": n, "K": 19, "dtype": 
 
 def _keys(problems):
     from torchtune_ops.kernels.registry import FAMILIES
-    from torchtune_ops.store import problem_key
+    from torchtune_ops.storage.store import problem_key
 
     return {(f, problem_key(FAMILIES[f].problem_to_dict(FAMILIES[f].problem_from_dict(p))))
             for f, p in problems}
@@ -252,7 +253,7 @@ def test_failing_problem_is_recorded_and_the_worker_goes_on(db_url):
 def test_job_whose_creator_died_while_queueing(db_url):
     import optuna
 
-    from torchtune_ops.fleet import _optuna_storage
+    from torchtune_ops.tuning.fleet import _optuna_storage
 
     job = fleet.job_name(_keys(PROBLEMS[:1]))
     # a creator that stopped after creating the study, before marking it ready
@@ -345,7 +346,7 @@ def test_job_names_depend_on_the_set_of_problems_only():
 
 
 def test_import_without_sqlalchemy_names_the_extra():
-    code = "import sys; sys.modules['sqlalchemy'] = None; import torchtune_ops.fleet"
+    code = "import sys; sys.modules['sqlalchemy'] = None; import torchtune_ops.tuning.fleet"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode != 0
     assert "ImportError" in p.stderr and "pip install 'torchtune-ops[fleet]'" in p.stderr

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import torchtune_ops.ops  # noqa: F401  (registers the ops)
-from torchtune_ops import dispatch, settings
-from torchtune_ops.timing import FakeTimer
+import torchtune_ops.runtime.ops  # noqa: F401  (registers the ops)
+from torchtune_ops.runtime import dispatch, resolve
+from torchtune_ops import settings
+from torchtune_ops.tuning.timing import FakeTimer
 
 ops = torch.ops.torchtune_ops
 
@@ -263,7 +264,7 @@ def test_zero_size_and_mixed_dtypes(kernels_win):
 # Dispatch behaviour.
 
 def test_tuning_off_tunes_nothing_and_writes_nothing():
-    from torchtune_ops.store import default_store
+    from torchtune_ops.storage.store import default_store
 
     a, b = torch.randn(9, 10), torch.randn(10, 11)
     _close(ops.mm(a, b), torch.mm(a, b))
@@ -324,8 +325,8 @@ def test_failing_kernel_falls_back_with_one_warning(kernels_win, monkeypatch):
 
 
 def test_problem_claimed_elsewhere_is_looked_up_again_later(kernels_win, monkeypatch):
-    from torchtune_ops import tuner
-    from torchtune_ops.store import Entry
+    from torchtune_ops.tuning import tuner
+    from torchtune_ops.storage.store import Entry
 
     real = tuner.tune_problem
     answers = []
@@ -339,7 +340,7 @@ def test_problem_claimed_elsewhere_is_looked_up_again_later(kernels_win, monkeyp
         return real(family, problem, **kw)
 
     monkeypatch.setattr(tuner, "tune_problem", busy_then_real)
-    monkeypatch.setattr(dispatch, "CLAIM_RETRY_S", 0.5)
+    monkeypatch.setattr(resolve, "CLAIM_RETRY_S", 0.5)
     a, b = torch.randn(9, 10), torch.randn(10, 11)
     _close(ops.mm(a, b), torch.mm(a, b))     # served by PyTorch while the other process tunes
     _close(ops.mm(a, b), torch.mm(a, b))     # inside the retry window: no second lookup

@@ -14,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchtune_ops
-from torchtune_ops import backend, dispatch, settings
-from torchtune_ops.device import fingerprint
-from torchtune_ops.timing import FakeTimer
+from torchtune_ops.runtime import backend, dispatch
+from torchtune_ops import settings
+from torchtune_ops.storage.device import fingerprint
+from torchtune_ops.tuning.timing import FakeTimer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -83,7 +84,7 @@ def test_optimize_matches_eager_forward_backward_and_keeps_module_state():
 
 
 def test_tuning_on_fills_the_cache_and_a_fresh_process_tunes_nothing(tmp_path, fake_timer):
-    from torchtune_ops.store import Store
+    from torchtune_ops.storage.store import Store
 
     cache = tmp_path / "cache"
     torch.manual_seed(0)
@@ -108,7 +109,7 @@ def test_tuning_on_fills_the_cache_and_a_fresh_process_tunes_nothing(tmp_path, f
         sys.path.insert(0, {HERE!r})
         from test_optimize import Net
         import torchtune_ops
-        from torchtune_ops import dispatch
+        from torchtune_ops.runtime import dispatch
         ref = torch.load({str(tmp_path / 'ref.pt')!r})
         m = Net().eval()
         m.load_state_dict(ref["state"])
@@ -130,7 +131,7 @@ def test_tuning_off_tunes_nothing(tmp_path):
     m, x = Net().eval(), torch.randn(2, 3, 4, 4)
     with torch.no_grad():
         torchtune_ops.optimize(m, cache_dir=tmp_path, compiler="eager")(x)
-    from torchtune_ops.store import Store
+    from torchtune_ops.storage.store import Store
 
     assert _tuned() == 0
     assert not (tmp_path / "tuning.sqlite").exists() or Store.open(tmp_path / "tuning.sqlite").entries() == []
@@ -183,9 +184,10 @@ def test_explain_reports_each_problem(fake_timer):
 
 _DIST_SCRIPT = """
 import os, sys, json, torch, torch.distributed as dist
-import torchtune_ops.ops
-from torchtune_ops import dispatch, settings
-from torchtune_ops.timing import FakeTimer
+import torchtune_ops.runtime.ops
+from torchtune_ops.runtime import dispatch
+from torchtune_ops import settings
+from torchtune_ops.tuning.timing import FakeTimer
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method=sys.argv[2], rank=rank, world_size=2)
 dispatch.set_tune_options(timer=FakeTimer({"aten": 10.0}, default=1.0))

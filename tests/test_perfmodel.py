@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-import torchtune_ops.ops  # noqa: F401  (registers the ops)
-from torchtune_ops import dispatch, perfmodel, settings
+import torchtune_ops.runtime.ops  # noqa: F401  (registers the ops)
+from torchtune_ops.runtime import dispatch, launch
+from torchtune_ops.tuning import perfmodel
+from torchtune_ops import settings
 from torchtune_ops.kernels.base import Config, DeviceLimits, KernelFamily
-from torchtune_ops.store import Entry, Store, default_store, problem_key
-from torchtune_ops.timing import FakeTimer
-from torchtune_ops.tuner import tune_problem
+from torchtune_ops.storage.store import Entry, Store, default_store, problem_key
+from torchtune_ops.tuning.timing import FakeTimer
+from torchtune_ops.tuning.tuner import tune_problem
 
 FP = "fake-gpu|cc9.0|sm8|test"
 LIMITS = DeviceLimits("fake", 1 << 20, 8, (0, 0), True)
@@ -452,8 +454,8 @@ def _fake_choice(wrong: bool):
             return 1e-4
 
     base = dict(op="mm", aten=torch.mm, problem="p", family=Fam(), problem_key="k")
-    entry = dispatch._Predicted(winner=json.dumps({"BLOCK": 4}), vs_aten=0.5)
-    c = dispatch._predicted_choice("mm", launch, entry, base, torch.device("cpu"), settings.current())
+    entry = launch._Predicted(winner=json.dumps({"BLOCK": 4}), vs_aten=0.5)
+    c = launch._predicted_choice("mm", launch, entry, base, torch.device("cpu"), settings.current())
     return c, calls
 
 
@@ -495,7 +497,7 @@ def _smooth(c):
 
 
 def test_zero_shot_end_to_end_with_tuning_off_and_read_only(monkeypatch):
-    from torchtune_ops.device import fingerprint
+    from torchtune_ops.storage.device import fingerprint
 
     store = default_store()
     fp = fingerprint("cpu").key
@@ -524,7 +526,7 @@ def test_zero_shot_end_to_end_with_tuning_off_and_read_only(monkeypatch):
 
 
 def test_zero_shot_not_confident_or_off_uses_aten():
-    from torchtune_ops.device import fingerprint
+    from torchtune_ops.storage.device import fingerprint
 
     store = default_store()
     fp = fingerprint("cpu").key
@@ -546,7 +548,7 @@ def test_zero_shot_not_confident_or_off_uses_aten():
 
 @pytest.mark.gpu
 def test_zero_shot_on_a_gpu_is_kept_only_when_faster_than_aten():
-    from torchtune_ops.device import fingerprint
+    from torchtune_ops.storage.device import fingerprint
 
     store = default_store()
     fp = fingerprint("cuda").key

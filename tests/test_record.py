@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from torchtune_ops import record, settings
+from torchtune_ops.storage import record
+from torchtune_ops import settings
 from torchtune_ops.errors import BundleError
 
 

@@ -16,8 +16,9 @@ import warnings
 
 import pytest
 
-from torchtune_ops import settings, store as store_mod
-from torchtune_ops.store import CacheWarning, Entry, Store, canonical_json, default_path, problem_key
+from torchtune_ops import settings
+from torchtune_ops.storage import store as store_mod
+from torchtune_ops.storage.store import CacheWarning, Entry, Store, canonical_json, default_path, problem_key
 
 
 def entry(i: int = 0, *, fp: str = "gpu-a", ms: float = 1.0, winner: str = "aten", **kw) -> Entry:
@@ -231,7 +232,7 @@ def test_claim_of_a_dead_process_is_taken_over(path, st):
     k = entry().key
     run_python("""
         import os, sys
-        from torchtune_ops.store import Store
+        from torchtune_ops.storage.store import Store
         s = Store.open(sys.argv[1])
         assert s.claim(*sys.argv[2:5], lease_s=3600)
         os._exit(0)  # dies holding the claim
@@ -244,7 +245,7 @@ def test_claim_of_a_dead_process_is_taken_over(path, st):
 
 WRITER = """
     import sys, time
-    from torchtune_ops.store import Entry, Store, problem_key
+    from torchtune_ops.storage.store import Entry, Store, problem_key
     path, me, n, start = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
     s = Store.open(path)
     while time.time() < start:
@@ -295,7 +296,7 @@ def test_four_processes_writing_at_once(path):
 
 KILLED_WRITER = """
     import sys
-    from torchtune_ops.store import Entry, Store, problem_key
+    from torchtune_ops.storage.store import Entry, Store, problem_key
     s = Store.open(sys.argv[1])
     i = 0
     while True:
@@ -558,7 +559,7 @@ def test_entry_created_defaults_to_now_in_utc():
 
 OPEN_CORRUPT = """
     import sys, time, warnings
-    from torchtune_ops.store import Entry, Store, problem_key
+    from torchtune_ops.storage.store import Entry, Store, problem_key
     path, me, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     while time.time() < start:
         pass

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from torchtune_ops import device as device_mod
-from torchtune_ops.device import Fingerprint, compatible, fingerprint, incompatibility, kernel_source_version
+from torchtune_ops.storage import device as device_mod
+from torchtune_ops.storage.device import Fingerprint, compatible, fingerprint, incompatibility, kernel_source_version
 from torchtune_ops.kernels.base import Config
-from torchtune_ops.timing import FakeTimer, Timing, benchmark, key_of, make_timer
+from torchtune_ops.tuning.timing import FakeTimer, Timing, benchmark, key_of, make_timer
 
 
 # ------------------------------------------------------------------------------------------------ Timing

@@ -14,9 +14,9 @@ import torch
 
 from torchtune_ops.errors import InvalidConfig, KernelFailure, WrongResult
 from torchtune_ops.kernels.base import Config, DeviceLimits, KernelFamily
-from torchtune_ops.store import Entry, Store, problem_key
-from torchtune_ops.timing import FakeTimer
-from torchtune_ops.tuner import TuneProgress, tune_problem
+from torchtune_ops.storage.store import Entry, Store, problem_key
+from torchtune_ops.tuning.timing import FakeTimer
+from torchtune_ops.tuning.tuner import TuneProgress, tune_problem
 
 FP = "fake-gpu|test"
 
@@ -242,7 +242,7 @@ def test_a_different_device_fingerprint_misses_the_cache(store):
 
 
 def test_default_fingerprint_is_the_devices(store):
-    from torchtune_ops.device import fingerprint
+    from torchtune_ops.storage.device import fingerprint
 
     e = tune_problem(ScaleFamily(), PROBLEM, device="cpu", store=store,
                      timer=FakeTimer({"aten": 1.0}, default=0.5), max_trials=1)
@@ -383,7 +383,7 @@ def _real_problem(name: str):
 def test_real_kernel_through_the_interpreter(tmp_path, device, name):
     """A tiny GEMM / convolution tuned for real (interpreter on CPU): whatever wins must match PyTorch."""
     from torchtune_ops.kernels.base import relative_error
-    from torchtune_ops.timing import make_timer
+    from torchtune_ops.tuning.timing import make_timer
 
     family, problem = _real_problem(name)
     with Store.open(tmp_path / "real.sqlite") as st:
@@ -412,9 +412,9 @@ TWO_TUNERS = """
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
 from test_tuner import PROBLEM, ScaleFamily, FP
-from torchtune_ops.store import Store
-from torchtune_ops.timing import FakeTimer
-from torchtune_ops.tuner import tune_problem
+from torchtune_ops.storage.store import Store
+from torchtune_ops.tuning.timing import FakeTimer
+from torchtune_ops.tuning.tuner import tune_problem
 
 class SlowTimer(FakeTimer):
     def __call__(self, fn, *, key):

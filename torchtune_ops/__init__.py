@@ -12,7 +12,7 @@ from . import settings
 from .errors import (BundleError, CacheError, InvalidConfig, KernelFailure, SettingsError,
                      TorchTuneOpsError, UnsupportedProblem, WrongResult)
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["optimize", "explain", "settings", "__version__", "TorchTuneOpsError", "SettingsError",
            "UnsupportedProblem", "InvalidConfig", "KernelFailure", "WrongResult", "CacheError", "BundleError"]

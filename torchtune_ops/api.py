@@ -70,7 +70,7 @@ def optimize(model_or_fn: Any, *, autotune: bool | str | None = None, cache_dir:
     options["settings"] = overrides
     if compiler not in ("inductor", "eager"):
         raise settings.SettingsError(f"compiler must be 'inductor' or 'eager', got {compiler!r}")
-    from .backend import torchtune_ops_backend
+    from .runtime.backend import torchtune_ops_backend
 
     def backend(gm, example_inputs):
         return torchtune_ops_backend(gm, example_inputs, mode=mode, options=options)
@@ -118,7 +118,7 @@ def _tuned_module_type() -> type:
 def explain_text() -> str:
     """The text ``explain()`` prints: per op the cache hit/miss counts, then per problem its shape, kernel
     and where the choice came from."""
-    from . import backend, dispatch
+    from .runtime import backend, dispatch
 
     st = dispatch.stats()
     lines = []
@@ -154,7 +154,7 @@ def explain(*, file: TextIO | None = None, print_it: bool = True) -> dict[str, A
         resolved: tuned, store, untuned, unsupported, failed, background) and one row per problem (op,
         shape, dtype, kernel: "aten" or the configuration, source, calls, times and trials when tuned).
     """
-    from . import backend, dispatch
+    from .runtime import backend, dispatch
 
     data = dict(dispatch.stats())
     data["intercepted"] = backend.intercepted()

@@ -97,7 +97,7 @@ def _speedup(e: Any) -> float:
 
 
 def _open_store(*, write: bool):
-    from .store import Store
+    from .storage.store import Store
 
     s = settings.current()
     if write and s.readonly:
@@ -114,7 +114,7 @@ def _default_device(name: str | None) -> str:
 
 
 def _local_fingerprint(device: str | None = None):
-    from .device import fingerprint
+    from .storage.device import fingerprint
 
     return fingerprint(_default_device(device))
 
@@ -172,7 +172,7 @@ def _maybe_json(text: str) -> Any:
 
 
 def cmd_cache_export(args: argparse.Namespace, out: TextIO) -> int:
-    from . import bundles
+    from .storage import bundles
 
     if args.storage:  # a fleet's shared results instead of the local cache
         fp = None if args.all_devices else _local_fingerprint(args.device).key
@@ -193,7 +193,7 @@ def cmd_cache_export(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_cache_import(args: argparse.Namespace, out: TextIO) -> int:
-    from . import bundles
+    from .storage import bundles
 
     if settings.current().readonly:
         raise CliError("read-only mode (TORCHTUNE_OPS_READONLY=1): 'cache import' would write to the cache")
@@ -209,7 +209,7 @@ def cmd_cache_import(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_cache_merge(args: argparse.Namespace, out: TextIO) -> int:
-    from . import bundles
+    from .storage import bundles
 
     merged = bundles.merge(bundles.load(p) for p in args.paths)
     bundles.write(merged, args.output)
@@ -339,7 +339,7 @@ def _load_entry_point(spec: str):
 
 def _fleet():
     try:
-        from . import fleet
+        from .tuning import fleet
     except ImportError as e:  # the optional extra is missing: say how to get it
         raise CliError(str(e)) from None
     return fleet
@@ -357,7 +357,7 @@ def cmd_tune(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                                  lease_s=args.lease, out=out, err=err)
     import torch
 
-    from . import record
+    from .storage import record
 
     device = _default_device(args.device)
     # read the work first, so that a bad file or entry point fails before anything else happens
@@ -385,8 +385,8 @@ def cmd_tune(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _tune_shapes(shapes: list, store: Any, device: str, args: argparse.Namespace, err: TextIO) -> list:
-    from . import tuner
-    from .kernels.base import families
+    from .tuning import tuner
+    from .kernels.registry import families
 
     fams = families()
     results = []
@@ -402,7 +402,8 @@ def _tune_shapes(shapes: list, store: Any, device: str, args: argparse.Namespace
 def _tune_model(work: tuple, device: str, args: argparse.Namespace, err: TextIO) -> list:
     import torch
 
-    from . import api, dispatch
+    from . import api
+    from .runtime import dispatch
 
     model, inputs = work
     if isinstance(model, torch.nn.Module):
@@ -426,8 +427,9 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
 
     import torch
 
-    from . import __version__, bundles
-    from .device import fingerprint
+    from ._version import __version__
+    from .storage import bundles
+    from .storage.device import fingerprint
 
     def row(k: str, v: Any) -> None:
         out.write(f"{k:<22} {v}\n")
@@ -459,13 +461,13 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
     else:
         usable = "not usable here (no CUDA GPU and TRITON_INTERPRET is not set): PyTorch's kernels run"
     try:
-        from .kernels.base import families
+        from .kernels.registry import families
 
         names = sorted(families())
         row("kernel families", f"{', '.join(names)}: {usable}")
     except Exception as e:  # a broken Triton install must still let doctor report
         row("kernel families", f"cannot import the kernels ({type(e).__name__}: {e})")
-    from .store import Store, default_path
+    from .storage.store import Store, default_path
 
     path = default_path()
     row("cache", path)

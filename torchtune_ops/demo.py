@@ -31,7 +31,8 @@ if not HAS_GPU:  # must precede any kernel import: Triton reads it when a kernel
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torchtune_ops  # noqa: E402
-from torchtune_ops import dispatch, models  # noqa: E402
+from torchtune_ops.runtime import dispatch
+from torchtune_ops import models  # noqa: E402
 
 OUTPUTS = "demo-outputs.pt"
 
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"   cache hits {hits}, tuned {tuned}; same outputs as the first run: {'yes' if same else 'NO'}")
             ok &= same and tuned == 0 and hits > 0
             if tuned:
-                from torchtune_ops.device import fingerprint
+                from torchtune_ops.storage.device import fingerprint
 
                 print(f"   NOTE: {tuned} problem(s) missed the cache. The cache key includes the device "
                       f"fingerprint ({fingerprint(device).key}), which changes when torch, Triton or our "

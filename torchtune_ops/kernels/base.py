@@ -14,6 +14,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..errors import InvalidConfig, KernelFailure, UnsupportedProblem
+
 Value = int | str | bool
 
 
@@ -208,13 +210,6 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den if den > 0 else num
 
 
-def families() -> dict[str, KernelFamily]:
-    """Every registered kernel family by name (imported lazily)."""
-    from . import registry
-
-    return registry.FAMILIES
-
-
 def iter_known(configs: Iterable[Mapping[str, Value]]) -> list[Config]:
     """Deduplicate a list of dict configs into Configs, keeping the first occurrence order."""
     seen, out = set(), []
@@ -224,3 +219,18 @@ def iter_known(configs: Iterable[Mapping[str, Value]]) -> list[Config]:
             seen.add(cfg)
             out.append(cfg)
     return out
+
+
+def candidate_failures() -> tuple[type[BaseException], ...]:
+    """Exception types that score a configuration as failed instead of stopping the tuning: our
+    InvalidConfig/KernelFailure/UnsupportedProblem, Triton's errors (compilation, out of resources,
+    interpreter) and RuntimeError (kernel launch errors, CUDA out of memory)."""
+    types: list[type[BaseException]] = [InvalidConfig, KernelFailure, UnsupportedProblem, RuntimeError]
+    try:
+        from triton.errors import TritonError  # Triton >= 3.2: base of every Triton error
+        types.append(TritonError)
+    except ImportError:  # pragma: no cover - older Triton
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+        types += [CompilationError, OutOfResources]
+    return tuple(types)

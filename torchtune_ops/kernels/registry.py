@@ -6,3 +6,8 @@ from .conv import CONV2D
 from .gemm import GEMM
 
 FAMILIES: dict[str, KernelFamily] = {f.name: f for f in (GEMM, CONV2D)}
+
+
+def families() -> dict[str, KernelFamily]:
+    """Every registered kernel family by name."""
+    return FAMILIES

@@ -37,7 +37,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .errors import BundleError
+from ..errors import BundleError
 
 log = logging.getLogger("torchtune_ops")
 
@@ -96,7 +96,7 @@ class DeviceRecord:
 
     def limits(self):
         """The ``DeviceLimits`` that configuration checks use for this device."""
-        from .kernels.base import CPU_INTERPRETER, DeviceLimits
+        from ..kernels.base import CPU_INTERPRETER, DeviceLimits
 
         fp = self.fingerprint
         if fp.interpreter:
@@ -153,7 +153,7 @@ def device_record(fp: Any) -> DeviceRecord:
             from .device import fingerprint
 
             if torch.cuda.is_available() and fingerprint("cuda") == fp:
-                from .kernels.base import device_limits
+                from ..kernels.base import device_limits
 
                 smem = device_limits("cuda").smem_per_block
         except Exception:  # describing a device must never fail an export
@@ -208,7 +208,7 @@ def _now() -> str:
 
 
 def _producer() -> str:
-    from . import __version__
+    from .._version import __version__
 
     return f"torchtune_ops-{__version__}"
 
@@ -256,7 +256,7 @@ def _fields(obj: Any, allowed: set[str], required: set[str], where: str) -> dict
 
 def check_family(value: Any, where: str) -> str:
     """``value`` as a known kernel family name, else BundleError."""
-    from .kernels.base import families
+    from ..kernels.registry import families
 
     fams = families()
     if type(value) is not str or value not in fams:
@@ -293,7 +293,7 @@ def check_problem(family: str, value: Any, where: str) -> tuple[dict[str, Any], 
     Raises:
         BundleError: naming ``where`` and the field.
     """
-    from .kernels.base import families
+    from ..kernels.registry import families
 
     if type(value) is not dict:
         raise BundleError(f"{where}: problem must be an object, got {type(value).__name__}")
@@ -320,7 +320,7 @@ _field_names: dict[type, tuple[str, ...]] = {}
 def _to_dict(fam: Any, problem: Any) -> dict[str, Any]:
     """``fam.problem_to_dict(problem)``, without ``dataclasses.asdict``'s deep copy when the family keeps
     the default (problem fields are immutable scalars and tuples, so a shallow dict is the same dict)."""
-    from .kernels.base import KernelFamily
+    from ..kernels.base import KernelFamily
 
     if type(fam).problem_to_dict is not KernelFamily.problem_to_dict or not dataclasses.is_dataclass(problem):
         return fam.problem_to_dict(problem)
@@ -358,7 +358,8 @@ def check_config(family: str, value: Any, problem: Any, limits: Any, where: str)
     Raises:
         BundleError: naming ``where`` and the parameter.
     """
-    from .kernels.base import Config, families
+    from ..kernels.base import Config
+    from ..kernels.registry import families
 
     if type(value) is not dict:
         raise BundleError(f"{where}: a configuration must be an object, got {type(value).__name__}")
@@ -628,7 +629,7 @@ class Bundle:
                      created: str = "", producer: str = "") -> "Bundle":
         """A bundle of ``entries`` (the faster per key wins); devices not given are described from their
         fingerprint keys. Not validated: call ``entries()`` to validate."""
-        from .kernels.base import families
+        from ..kernels.registry import families
 
         best: dict[tuple, BundleEntry] = {}
         for e in entries:
@@ -727,7 +728,7 @@ def parse(data: bytes | str, *, source: str = "bundle") -> Bundle:
 
 
 def _parse_obj(obj: Any, source: str) -> Bundle:
-    from .kernels.base import families
+    from ..kernels.registry import families
 
     top = _fields(obj, _TOP_FIELDS, _TOP_REQUIRED, "bundle")
     if top["format"] != FORMAT:
@@ -875,7 +876,7 @@ def export_store(store: Any, *, fingerprint: str | None = None, family: str | No
     Entries the bundle format cannot hold (unknown family, an unparsable fingerprint key) are skipped
     with a warning.
     """
-    from .kernels.base import families
+    from ..kernels.registry import families
 
     fams = families()
     out = []
@@ -1045,7 +1046,7 @@ _overlays_lock = threading.Lock()
 
 def overlay(settings_now: Any = None) -> Overlay:
     """The process's overlay for the current settings (``bundles``, ``use_shipped``), loaded once."""
-    from . import settings
+    from .. import settings
 
     s = settings_now or settings.current()
     key = (tuple(s.bundles), s.use_shipped)

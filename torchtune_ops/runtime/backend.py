@@ -41,7 +41,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import settings
+from .. import settings
 
 __all__ = ["torchtune_ops_backend", "rewrite_graph", "prefuse_linear_activation", "intercepted", "reset_counts",
            "RewritePass"]

@@ -1,6 +1,6 @@
 """A performance model learned from the trial history: warm starts, pruning and zero-shot predictions.
 
-    from torchtune_ops import perfmodel
+    from torchtune_ops.tuning import perfmodel
     model = perfmodel.PerfModel.fit(rows, family="gemm", sms=132)    # rows: [(problem, config, ms, aten_ms)]
     scores = model.predict(problem_dict, configs)                     # lower is faster (log time, relative)
     model = perfmodel.model_for(store, fingerprint_key, "gemm")       # trained on the store, saved beside it

@@ -1,11 +1,7 @@
-"""Run-time dispatch: which kernel a custom op runs for the tensors in front of it.
+"""Resolving a key met for the first time: which kernel a custom op runs for the tensors in front of it.
 
-The hot path (a problem already met in this process) is a tuple of tensor attributes looked up in a dict::
 
-    key = (op, dtypes, device, sizes, strides, bias kind, activation, alpha/beta, opts, fp32 precision)
-    choice = _memo.get(key)  -> choice.fn(*args)
-
-A miss resolves the key once: inputs the kernels do not cover (integer, bool, complex and float64 dtypes,
+``_resolve`` runs once per key and process (the hot path is ``dispatch.py``): inputs the kernels do not cover (integer, bool, complex and float64 dtypes,
 zero-size or malformed problems, devices where Triton cannot run: CPU tensors without TRITON_INTERPRET=1,
 MPS, ...) get PyTorch's kernel; otherwise the family's problem is built (M rounded up to a power of two
 with ``bucket="pow2"``), looked up in the on-disk store under the device fingerprint, and, when missing
@@ -30,166 +26,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import threading
 import time
-import warnings
 from typing import Any, Callable
 
 import torch
 
-from . import settings
-from .errors import TorchTuneOpsError, UnsupportedProblem
+from .. import settings
+from ..errors import TorchTuneOpsError, UnsupportedProblem
+
+from .choices import (Choice, _count, _counts, _failed, _layout_text, _lock, _memo, _shape_text, _warn_once,
+                      _warned)
+from .aten import ATEN
+from .launch import _capturing, _kernel_fn, _plain, _predict, _predicted_choice
 
 log = logging.getLogger("torchtune_ops")
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_get_precision = torch.get_float32_matmul_precision
-
-
-class Choice:
-    """What one key runs: ``fn`` (the kernel call or PyTorch's op) and what explain() shows."""
-
-    __slots__ = ("fn", "op", "kernel", "source", "problem", "calls", "family", "problem_key", "aten",
-                 "time_ms", "aten_ms", "trials", "strict")
-
-    def __init__(self, fn: Callable, *, op: str, kernel: str, source: str, aten: Callable,
-                 problem: Any = None, family: Any = None, problem_key: str | None = None,
-                 time_ms: float | None = None, aten_ms: float | None = None, trials: int = 0):
-        self.fn = fn
-        self.op = op
-        self.kernel = kernel          # "aten" or the config string
-        self.source = source          # unsupported | memory | store | tuned | untuned | failed | background
-        #                               | predicted (zero-shot, perfmodel.py) | predicted-rejected
-        self.problem = problem
-        self.family = family
-        self.problem_key = problem_key
-        self.aten = aten
-        self.calls = 0
-        self.time_ms = time_ms
-        self.aten_ms = aten_ms
-        self.trials = trials
-        self.strict = False           # re-raise kernel failures (the settings in force when resolved)
-
-
-_memo: dict[tuple, Choice] = {}
-_lock = threading.RLock()
-_failed: set[tuple[str, str]] = set()   # (family, problem key) whose kernel raised: never retried
-_counts: dict[str, dict[str, int]] = {}
-
-
-def _count(op: str, what: str, n: int = 1) -> None:
-    c = _counts.setdefault(op, {})
-    c[what] = c.get(what, 0) + n
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The ops' implementations (registered for CPU and CUDA by ops.py). Each builds its key, looks it up and
-# calls the choice; everything else happens once per key in ``_resolve``.
-
-def mm(a: torch.Tensor, b: torch.Tensor, opts: str = "") -> torch.Tensor:
-    key = ("mm", a.dtype, b.dtype, a.device, a.shape, b.shape, a.stride(), b.stride(), opts, _get_precision())
-    c = _memo.get(key)
-    if c is None:
-        c = _resolve(key, "mm", (a, b), opts)
-    c.calls += 1
-    return c.fn(a, b)
-
-
-def bmm(a: torch.Tensor, b: torch.Tensor, opts: str = "") -> torch.Tensor:
-    key = ("bmm", a.dtype, b.dtype, a.device, a.shape, b.shape, a.stride(), b.stride(), opts,
-           _get_precision())
-    c = _memo.get(key)
-    if c is None:
-        c = _resolve(key, "bmm", (a, b), opts)
-    c.calls += 1
-    return c.fn(a, b)
-
-
-def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta=1, alpha=1, opts: str = "") -> torch.Tensor:
-    key = ("addmm", a.dtype, b.dtype, bias.dtype, a.device, a.shape, b.shape, bias.shape, a.stride(),
-           b.stride(), bias.stride(), beta, alpha, opts, _get_precision())
-    c = _memo.get(key)
-    if c is None:
-        c = _resolve(key, "addmm", (bias, a, b, beta, alpha), opts)
-    c.calls += 1
-    return c.fn(bias, a, b, beta, alpha)
-
-
-def baddbmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta=1, alpha=1,
-            opts: str = "") -> torch.Tensor:
-    key = ("baddbmm", a.dtype, b.dtype, bias.dtype, a.device, a.shape, b.shape, bias.shape, a.stride(),
-           b.stride(), bias.stride(), beta, alpha, opts, _get_precision())
-    c = _memo.get(key)
-    if c is None:
-        c = _resolve(key, "baddbmm", (bias, a, b, beta, alpha), opts)
-    c.calls += 1
-    return c.fn(bias, a, b, beta, alpha)
-
-
-def mm_act(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str,
-           opts: str = "") -> torch.Tensor:
-    if bias is None:
-        key = ("mm_act", a.dtype, b.dtype, None, a.device, a.shape, b.shape, None, a.stride(), b.stride(),
-               None, activation, opts, _get_precision())
-    else:
-        key = ("mm_act", a.dtype, b.dtype, bias.dtype, a.device, a.shape, b.shape, bias.shape, a.stride(),
-               b.stride(), bias.stride(), activation, opts, _get_precision())
-    c = _memo.get(key)
-    if c is None:
-        c = _resolve(key, "mm_act", (a, b, bias, activation), opts)
-    c.calls += 1
-    return c.fn(a, b, bias, activation)
-
-
-def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups: int,
-           opts: str = "") -> torch.Tensor:
-    key = ("conv2d", x.dtype, w.dtype, None if bias is None else bias.dtype, x.device, x.shape, w.shape,
-           None if bias is None else bias.shape, x.stride(), w.stride(), tuple(stride), tuple(padding),
-           tuple(dilation), groups, opts, _get_precision())
-    c = _memo.get(key)
-    if c is None:
-        c = _resolve(key, "conv2d", (x, w, bias, stride, padding, dilation, groups), opts)
-    c.calls += 1
-    return c.fn(x, w, bias, stride, padding, dilation, groups)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# PyTorch's kernels, with the same call signature as the choice functions.
-
-def activation_ref(x: torch.Tensor, activation: str) -> torch.Tensor:
-    """PyTorch's own activation ("none", "relu", "gelu_tanh" or "silu") applied to ``x``."""
-    if activation == "relu":
-        return torch.relu(x)
-    if activation == "gelu_tanh":
-        return torch.nn.functional.gelu(x, approximate="tanh")
-    if activation == "silu":
-        return torch.nn.functional.silu(x)
-    if activation == "none":
-        return x
-    raise ValueError(f"unknown activation {activation!r}; expected none, relu, gelu_tanh or silu")
-
-
-def _aten_mm_act(a, b, bias, activation):
-    return activation_ref(torch.mm(a, b) if bias is None else torch.addmm(bias, a, b), activation)
-
-
-def _aten_addmm(bias, a, b, beta, alpha):
-    return torch.addmm(bias, a, b, beta=beta, alpha=alpha)
-
-
-def _aten_baddbmm(bias, a, b, beta, alpha):
-    return torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)
-
-
-ATEN: dict[str, Callable] = {
-    "mm": torch.mm,
-    "bmm": torch.bmm,
-    "addmm": _aten_addmm,
-    "baddbmm": _aten_baddbmm,
-    "mm_act": _aten_mm_act,
-    "conv2d": torch.conv2d,
-}
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Resolving a key (once per key and process).
@@ -216,16 +68,12 @@ def _triton_usable(device: torch.device) -> bool:
     if device.type not in ("cuda", "cpu"):
         return False
     try:
-        from .kernels import _compat
+        from ..kernels import _compat
     except ImportError:
         return False
     if device.type == "cpu":
         return bool(_compat.INTERPRET)
     return True
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _resolve(key: tuple, op: str, args: tuple, opts: str) -> Choice:
@@ -302,14 +150,14 @@ def _family_and_problem(op: str, args: tuple, s: settings.Settings):
         raise UnsupportedProblem("alpha = 0: PyTorch's kernel ignores the product, NaN and Inf included")
     try:
         if op == "conv2d":
-            from .kernels import conv as kconv
+            from ..kernels import conv as kconv
             x, w, bias, stride, padding, dilation, groups = args
             if x.dim() != 4 or w.dim() != 4:
                 raise UnsupportedProblem("conv2d needs 4-D input and weight")
             problem = kconv.conv_problem(x, w, bias=bias, stride=tuple(stride), padding=tuple(padding),
                                          dilation=tuple(dilation), groups=groups)
             return kconv.CONV2D, problem, kconv.conv2d
-        from .kernels import gemm as kgemm
+        from ..kernels import gemm as kgemm
     except ImportError as e:
         raise UnsupportedProblem(f"kernels not available: {e}") from None
     if op in ("mm", "bmm"):
@@ -341,14 +189,14 @@ def _bucketed(family: Any, problem: Any, s: settings.Settings) -> Any:
 
 
 def _problem_key(family: Any, problem: Any) -> str:
-    from .store import problem_key
+    from ..storage.store import problem_key
 
     return problem_key(family.problem_to_dict(problem))
 
 
 def _open_store(s: settings.Settings):
     """The store of the settings in force (call inside their override)."""
-    from .store import default_store
+    from ..storage.store import default_store
 
     return default_store()
 
@@ -363,7 +211,7 @@ def _decide(op: str, args: tuple, device: torch.device, aten: Callable, capturin
         return Choice(aten, kernel="aten", source="failed", **base)
     if capturing:
         return Choice(aten, kernel="aten", source="untuned", **base)
-    from .device import fingerprint
+    from ..storage.device import fingerprint
 
     fp = fingerprint(device).key
     entry, source = _lookup_or_tune(family, problem, pkey, fp, device, s)
@@ -380,7 +228,7 @@ def _decide(op: str, args: tuple, device: torch.device, aten: Callable, capturin
             and info["time_ms"] < info["aten_ms"])
     if not beat:
         return Choice(aten, kernel="aten", source=source, **base, **info)
-    from .kernels.base import Config
+    from ..kernels.base import Config
 
     config = Config.from_json(winner) if isinstance(winner, str) else winner
     why = _invalid(family, problem, config, device)
@@ -394,22 +242,12 @@ def _decide(op: str, args: tuple, device: torch.device, aten: Callable, capturin
     return c
 
 
-def _plain(args: tuple, device: torch.device) -> bool:
-    """True when every tensor in ``args`` is on ``device`` and reads as its memory holds (no negative or
-    conjugate bit): what a kernel chosen for the key may be launched on. The key names one operand's
-    device and no lazy bit (to stay cheap), so a call can share a key without fitting its kernel."""
-    for t in args:
-        if isinstance(t, torch.Tensor) and (t.device != device or t.is_neg() or t.is_conj()):
-            return False
-    return True
-
-
 def _invalid(family: Any, problem: Any, config: Any, device: torch.device) -> str | None:
     """Why ``config`` is not one of ``family``'s valid configurations for ``problem`` here, or None
     (the same validation as a bundle's entries)."""
-    from .bundles import check_config
-    from .errors import BundleError
-    from .kernels.base import device_limits
+    from ..storage.bundles import check_config
+    from ..errors import BundleError
+    from ..kernels.base import device_limits
 
     try:
         check_config(family.name, config.as_dict(), problem, device_limits(device), "cache entry")
@@ -446,7 +284,7 @@ def _lookup_or_tune_local(family, problem, pkey, fp, device, s):
     if entry is not None:
         return entry, "store"
     if s.record:  # deployment: remember the unseen problem for offline tuning (record.py)
-        from . import record
+        from ..storage import record
 
         record.note(family.name, family.problem_to_dict(problem), key=pkey)
     if not s.tuning:
@@ -491,7 +329,7 @@ def _bundle_entry(family, problem, fp, s):
     with ``fp``, or None (bundles.py validates them; a bad bundle or entry is skipped with one warning)."""
     if not s.bundles and not s.use_shipped:
         return None
-    from . import bundles
+    from ..storage import bundles
 
     try:
         return bundles.overlay(s).get(fp, family.name, problem)
@@ -501,7 +339,7 @@ def _bundle_entry(family, problem, fp, s):
 
 
 def _tune(family, problem, device, store, s):
-    from . import tuner
+    from ..tuning import tuner
 
     log.info("torchtune_ops: tuning %s %s on %s", family.name, problem, device)
     try:
@@ -545,170 +383,6 @@ class _Broadcast:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Zero-shot: with tuning off, the performance model's configuration for an unseen problem (perfmodel.py),
-# used only where the model is confident and only after it matched PyTorch's output (and, on a GPU, beat
-# PyTorch's time) at its first call. Kept in memory: nothing is written.
-
-#: on a GPU, a predicted configuration must beat aten's time by this fraction at its first call
-PREDICTED_MARGIN = 0.03
-
-
-@dataclasses.dataclass
-class _Predicted:
-    winner: str          # the configuration's JSON
-    vs_aten: float       # the model's predicted time over aten's
-    time_ms: float | None = None
-    aten_ms: float | None = None
-    trials: int = 0
-
-
-def _predict(family, problem, fp: str, device: torch.device, store) -> _Predicted | None:
-    from . import perfmodel
-    from .kernels.base import Config, device_limits
-
-    try:
-        model = perfmodel.model_for(store, fp, family.name, reuse=True)
-        if model is None or not model.confident():
-            return None
-        cands = [c.as_dict() for c in family.valid_configs(problem, device_limits(device))]
-        pred = perfmodel.zero_shot(model, family.problem_to_dict(problem), cands)
-    except Exception as e:  # noqa: BLE001 - a model problem means PyTorch's kernel, never a crash
-        log.info("torchtune_ops: no zero-shot prediction for %s (%s: %s)", family.name, type(e).__name__, e)
-        return None
-    if pred is None:
-        return None
-    return _Predicted(winner=Config.from_dict(pred.config).to_json(), vs_aten=pred.vs_aten)
-
-
-def _predicted_choice(op: str, launch: Callable, entry: _Predicted, base: dict, device: torch.device,
-                      s: settings.Settings) -> Choice:
-    """A choice that runs aten and the predicted kernel at its first call, keeps the kernel only when its
-    output matches aten's within the family's tolerance (and, on CUDA, it is faster), and returns aten's
-    output for that call."""
-    from .kernels.base import Config
-
-    config = Config.from_json(entry.winner)
-    c = Choice(base["aten"], kernel=str(config), source="predicted", **base)
-    c.strict = s.strict
-    kernel = _kernel_fn(op, launch, config, c, device)
-
-    def first(*args):
-        ref = c.aten(*args)
-        if _capturing(device) or not _plain(args, device):  # nothing to check the kernel on this time
-            return ref
-        why = _check_predicted(c, kernel, args, ref, device)
-        with _lock:
-            if why is None:
-                c.fn = kernel
-            else:
-                c.fn, c.kernel, c.source = c.aten, "aten", "predicted-rejected"
-        if why is not None:
-            log.info("torchtune_ops: predicted %s configuration %s not used for %s: %s", c.family.name, config,
-                     c.problem, why)
-        return ref
-
-    c.fn = first
-    return c
-
-
-def _check_predicted(c: Choice, kernel: Callable, args: tuple, ref: torch.Tensor,
-                     device: torch.device) -> str | None:
-    """Why the predicted kernel must not be used (None: it may): it failed, disagrees with aten, or, on
-    CUDA, is not faster than aten by ``PREDICTED_MARGIN``."""
-    from .kernels.base import relative_error
-
-    try:
-        out = kernel(*args)
-    except Exception as e:  # noqa: BLE001 - strict mode re-raises from the kernel wrapper
-        return f"it failed ({type(e).__name__}: {e})"
-    if c.source == "failed":  # the guarded kernel raised and already fell back
-        return "it failed"
-    err = relative_error(out, ref)
-    tol = c.family.tolerance(c.problem)
-    if not err <= tol:
-        warnings.warn(f"torchtune_ops: the predicted {c.family.name} configuration gives a wrong result on "
-                      f"{c.problem} (relative error {err:.3g} > {tol:.3g}); using PyTorch's kernel",
-                      RuntimeWarning, stacklevel=4)
-        return f"relative error {err:.3g} > tolerance {tol:.3g}"
-    if device.type == "cuda":
-        from .timing import benchmark
-
-        t_k = benchmark(lambda: kernel(*args), warmup_ms=5, rep_ms=20, device=device)
-        t_a = benchmark(lambda: c.aten(*args), warmup_ms=5, rep_ms=20, device=device)
-        c.time_ms, c.aten_ms = t_k.median_ms, t_a.median_ms
-        if not t_k.median_ms < t_a.median_ms * (1 - PREDICTED_MARGIN):
-            return f"not faster than aten ({t_k.median_ms:.4g} ms vs {t_a.median_ms:.4g} ms)"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Calling a tuned kernel, with the fall-back to PyTorch's kernel.
-
-def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.device) -> Callable:
-    """The function a tuned choice runs: our kernel with the same arguments as PyTorch's op, launched only
-    on tensors that are all on ``device`` (the key's) and carry no negative or conjugate bit."""
-    if op in ("mm", "bmm"):
-        def run(a, b):
-            return launch(a, b, config=config)
-    elif op in ("addmm", "baddbmm"):
-        def run(bias, a, b, beta, alpha):
-            return launch(a, b, config=config, bias=bias, alpha=alpha, beta=beta)
-    elif op == "mm_act":
-        def run(a, b, bias, activation):
-            return launch(a, b, config=config, bias=bias, activation=activation)
-    else:
-        def run(x, w, bias, stride, padding, dilation, groups):
-            return launch(x, w, config=config, bias=bias, stride=tuple(stride), padding=tuple(padding),
-                          dilation=tuple(dilation), groups=groups)
-
-    def guarded(*args):
-        # Same key as the kernel's inputs but not fit for it: a lazy view (the kernel would read the raw
-        # memory) or a tensor on another device (a meta tensor's null pointer, a CPU bias beside CUDA
-        # operands). PyTorch's kernel takes this call, and the problem keeps its kernel.
-        if not _plain(args, device):
-            return c.aten(*args)
-        try:
-            return run(*args)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # never crash the model: PyTorch's kernel takes over for this problem
-            return _kernel_failed(c, args, e)
-
-    return guarded
-
-
-def _kernel_failed(c: Choice, args: tuple, error: Exception) -> torch.Tensor:
-    out = c.aten(*args)  # inputs PyTorch rejects raise PyTorch's own error here, and nothing is marked
-    if c.strict or settings.current().strict:
-        raise error
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return out
-    with _lock:
-        c.fn = c.aten
-        c.source = "failed"
-        c.kernel = "aten"
-        _failed.add((c.family.name, c.problem_key))
-        _count(c.op, "failures")
-        for other in _memo.values():   # other keys of the same problem (other strides, opts)
-            if other.problem_key == c.problem_key and other.family is c.family and other.fn is not other.aten:
-                other.fn, other.source, other.kernel = other.aten, "failed", "aten"
-    warnings.warn(f"torchtune_ops: the tuned {c.family.name} kernel failed on {c.problem} "
-                  f"({type(error).__name__}: {error}); using PyTorch's kernel for this problem from now on",
-                  RuntimeWarning, stacklevel=3)
-    return out
-
-
-_warned: set = set()
-
-
-def _warn_once(key, message: str) -> None:
-    if key in _warned:
-        return
-    _warned.add(key)
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Progress reporting and background tuning.
 
 _TUNE_OPTIONS: dict[str, Any] = {}
@@ -740,55 +414,16 @@ def _swap_in(family, pkey: str, entry) -> None:
 
 def _background():
     """The process's background tuner (background.py: one problem at a time, per-process budget)."""
-    from . import background
+    from ..tuning import background
 
     return background.worker(tune=_background_tune, on_done=_swap_in)
 
 
 def wait_background() -> None:
     """Block until the background tuner has finished every submitted problem (tests, demos)."""
-    from . import background
+    from ..tuning import background
 
     background.join()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Introspection.
-
-def stats() -> dict[str, Any]:
-    """Per-op counts and the choice of every problem met in this process.
-
-    Returns ``{"ops": {op: {"calls", "hits", "misses", <source>: n, "failures"}}, "problems": [...]}``;
-    each problem row has op, shape, dtype, kernel ("aten" or the configuration), source (unsupported,
-    store, tuned, untuned, failed, background, broadcast, invalid, too-large, claimed-elsewhere), calls and, when tuned, time_ms, aten_ms, trials.
-    """
-    with _lock:
-        ops: dict[str, dict[str, int]] = {op: dict(c) for op, c in _counts.items()}
-        problems = []
-        for key, c in _memo.items():
-            o = ops.setdefault(c.op, {})
-            o["calls"] = o.get("calls", 0) + c.calls
-            problems.append({"op": c.op, "shape": _shape_text(key) + _layout_text(c.problem),
-                             "dtype": str(key[1]).replace("torch.", ""),
-                             "kernel": c.kernel, "source": c.source, "calls": c.calls, "time_ms": c.time_ms,
-                             "aten_ms": c.aten_ms, "trials": c.trials})
-        for o in ops.values():
-            o.setdefault("calls", 0)
-            o["hits"] = max(o["calls"] - o.get("misses", 0), 0)
-    return {"ops": ops, "problems": problems}
-
-
-def _layout_text(problem: Any) -> str:
-    """A note such as " (row, col)" for GEMM operands that are not both row-major; empty otherwise."""
-    la, lb = getattr(problem, "a_layout", "row"), getattr(problem, "b_layout", "row")
-    if la == "row" and lb == "row":
-        return ""
-    return f" ({la}, {lb})"
-
-
-def _shape_text(key: tuple) -> str:
-    shapes = [tuple(x) for x in key if isinstance(x, torch.Size)]
-    return " x ".join("[" + ",".join(str(d) for d in s) + "]" for s in shapes)
 
 
 def reset() -> None:
@@ -797,7 +432,7 @@ def reset() -> None:
     global _logging_ready
     _logging_ready = False
     wait_background()
-    from . import background
+    from ..tuning import background
 
     background.reset()
     with _lock:
@@ -805,3 +440,4 @@ def reset() -> None:
         _failed.clear()
         _counts.clear()
         _warned.clear()
+

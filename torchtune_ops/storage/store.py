@@ -40,8 +40,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from . import settings
-from .errors import CacheError
+from .. import settings
+from ..errors import CacheError
 
 __all__ = ["SCHEMA_VERSION", "DB_NAME", "Entry", "Trial", "Store", "CacheWarning", "default_path",
            "default_store", "problem_key", "canonical_json"]

@@ -5,7 +5,7 @@ launches one kernel) enough times to measure it and returns the summary. ``key``
 ("aten" or a configuration's JSON); real timers ignore it, ``FakeTimer`` uses it to return predetermined
 times, so the tuner's tests and the replay benchmarks are exact and fast.
 
-    from torchtune_ops.timing import benchmark, make_timer
+    from torchtune_ops.tuning.timing import benchmark, make_timer
     t = benchmark(lambda: a @ b, device="cuda")          # Timing(median_ms=..., p20_ms=..., ...)
     timer = make_timer("cuda"); timer(lambda: a @ b, key="aten")
 

@@ -14,7 +14,7 @@ gets at most the time left (and at most ``TORCHTUNE_OPS_TIME_BUDGET``); once les
 On a GPU the tuning runs on a side CUDA stream of its own, so its kernels do not queue behind (or in
 front of) the serving stream's work; it still shares the GPU, so measured times can be noisier than in
 offline tuning (the tuner re-times its finalists and requires a margin over aten). Do not capture CUDA
-graphs while the worker is tuning (warm up first, or use ``torchtune_ops.background.join()``).
+graphs while the worker is tuning (warm up first, or use ``torchtune_ops.tuning.background.join()``).
 
 The worker knows nothing of the dispatcher's internals: it receives a ``tune`` callable and an
 ``on_done`` callback (see ``worker``). Fork-safe: a child process gets a fresh worker on first use.
@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any, Callable, Hashable
 
-from . import settings
+from .. import settings
 
 log = logging.getLogger("torchtune_ops")
 

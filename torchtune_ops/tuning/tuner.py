@@ -1,6 +1,6 @@
 """Tune one problem: PyTorch's kernel against a search over a kernel family, gated by correctness.
 
-    from torchtune_ops.tuner import tune_problem
+    from torchtune_ops.tuning.tuner import tune_problem
     entry = tune_problem(GEMM, problem, device="cuda")     # -> store.Entry; "aten" or a config's JSON
 
 Steps (docs/cache.md has the reasoning):
@@ -30,13 +30,14 @@ import time
 import warnings
 from typing import Any, Callable, Sequence
 
-from . import settings
-from .device import Fingerprint, fingerprint as device_fingerprint
-from .errors import InvalidConfig, KernelFailure, UnsupportedProblem, WrongResult
-from .store import Entry, Store, default_store, problem_key
+from .. import settings
+from ..storage.device import Fingerprint, fingerprint as device_fingerprint
+from ..errors import InvalidConfig, KernelFailure, UnsupportedProblem, WrongResult
+from ..storage.store import Entry, Store, default_store, problem_key
+from ..kernels.base import candidate_failures
 from .timing import Timer, Timing, make_timer
 
-__all__ = ["tune_problem", "TuneProgress", "MIN_MARGIN", "RETIME_TOP", "candidate_failures", "free_memory",
+__all__ = ["tune_problem", "TuneProgress", "MIN_MARGIN", "RETIME_TOP", "free_memory",
            "memory_estimate", "MEMORY_FRACTION", "TuningSkipped"]
 
 log = logging.getLogger("torchtune_ops")
@@ -115,21 +116,6 @@ def memory_estimate(family: Any, problem: Any) -> int:
 
 
 _skipped: set[tuple[str, str, str]] = set()  # problems already warned about (one warning each)
-
-
-def candidate_failures() -> tuple[type[BaseException], ...]:
-    """Exception types that score a configuration as failed instead of stopping the tuning: our
-    InvalidConfig/KernelFailure/UnsupportedProblem, Triton's errors (compilation, out of resources,
-    interpreter) and RuntimeError (kernel launch errors, CUDA out of memory)."""
-    types: list[type[BaseException]] = [InvalidConfig, KernelFailure, UnsupportedProblem, RuntimeError]
-    try:
-        from triton.errors import TritonError  # Triton >= 3.2: base of every Triton error
-        types.append(TritonError)
-    except ImportError:  # pragma: no cover - older Triton
-        from triton.compiler.errors import CompilationError
-        from triton.runtime.errors import OutOfResources
-        types += [CompilationError, OutOfResources]
-    return tuple(types)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +207,7 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
         KeyboardInterrupt, SystemExit: re-raised after releasing the claim; nothing partial is stored.
         Any other exception from the family (``make_inputs``, ``reference``) propagates, claim released.
     """
-    from .kernels.base import device_limits
+    from ..kernels.base import device_limits
 
     s = settings.current()
     store = store if store is not None else default_store()
@@ -289,7 +275,7 @@ def _tune_claimed(store: Store, key: tuple[str, str, str], family: Any, problem:
                   prior: Any, patience: int, progress: Any, strict: bool, force: bool, lease_s: float,
                   isolate: bool | None, model: bool = False) -> Entry:
     """Tune a problem whose claim this process holds (released at the end, whatever happens)."""
-    from .kernels.base import device_limits
+    from ..kernels.base import device_limits
 
     try:
         if not force:  # answered while we waited for the claim
@@ -406,7 +392,7 @@ class _Run:
 
     def time_config(self, cfg_json: str) -> Timing | None:
         """Time one configuration; None when it failed (recorded in ``failed``)."""
-        from .kernels.base import Config
+        from ..kernels.base import Config
 
         cfg = Config.from_json(cfg_json)
         try:
@@ -421,7 +407,7 @@ class _Run:
             return None
 
     def objective(self, params: dict) -> float:
-        from .kernels.base import Config
+        from ..kernels.base import Config
 
         k = Config.from_dict(params).to_json()
         t = self.time_config(k)
@@ -434,7 +420,7 @@ class _Run:
 
     def correct(self, cfg_json: str) -> bool:
         """Whether the configuration matches PyTorch on fresh inputs (seed + 1) within tolerance."""
-        from .kernels.base import Config, relative_error
+        from ..kernels.base import Config, relative_error
 
         cfg = Config.from_json(cfg_json)
         try:
@@ -469,8 +455,8 @@ class _Run:
              progress: bool | Callable[[TuneProgress], None] | None,
              renew: Callable[[], bool], renew_every_s: float,
              hints: Callable | None = None) -> tuple[Entry, list[tuple[str, float]]]:
-        from .kernels.base import Config
-        from .search import Space, tune
+        from ..kernels.base import Config
+        from ..search import Space, tune
 
         start = time.monotonic()
         family, problem, limits = self.family, self.problem, self.limits

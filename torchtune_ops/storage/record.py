@@ -30,8 +30,8 @@ try:  # POSIX; elsewhere appends are still single writes, only the cross-process
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from . import settings
-from .errors import BundleError
+from .. import settings
+from ..errors import BundleError
 
 log = logging.getLogger("torchtune_ops")
 

@@ -5,7 +5,7 @@ A kernel that hits an illegal memory access leaves its CUDA context unusable for
 one that deadlocks never returns. When tuning on a GPU (``TORCHTUNE_OPS_BENCH_SUBPROCESS=1``, the default),
 the tuner therefore runs every candidate in a worker process and only receives numbers back::
 
-    from torchtune_ops.worker import WorkerTimer
+    from torchtune_ops.tuning.worker import WorkerTimer
     with WorkerTimer(GEMM, problem, device="cuda", seed=0) as timer:
         t = timer(None, key="aten")                  # timing.Timing, measured in the worker
         t = timer(None, key=config.to_json())        # KernelFailure if it failed, crashed or hung
@@ -37,7 +37,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from .errors import KernelFailure, TorchTuneOpsError
+from ..errors import KernelFailure, TorchTuneOpsError
 from .timing import Timing
 
 __all__ = ["WorkerTimer", "WorkerError", "family_ref", "resolve_family", "shutdown", "DEFAULT_TIMEOUT_S",
@@ -64,7 +64,7 @@ def family_ref(family: Any) -> str | None:
     ``module.attr`` is the family object (or its class, constructible without arguments). None when there
     is none (a family built at run time, or defined in ``__main__``)."""
     try:
-        from .kernels.base import families
+        from ..kernels.registry import families
 
         if families().get(family.name) is family:
             return family.name
@@ -100,7 +100,8 @@ def _constructible(cls: type) -> bool:
 def resolve_family(ref: str) -> Any:
     """The family a ``family_ref`` names: a registry name, or ``module:attr`` (an instance, or a class
     instantiated without arguments). Raises ``WorkerError`` unless the result is a ``KernelFamily``."""
-    from .kernels.base import KernelFamily, families
+    from ..kernels.base import KernelFamily
+    from ..kernels.registry import families
 
     if ":" not in ref:
         fam = families().get(ref)
@@ -161,7 +162,7 @@ class _Server:
         return {"ok": True}
 
     def _call(self, key: str, inputs: tuple) -> Callable[[], Any]:
-        from .kernels.base import Config
+        from ..kernels.base import Config
 
         fam, problem = self.family, self.problem
         if key == "aten":
@@ -190,7 +191,7 @@ class _Server:
         return {"ok": True}
 
     def check(self, msg: dict) -> dict:
-        from .kernels.base import relative_error
+        from ..kernels.base import relative_error
 
         seed = int(msg["seed"])
         if seed not in self.checks:
@@ -216,7 +217,7 @@ def _context_poisoned(device: Any) -> bool:
 
 def serve(conn: Any) -> None:
     """The worker's loop: answer setup/time/check requests until "exit" or the pipe closes."""
-    from .tuner import candidate_failures
+    from ..kernels.base import candidate_failures
 
     failures = candidate_failures()
     server = _Server()
@@ -270,7 +271,7 @@ class _Duplex:
         self.outbox.close()
 
 
-_CHILD = "import sys; from torchtune_ops.worker import _child_main; _child_main(int(sys.argv[1]), int(sys.argv[2]))"
+_CHILD = "import sys; from torchtune_ops.tuning.worker import _child_main; _child_main(int(sys.argv[1]), int(sys.argv[2]))"
 
 
 # ---------------------------------------------------------------------------------------------------------
