@@ -18,6 +18,8 @@ from torchtune_ops.kernels.base import CPU_INTERPRETER
 from torchtune_ops.kernels.registry import families
 from torchtune_ops.storage.store import Store, problem_key
 
+#: the first problem column of a table row (after the device, winner, times, trials and budget)
+P = len(B.ROW_HEAD) + len(B.BUDGET_HEAD)
 GEMM = families()["gemm"]
 CONV = families()["conv2d"]
 H100 = Fingerprint(gpu="NVIDIA H100 80GB HBM3", capability=(9, 0), sm_count=132, torch="2.11.0+cu128",
@@ -199,7 +201,7 @@ def test_overlay_drops_an_invalid_entry_and_keeps_the_rest(tmp_path):
     good, bad = gemm_problem(127, 257, 67), gemm_problem(1, 1, 1)
     doc = B.Bundle.from_entries([entry(fp, GEMM, good), entry(fp, GEMM, bad)]).to_dict()
     rows = doc["families"]["gemm"]["rows"]
-    i = next(i for i, r in enumerate(rows) if r[7] == 1)
+    i = next(i for i, r in enumerate(rows) if r[P + 2] == 1)
     doc["families"]["gemm"]["configs"].append(dict(doc["families"]["gemm"]["configs"][0], BLOCK_M=256))
     rows[i][1] = len(doc["families"]["gemm"]["configs"]) - 1  # BLOCK_M 256 for M = 1: not a choice
     p = tmp_path / "b.json"
@@ -235,7 +237,7 @@ HOSTILE = {
     "infinite float": lambda d: json.dumps(d).replace("0.05,", "1e999,", 1),
     "deep nesting": lambda d: "[" * 100000 + "]" * 100000,
     "wrong format": _mut(lambda d: d.update(format="pickle")),
-    "newer version": _mut(lambda d: d.update(version=2)),
+    "newer version": _mut(lambda d: d.update(version=B.VERSION + 1)),
     "version as string": _mut(lambda d: d.update(version="1")),
     "unknown top field": _mut(lambda d: d.update(exec="import os")),
     "unknown family": _mut(lambda d: d["families"].update(evil=_gemm(d))),
@@ -259,15 +261,15 @@ HOSTILE = {
     "winner name": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(1, "os.system")),
     "device out of range": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(0, 5)),
     "trials negative": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(4, -3)),
-    "huge dimension": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(7, 2**31)),
-    "huge integer": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(7, 10**400)),
-    "negative dimension": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(8, -1)),
-    "float dimension": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(8, 1.5)),
-    "path in problem": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(5, "../../etc/passwd")),
-    "unknown dtype": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(10, "float64")),
-    "unknown op": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(5, "system")),
-    "nested junk in row": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(9, [[1, [2, [3]]]])),
-    "dict in row": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(9, {"a": 1})),
+    "huge dimension": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(P + 2, 2**31)),
+    "huge integer": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(P + 2, 10**400)),
+    "negative dimension": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(P + 3, -1)),
+    "float dimension": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(P + 3, 1.5)),
+    "path in problem": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(P + 0, "../../etc/passwd")),
+    "unknown dtype": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(P + 5, "float64")),
+    "unknown op": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(P + 0, "system")),
+    "nested junk in row": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(P + 4, [[1, [2, [3]]]])),
+    "dict in row": _mut(lambda d: _gemm(d)["rows"][0].__setitem__(P + 4, {"a": 1})),
     "short row": _mut(lambda d: _gemm(d)["rows"][0].pop()),
     "row not a list": _mut(lambda d: _gemm(d)["rows"].__setitem__(0, "row")),
     "path as gpu name": _mut(lambda d: d["devices"][0].update(gpu="/dev/nvidia0")),
@@ -302,7 +304,7 @@ def test_hostile_bundle_rejected_and_cache_untouched(name, tmp_path):
 
 def test_hostile_messages_name_entry_and_field(tmp_path):
     doc = _base_doc()
-    _gemm(doc)["rows"][3][7] = -5
+    _gemm(doc)["rows"][3][P + 2] = -5
     p = tmp_path / "x.json"
     p.write_text(json.dumps(doc))
     with pytest.raises(BundleError, match=r"families\.gemm\.rows\[3\]: M = '-5'"):

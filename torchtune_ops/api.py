@@ -53,18 +53,9 @@ def optimize(model_or_fn: Any, *, autotune: bool | str | None = None, cache_dir:
         The compiled module or function. With ``TORCHTUNE_OPS_DISABLE=1`` it is plain ``torch.compile``
         (Inductor or AOT eager), with no custom op in its graphs.
     """
-    overrides = {"autotune": autotune, "cache_dir": os.fspath(cache_dir) if cache_dir is not None else None,
-                 "max_trials": max_trials, "time_budget": time_budget_s, "bucket": bucket, "strict": strict}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        with settings.override(**overrides):  # validates now: a bad value fails here, not at the first call
-            s = settings.current()
-    except settings.SettingsError:
-        raise
-    except ValueError as e:
-        raise settings.SettingsError(f"optimize(): {e}") from None
-    if isinstance(autotune, (bool, str)):
-        overrides["autotune"] = s.autotune
+    # one validation for every source (settings.check): a bad value fails here, not at the first call
+    overrides = settings.validated(autotune=autotune, cache_dir=cache_dir, max_trials=max_trials,
+                                   time_budget=time_budget_s, bucket=bucket, strict=strict)
     options = dict(compile_kwargs.pop("options", None) or {})
     options["compiler"] = compiler
     options["settings"] = overrides

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 import os
 import threading
 from typing import Any, Callable, Iterator
@@ -21,59 +22,94 @@ from .errors import SettingsError
 PREFIX = "TORCHTUNE_OPS_"
 
 
-def _bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("1", "true", "yes", "on"):
+# Each parser takes what a user may give, from the environment (a string) or from Python (optimize()'s
+# arguments, override(), the CLI), and returns the typed value or raises ValueError with the reason. The
+# same parser serves every source, so a value is accepted or refused, with the same words, wherever it
+# comes from (``check``).
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if type(v) is int and v in (0, 1):
+        return bool(v)
+    t = v.strip().lower() if isinstance(v, str) else None
+    if t in _TRUE:
         return True
-    if t in ("0", "false", "no", "off", ""):
+    if t in _FALSE:
         return False
-    raise ValueError(f"expected 0/1, true/false, yes/no or on/off, got {text!r}")
+    raise ValueError("expected one of 1, true, yes, on (on) or 0, false, no, off (off)")
 
 
-def _autotune(text: str) -> str:
-    t = text.strip().lower()
-    if t in ("1", "true", "yes", "on"):
-        return "on"
-    if t in ("0", "false", "no", "off", ""):
-        return "off"
-    if t == "background":
+def _autotune(v: Any) -> str:
+    if v == "background" or (isinstance(v, str) and v.strip().lower() == "background"):
         return "background"
-    raise ValueError(f"expected 0, 1 or 'background', got {text!r}")
+    try:
+        return "on" if _bool(v) else "off"
+    except ValueError:
+        raise ValueError("expected one of 1, true, yes, on (tune on first use), 0, false, no, off "
+                         "(never tune) or background") from None
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise ValueError(f"must be at least 1, got {v}")
-    return v
+def _positive_int(v: Any) -> int:
+    n = None
+    if isinstance(v, str):
+        try:
+            n = int(v.strip())
+        except ValueError:
+            pass
+    elif type(v) is int:
+        n = v
+    if n is None or n < 1:
+        raise ValueError("must be a whole number of at least 1")
+    return n
 
 
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise ValueError(f"must be positive, got {v}")
-    return v
+def _positive_float(v: Any) -> float:
+    x = None
+    if isinstance(v, str):
+        try:
+            x = float(v.strip())
+        except ValueError:
+            pass
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        x = float(v)
+    if x is None or not (math.isfinite(x) and x > 0):
+        raise ValueError("must be a positive, finite number of seconds")
+    return x
 
 
-def _paths(text: str) -> tuple[str, ...]:
-    return tuple(p for p in text.split(os.pathsep) if p)
+def _paths(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        return tuple(p for p in v.split(os.pathsep) if p)
+    if isinstance(v, os.PathLike):
+        return (os.fspath(v),)
+    if isinstance(v, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in v):
+        return tuple(os.fspath(p) for p in v if os.fspath(p))
+    raise ValueError(f"expected paths separated by {os.pathsep!r}, or a list of paths")
 
 
-def _optional_str(text: str) -> str | None:
-    return text or None
+def _optional_str(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, (str, os.PathLike)):
+        return os.fspath(v) or None
+    raise ValueError("expected a path")
 
 
-def _log_level(text: str) -> str:
-    t = text.strip().upper() or "WARNING"
+def _log_level(v: Any) -> str:
+    t = v.strip().upper() or "WARNING" if isinstance(v, str) else None
     if t not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError(f"expected DEBUG, INFO, WARNING or ERROR, got {text!r}")
+        raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
     return t
 
 
-def _bucket(text: str) -> str:
-    t = text.strip().lower() or "none"
+def _bucket(v: Any) -> str:
+    t = v.strip().lower() or "none" if isinstance(v, str) else None
     if t not in ("none", "pow2"):
-        raise ValueError(f"expected 'none' or 'pow2', got {text!r}")
+        raise ValueError("expected none or pow2")
     return t
 
 
@@ -83,7 +119,7 @@ class Setting:
 
     name: str
     default: Any
-    parse: Callable[[str], Any]
+    parse: Callable[[Any], Any]
     doc: str
 
     @property
@@ -156,11 +192,27 @@ def from_environ(environ: dict[str, str] | None = None) -> Settings:
         if raw is None:
             values[s.name] = s.default
             continue
-        try:
-            values[s.name] = s.parse(raw)
-        except ValueError as e:
-            raise SettingsError(f"{s.env}={raw!r}: {e}. {s.doc}") from None
+        values[s.name] = check(s.name, raw)
     return Settings(**values)
+
+
+def check(name: str, value: Any) -> Any:
+    """``value`` for setting ``name`` as the settings hold it (e.g. ``"4"`` -> 4, True -> "on"), whether it
+    comes from the environment (a string) or from Python; raises SettingsError, with the same words for
+    every source, naming the argument and its variable and saying what is accepted."""
+    s = _BY_NAME.get(name)
+    if s is None:
+        raise SettingsError(f"unknown setting {name!r}; known: {', '.join(_BY_NAME)}")
+    try:
+        return s.parse(value)
+    except (ValueError, TypeError) as e:
+        raise SettingsError(f"{name}={value} ({s.env}): {e}. {s.doc}") from None
+
+
+def validated(**kw: Any) -> dict[str, Any]:
+    """The given settings checked and normalised (see ``check``); a None value means "not given" and is
+    dropped. What ``optimize()`` and the CLI call before anything else happens."""
+    return {k: check(k, v) for k, v in kw.items() if v is not None}
 
 
 # The environment is parsed once per process (``reload()`` re-reads it). Overrides live in a context
@@ -181,18 +233,7 @@ def _validate(kw: dict[str, Any]) -> dict[str, Any]:
             raise SettingsError(f"unknown setting {k!r}; known: {', '.join(_BY_NAME)}")
         if v is None and _BY_NAME[k].default is not None:
             continue  # None means "not given": keep the environment's value
-        try:
-            if isinstance(v, str) and k not in ("cache_dir", "record", "log"):
-                v = _BY_NAME[k].parse(v)
-        except ValueError as e:
-            raise SettingsError(f"{k}={v!r}: {e}") from None
-        if k == "autotune" and isinstance(v, bool):
-            v = "on" if v else "off"
-        if k == "bundles" and isinstance(v, (str, os.PathLike)):
-            v = (os.fspath(v),)
-        if k == "cache_dir" and v is not None:
-            v = os.fspath(v)
-        out[k] = v
+        out[k] = check(k, v)
     return out
 
 

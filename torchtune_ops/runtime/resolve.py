@@ -279,10 +279,14 @@ def _lookup_or_tune_local(family, problem, pkey, fp, device, s):
         _warn_once(("store", s.cache_dir), f"torchtune_ops: cache unavailable ({e}); using memory only")
         entry = None
     shipped = _bundle_entry(family, problem, fp, s)
-    if shipped is not None and (entry is None or shipped.time_ms < entry.time_ms):
-        return shipped, "bundle"
-    if entry is not None:
-        return entry, "store"
+    found = [(e, src) for e, src in ((entry, "store"), (shipped, "bundle")) if e is not None]
+    # with tuning on, an answer tuned with a smaller budget than asked now (or untuned) is tuned again
+    enough = [f for f in found if not s.tuning or f[0].covers(s.max_trials, s.time_budget)]
+    if enough:
+        return min(enough, key=lambda f: f[0].time_ms)  # the store's on a tie
+    if found and s.autotune == "background":  # serve the answer we have while a better one is sought
+        _background().submit(family, problem, pkey, device, s)
+        return min(found, key=lambda f: f[0].time_ms)[0], "retuning"
     if s.record:  # deployment: remember the unseen problem for offline tuning (record.py)
         from ..storage import record
 
@@ -407,7 +411,7 @@ def _swap_in(family, pkey: str, entry) -> None:
     """Replace every in-memory choice of this problem by a fresh resolution from the stored entry."""
     with _lock:
         stale = [k for k, c in _memo.items() if c.problem_key == pkey and c.family is family
-                 and c.source == "background"]
+                 and c.source in ("background", "retuning")]
         for k in stale:
             del _memo[k]  # the next call resolves again and finds the stored entry
 

@@ -42,7 +42,7 @@ from ..errors import BundleError
 log = logging.getLogger("torchtune_ops")
 
 FORMAT = "torchtune_ops.bundle"
-VERSION = 1
+VERSION = 2  # 2: rows carry the budget each entry was tuned with (version 1 bundles still load)
 #: the largest bundle file accepted (a 10,000-entry bundle is about 1.3 MB)
 MAX_BUNDLE_BYTES = 256 << 20
 #: sane ranges
@@ -55,6 +55,9 @@ MAX_CONFIG_INT = 1 << 20
 DTYPES = frozenset({"float16", "bfloat16", "float32"})
 #: the fixed leading columns of every family table; the problem's fields follow
 ROW_HEAD = ("device", "winner", "time_ms", "aten_ms", "trials")
+#: the budget columns that follow ROW_HEAD from format version 2 on (absent: the budget is unknown, 0)
+BUDGET_HEAD = ("max_trials", "time_budget_s")
+MAX_BUDGET_S = 1e7
 
 # Whitelisted string shapes. Nothing with '/', '\\', '~', quotes, parentheses, ';', '$', '|' or '..' passes,
 # so no bundle string can name a path or carry code.
@@ -174,6 +177,8 @@ class BundleEntry:
     time_ms: float
     aten_ms: float
     trials: int = 0
+    max_trials: int = 0
+    time_budget_s: float = 0.0
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -186,7 +191,8 @@ class BundleEntry:
 
         return Entry(fingerprint=fingerprint or self.device, family=self.family, problem=self.problem_key,
                      winner=self.winner, time_ms=self.time_ms, aten_ms=self.aten_ms, trials=self.trials,
-                     created=created, source=source)
+                     created=created, source=source, max_trials=self.max_trials,
+                     time_budget_s=self.time_budget_s)
 
 
 def from_store_entry(entry: Any) -> BundleEntry:
@@ -194,7 +200,9 @@ def from_store_entry(entry: Any) -> BundleEntry:
     problem = json.loads(entry.problem)
     return BundleEntry(device=entry.fingerprint, family=entry.family, problem_key=entry.problem,
                        problem=problem, winner=entry.winner, time_ms=float(entry.time_ms),
-                       aten_ms=float(entry.aten_ms), trials=int(entry.trials))
+                       aten_ms=float(entry.aten_ms), trials=int(entry.trials),
+                       max_trials=int(getattr(entry, "max_trials", 0)),
+                       time_budget_s=float(getattr(entry, "time_budget_s", 0.0)))
 
 
 def round_ms(ms: float) -> float:
@@ -438,6 +446,11 @@ def _column_types(col: tuple, where: str, name: str) -> set[type]:
     return types
 
 
+def _has_budget(columns: list) -> bool:
+    """Whether a table's columns carry the budget columns after ROW_HEAD (format version 2)."""
+    return tuple(columns[len(ROW_HEAD):len(ROW_HEAD) + len(BUDGET_HEAD)]) == BUDGET_HEAD
+
+
 def _bad_list(v: Any) -> bool:
     return type(v) is not tuple or len(v) > MAX_SEQUENCE or any(type(x) is not int or not 0 <= x < MAX_DIM
                                                                  for x in v)
@@ -449,7 +462,8 @@ class _Table:
     def __init__(self, family: str, columns: list[str], configs: list[dict], rows: list[list],
                  devices: list[DeviceRecord], where: str) -> None:
         self.family = family
-        self.fields = columns[len(ROW_HEAD):]
+        self.head = len(ROW_HEAD) + (len(BUDGET_HEAD) if _has_budget(columns) else 0)
+        self.fields = columns[self.head:]
         self.configs = configs
         self.rows = rows
         self.devices = devices
@@ -458,7 +472,7 @@ class _Table:
         self.index = self._build_index()
 
     def _build_index(self) -> dict[tuple, int]:
-        rows, n = self.rows, len(ROW_HEAD) + len(self.fields)
+        rows, n = self.rows, self.head + len(self.fields)
         where = self.where
         if not rows:
             return {}
@@ -474,8 +488,14 @@ class _Table:
         self._times(t, "time_ms")
         self._times(a, "aten_ms")
         self._ints(tr, 0, MAX_TRIALS, "trials")
+        if self.head > len(ROW_HEAD):
+            mt, tb = cols[len(ROW_HEAD):self.head]
+            self._ints(mt, 0, MAX_TRIALS, "max_trials")
+            if not set(map(type, tb)) <= {int, float} or min(tb) < 0 or max(tb) > MAX_BUDGET_S:
+                self._bad_value(tb, "time_budget_s", lambda v: type(v) not in (int, float)
+                                or not 0 <= v <= MAX_BUDGET_S, f"must be a number of seconds in [0, {MAX_BUDGET_S:g}]")
         keycols: list[tuple] = [dev]
-        for name, col in zip(self.fields, cols[len(ROW_HEAD):]):
+        for name, col in zip(self.fields, cols[self.head:]):
             types = _column_types(col, where, name)
             if list in types:
                 # few distinct sequences (strides, paddings): check each distinct one
@@ -545,8 +565,9 @@ class _Table:
         row = self.rows[i]
         where = f"{self.where}.rows[{i}]"
         dev_i, win, time_ms, aten_ms, trials = row[:len(ROW_HEAD)]
+        max_trials, budget_s = row[len(ROW_HEAD):self.head] if self.head > len(ROW_HEAD) else (0, 0.0)
         device = self.devices[dev_i]
-        raw = dict(zip(self.fields, row[len(ROW_HEAD):]))
+        raw = dict(zip(self.fields, row[self.head:]))
         canon, problem = check_problem(self.family, raw, where)
         if win == -1:
             winner = "aten"
@@ -558,7 +579,7 @@ class _Table:
                                   f"(time_ms {time_ms:g} > aten_ms {aten_ms:g})")
         return BundleEntry(device=device.key, family=self.family, problem_key=_problem_key(canon),
                            problem=canon, winner=winner, time_ms=float(time_ms), aten_ms=float(aten_ms),
-                           trials=trials)
+                           trials=trials, max_trials=max_trials, time_budget_s=float(budget_s))
 
     def find(self, dev_i: int, problem: Any) -> int | None:
         """The row of device index ``dev_i`` and family problem object ``problem``, or None."""
@@ -664,8 +685,9 @@ class Bundle:
                 values = [list(v) if isinstance(v, tuple) else v
                           for v in (e.problem.get(f) for f in fields)]
                 rows.append([dev_index[e.device], w, round_ms(e.time_ms), round_ms(e.aten_ms), int(e.trials),
-                             *values])
-            tables[fname] = _Table(fname, [*ROW_HEAD, *fields], configs, rows, dev_list, f"families.{fname}")
+                             int(e.max_trials), float(e.time_budget_s), *values])
+            tables[fname] = _Table(fname, [*ROW_HEAD, *BUDGET_HEAD, *fields], configs, rows, dev_list,
+                                   f"families.{fname}")
         return cls(dev_list, tables, created=created or _now(), producer=producer or _producer())
 
     def to_dict(self) -> dict[str, Any]:
@@ -674,7 +696,8 @@ class Bundle:
         for name, t in self.tables.items():
             if t.index:
                 keep = sorted(t.index.values())
-                fams[name] = {"columns": [*ROW_HEAD, *t.fields], "configs": t.configs,
+                head = [*ROW_HEAD, *BUDGET_HEAD] if t.head > len(ROW_HEAD) else list(ROW_HEAD)
+                fams[name] = {"columns": [*head, *t.fields], "configs": t.configs,
                               "rows": [t.rows[i] for i in keep]}
         return {"format": FORMAT, "version": VERSION, "created": self.created or _now(),
                 "producer": self.producer or _producer(), "devices": [d.to_dict() for d in self.devices],
@@ -765,7 +788,7 @@ def _parse_obj(obj: Any, source: str) -> Bundle:
         columns, configs, rows = t["columns"], t["configs"], t["rows"]
         if type(columns) is not list or tuple(columns[:len(ROW_HEAD)]) != ROW_HEAD:
             raise BundleError(f"{where}.columns: must start with {list(ROW_HEAD)}")
-        fields = columns[len(ROW_HEAD):]
+        fields = columns[len(ROW_HEAD) + (len(BUDGET_HEAD) if _has_budget(columns) else 0):]
         known = {f.name: f for f in dataclasses.fields(fams[name].problem_type)}
         for f in fields:
             if type(f) is not str or f not in known:

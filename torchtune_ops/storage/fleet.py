@@ -89,6 +89,8 @@ _entries = sa.Table(
     sa.Column("trials", sa.Integer, nullable=False),
     sa.Column("created", sa.String(40), nullable=False),
     sa.Column("source", sa.String(100), nullable=False),
+    sa.Column("max_trials", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("time_budget_s", sa.Float, nullable=False, server_default="0"),
 )
 _trials = sa.Table(
     f"torchtune_ops_trials_v{SCHEMA_VERSION}", _meta,
@@ -101,8 +103,7 @@ _trials = sa.Table(
     sa.Column("value_ms", sa.Float, nullable=True),  # NULL: the configuration failed
     sa.Column("worker", sa.String(300), nullable=False),
 )
-_ENTRY_COLS = ("fingerprint", "family", "problem", "winner", "time_ms", "aten_ms", "trials", "created",
-               "source")
+_ENTRY_COLS = tuple(f.name for f in dataclasses.fields(Entry))  # the local store's columns, in order
 
 
 def _make_engine(url: str, *, readonly: bool) -> sa.Engine:

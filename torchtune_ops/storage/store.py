@@ -3,8 +3,9 @@
 Layout (one file, ``<cache dir>/tuning.sqlite``, directory created readable by its owner only):
 
 - ``entries_v<N>``: one row per (device fingerprint key, family, problem key): the winner ("aten" or the
-  winning configuration's canonical JSON), its time, aten's time, the number of trials, the date and the
-  source ("tuned", "import", ...).
+  winning configuration's canonical JSON), its time, aten's time, the number of trials, the date, the
+  source ("tuned", "import", ...) and the budget it was tuned with (``max_trials``, ``time_budget_s``;
+  0 when unknown).
 - ``trials_v<N>``: every measurement made while tuning (configuration JSON, ms or NULL for a failure),
   grouped by tuning run and ordered, for later learning.
 - ``claims_v<N>``: who is tuning which problem now, with a lease that expires.
@@ -17,7 +18,9 @@ Faults never stop the caller: a corrupt file is renamed aside (``tuning.sqlite.c
 rebuilt, with one warning; a directory that cannot be created or written (read-only, vanished, disk full)
 gives one warning and the store carries on in memory, starting from a copy of what was readable. In
 read-only mode (``TORCHTUNE_OPS_READONLY=1`` or ``readonly=True``) nothing is ever written or created: the
-file, if any, is copied into memory at open and later ``put``s stay in this process.
+file, if any, is copied into memory at open and later ``put``s stay in this process. A file this process
+cannot write (a read-only file system, no write permission: ``unwritable``) is opened the same way, with
+one warning, and its entries are used; ``Store.reason`` says why a store does not write to its file.
 
 Hits are served from an in-memory dict in front of SQLite; a miss is remembered for ``miss_ttl_s``
 seconds so that a run-time miss costs a database query at most that often.
@@ -44,10 +47,10 @@ from .. import settings
 from ..errors import CacheError
 
 __all__ = ["SCHEMA_VERSION", "DB_NAME", "Entry", "Trial", "Store", "CacheWarning", "default_path",
-           "default_store", "problem_key", "canonical_json"]
+           "default_store", "problem_key", "canonical_json", "unwritable"]
 
 #: version of the table layout; bump it to start from empty tables (old ones are ignored)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: file name of the database inside the cache directory
 DB_NAME = "tuning.sqlite"
 
@@ -84,7 +87,10 @@ def _config_json(config: Any) -> str:
 class Entry:
     """One tuned choice. ``winner`` is "aten" or a configuration's canonical JSON; times in ms.
 
-    ``from_dict`` validates types and ranges (bundles are untrusted data); ``to_dict`` is its inverse.
+    ``max_trials`` and ``time_budget_s`` are the budget the entry was tuned with (0: unknown, e.g. an entry
+    of a bundle written before budgets were recorded); ``covers`` says whether that budget is at least the
+    one asked now. ``from_dict`` validates types and ranges (bundles are untrusted data); ``to_dict`` is
+    its inverse.
     """
 
     fingerprint: str
@@ -96,6 +102,8 @@ class Entry:
     trials: int = 0
     created: str = ""
     source: str = "tuned"
+    max_trials: int = 0
+    time_budget_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.created:
@@ -112,6 +120,20 @@ class Entry:
     def config(self) -> dict[str, Any] | None:
         """The winning configuration as a dict, or None when aten won."""
         return None if self.is_aten else json.loads(self.winner)
+
+    def covers(self, max_trials: int, time_budget_s: float) -> bool:
+        """Whether this entry was tuned with at least the budget (``max_trials``, ``time_budget_s``) asked
+        now, so that tuning again could not find more. False for an entry without a single measurement
+        (untuned) or one tuned with fewer trials; a smaller time budget counts only where the search ended
+        before its trial limit (it may have been cut short by the clock). An entry whose budget is unknown
+        covers any budget when it made at least one measurement."""
+        if self.trials <= 0 and self.max_trials <= 0:
+            return False
+        if self.max_trials <= 0:
+            return True
+        if self.max_trials < max_trials:
+            return False
+        return not (self.time_budget_s < time_budget_s and self.trials < self.max_trials)
 
     @property
     def speedup(self) -> float:
@@ -141,15 +163,20 @@ class Entry:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"entry field {name!r} must be a finite non-negative number, got {v!r}")
             kw[name] = float(v)
-        t = kw.get("trials", 0)
-        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= 10**7:
-            raise ValueError(f"entry field 'trials' must be a non-negative int, got {t!r}")
+        for name in ("trials", "max_trials"):
+            t = kw.get(name, 0)
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= 10**7:
+                raise ValueError(f"entry field {name!r} must be a non-negative int, got {t!r}")
+            kw[name] = int(t)
+        b = kw.get("time_budget_s", 0.0)
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or not math.isfinite(b) or not 0 <= b <= 1e7:
+            raise ValueError(f"entry field 'time_budget_s' must be a finite non-negative number, got {b!r}")
+        kw["time_budget_s"] = float(b)
         if not _json_object(kw["problem"], _PROBLEM_VALUES):
             raise ValueError(f"entry field 'problem' must be a JSON object of simple values: {kw['problem']!r:.80}")
         if kw["winner"] != "aten" and not _json_object(kw["winner"], _CONFIG_VALUES):
             raise ValueError(f"entry field 'winner' must be 'aten' or a JSON object of ints, strings and "
                              f"booleans: {kw['winner']!r:.80}")
-        kw["trials"] = int(t)
         return cls(**kw)
 
 
@@ -276,6 +303,7 @@ CREATE TABLE IF NOT EXISTS entries_v{v} (
     fingerprint TEXT NOT NULL, family TEXT NOT NULL, problem TEXT NOT NULL,
     winner TEXT NOT NULL, time_ms REAL NOT NULL, aten_ms REAL NOT NULL, trials INTEGER NOT NULL,
     created TEXT NOT NULL, source TEXT NOT NULL,
+    max_trials INTEGER NOT NULL DEFAULT 0, time_budget_s REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (fingerprint, family, problem)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS trials_v{v} (
     fingerprint TEXT NOT NULL, family TEXT NOT NULL, problem TEXT NOT NULL, run TEXT NOT NULL,
@@ -287,8 +315,9 @@ CREATE TABLE IF NOT EXISTS claims_v{v} (
     PRIMARY KEY (fingerprint, family, problem)) WITHOUT ROWID;
 """
 
-_ENTRY_COLS = "fingerprint, family, problem, winner, time_ms, aten_ms, trials, created, source"
-_ENTRY_FIELDS = tuple(c.strip() for c in _ENTRY_COLS.split(","))
+_ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(Entry))
+_ENTRY_COLS = ", ".join(_ENTRY_FIELDS)
+_ENTRY_VALUES = "VALUES (" + ",".join("?" * len(_ENTRY_FIELDS)) + ")"
 
 
 @contextlib.contextmanager
@@ -320,6 +349,7 @@ class Store:
         self.readonly = readonly
         self.busy_timeout_s = busy_timeout_s
         self.mode = "memory"
+        self.reason: str | None = None  # why the store is not writing to its file (None in "disk" mode)
         self.hits = 0
         self.misses = 0
         self._conn: sqlite3.Connection | None = None
@@ -352,8 +382,18 @@ class Store:
         store = cls(Path(path) if path is not None else default_path(), readonly=ro,
                     busy_timeout_s=busy_timeout_s)
         with store._lock:
+            why = None if ro else unwritable(store.path)
             if ro:
                 store._open_readonly()
+            elif why is not None and store.path.is_file():
+                # a read-only file system or no write permission: use what the file holds, write nothing
+                store._open_readonly()
+                store.reason = why
+                n = store._conn.execute(f"SELECT count(*) FROM entries_v{SCHEMA_VERSION}").fetchone()[0]
+                store._warn("readonly", f"torchtune_ops cache {store.path} is read-only ({why}): its {n} "
+                                        "entries are used; new choices will not persist")
+            elif why is not None:
+                store._to_memory(f"cannot create {store.path} ({why})")
             else:
                 store._open_disk()
         return store
@@ -436,7 +476,7 @@ class Store:
                     continue
                 self._to_memory(f"cannot use {self.path}: {_describe(e)}")
                 return
-            old, self._conn, self.mode = self._conn, conn, "disk"
+            old, self._conn, self.mode, self.reason = self._conn, conn, "disk", None
             if old is not None:
                 with contextlib.suppress(sqlite3.Error):
                     old.close()
@@ -459,6 +499,12 @@ class Store:
 
     def _open_readonly(self) -> None:
         self.mode = "readonly"
+        self.reason = "read-only mode"
+        self._conn = self._copy_to_memory()
+
+    def _copy_to_memory(self) -> sqlite3.Connection:
+        """An in-memory database with a copy of the file's tables (our tables, empty, where there is no
+        file or it cannot be read: one warning)."""
         mem = self._memory_db()
         if self.path.is_file():
             base = self.path.absolute().as_uri()
@@ -480,32 +526,33 @@ class Store:
                     if src is not None:
                         src.close()
             else:
-                self._warn("readonly", f"torchtune_ops cache {self.path} cannot be read ({last}); "
-                                       "read-only mode goes on with an empty in-memory cache")
+                self._warn("unreadable", f"torchtune_ops cache {self.path} cannot be read ({last}); "
+                                         "going on with an empty in-memory cache")
                 mem = self._memory_db()
         self._ensure_schema(mem)
-        self._conn = mem
+        return mem
 
     def _memory_db(self) -> sqlite3.Connection:
         return self._connect(":memory:")
 
     def _to_memory(self, reason: str) -> None:
         """Degrade to an in-memory database holding a copy of whatever the file still gives."""
-        mem = self._memory_db()
+        mem = None
         src = self._conn
-        if src is None and self.path.is_file():
-            with contextlib.suppress(sqlite3.Error):
-                src = self._connect(self.path.absolute().as_uri() + "?mode=ro", uri=True)
         if src is not None:
+            mem = self._memory_db()
             try:
                 src.backup(mem)
             except sqlite3.Error:
                 mem.close()
-                mem = self._memory_db()
+                mem = None
             with contextlib.suppress(sqlite3.Error):
                 src.close()
+        if mem is None:  # read the file itself, also where only an immutable open can (no -shm file)
+            mem = self._copy_to_memory()
         self._ensure_schema(mem)
         self._conn = mem
+        self.reason = reason
         self._ident = None
         self.mode = "readonly" if self.readonly else "memory"
         self._warn("memory", f"torchtune_ops cache: {reason}; using an in-memory cache for this "
@@ -553,7 +600,7 @@ class Store:
         try:
             with _tx(self._conn):
                 self._conn.executemany(f"INSERT OR IGNORE INTO entries_v{v} ({_ENTRY_COLS}) "
-                                       "VALUES (?,?,?,?,?,?,?,?,?)", entries)
+                                       + _ENTRY_VALUES, entries)
                 self._conn.executemany(f"INSERT OR IGNORE INTO trials_v{v} VALUES (?,?,?,?,?,?,?)", trials)
         except sqlite3.Error as e:  # the new file fails too: the caller's next operation handles it
             self._warn("salvage", f"torchtune_ops cache: could not write the rows recovered from the "
@@ -718,7 +765,8 @@ class Store:
                 dict or its JSON; ms is ``inf``/NaN/None for a failure. Always appended, as a new run.
             policy: what to do when the key already has an entry (another process tuned it too):
                 "faster" (default) keeps the one with the smaller ``time_ms`` (the existing one on a
-                tie), "replace" overwrites, "keep" keeps the existing one.
+                tie; a kept entry takes the larger of the two budgets, and an entry without trials
+                always gives way to one with trials), "replace" overwrites, "keep" keeps the existing one.
         """
         if policy not in ("faster", "replace", "keep"):
             raise ValueError(f"policy must be 'faster', 'replace' or 'keep', got {policy!r}")
@@ -737,11 +785,19 @@ class Store:
                 row = c.execute(f"SELECT {_ENTRY_COLS} FROM entries_v{v} "
                                 "WHERE fingerprint=? AND family=? AND problem=?", entry.key).fetchone()
                 old = Entry(*row) if row else None
-                keep = old is not None and (policy == "keep" or
-                                            (policy == "faster" and old.time_ms <= entry.time_ms))
+                untuned = old is not None and old.trials == 0 and entry.trials > 0
+                keep = old is not None and not untuned and (policy == "keep" or (
+                    policy == "faster" and old.time_ms <= entry.time_ms))
+                if keep and policy == "faster" and (entry.max_trials > old.max_trials
+                                                    or entry.time_budget_s > old.time_budget_s):
+                    # a run with a bigger budget found nothing faster: the kept winner stands for it too
+                    old = dataclasses.replace(old, max_trials=max(old.max_trials, entry.max_trials),
+                                              time_budget_s=max(old.time_budget_s, entry.time_budget_s))
+                    c.execute(f"INSERT OR REPLACE INTO entries_v{v} ({_ENTRY_COLS}) " + _ENTRY_VALUES,
+                              dataclasses.astuple(old))
                 if not keep:
-                    c.execute(f"INSERT OR REPLACE INTO entries_v{v} ({_ENTRY_COLS}) "
-                              "VALUES (?,?,?,?,?,?,?,?,?)", dataclasses.astuple(entry))
+                    c.execute(f"INSERT OR REPLACE INTO entries_v{v} ({_ENTRY_COLS}) " + _ENTRY_VALUES,
+                              dataclasses.astuple(entry))
                 if rows:
                     c.executemany(f"INSERT INTO trials_v{v} VALUES (?,?,?,?,?,?,?)", rows)
             return old if keep else entry
@@ -892,6 +948,31 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, mode={self.mode!r})"
+
+
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why this process cannot write the cache database at ``path``, or None when it can as far as the file
+    system says (``os.access``: permissions and read-only mounts). Where the file or its directory does not
+    exist yet, the nearest existing parent decides."""
+    path = Path(path)
+    d = path.parent
+    if path.exists():
+        if not path.is_file():
+            return f"{path} is not a file"
+        if not os.access(path, os.W_OK):
+            return f"{path} is not writable"
+        if not os.access(d, os.W_OK | os.X_OK):  # SQLite creates -wal/-shm files beside it
+            if not all(os.access(f"{path}{sfx}", os.W_OK) for sfx in ("-wal", "-shm")):
+                return f"its directory {d} is not writable"
+        return None
+    probe = d
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
 
 
 def _where(**filters: str | None) -> tuple[str, tuple]:

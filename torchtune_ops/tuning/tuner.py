@@ -5,7 +5,9 @@
 
 Steps (docs/cache.md has the reasoning):
 
-1. A stored answer for (device fingerprint, family, problem) is returned as is (unless ``force``).
+1. A stored answer for (device fingerprint, family, problem) is returned as is (unless ``force``) when it
+   was tuned with at least this budget (``Entry.covers``); one made with fewer trials, or none, is tuned
+   again (the faster winner is kept, under the bigger budget).
 2. The problem is claimed in the store, so two processes never tune it at once; when another process
    holds the claim, wait up to ``wait_s`` for its result, else return an unstored "aten" entry.
 3. PyTorch's kernel ("aten") is timed as a candidate of its own.
@@ -178,7 +180,9 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
             instead of skipping them; None (default): ``TORCHTUNE_OPS_STRICT``.
         patience: stop the search after this many trials without improvement; None (default):
             half of ``max_trials``, at least 10; 0: no early stop.
-        force: tune even when the store already has an answer, and replace it (default False).
+        force: tune even when the store already has an answer, and replace it (default False). Without
+            it, a stored answer tuned with a smaller budget than this one (or without trials) is tuned
+            again and the faster of the two kept.
         wait_s: when another process is tuning this problem, how long to wait for its answer before
             returning an unstored aten entry (default 5 s).
         lease_s: how long the claim on the problem lasts without renewal; None (default): twice the
@@ -211,8 +215,9 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
 
     s = settings.current()
     store = store if store is not None else default_store()
-    max_trials = s.max_trials if max_trials is None else max_trials
-    time_budget_s = s.time_budget if time_budget_s is None else time_budget_s
+    # the same validation as the settings: a bad budget is an error, never a "tuned" entry of 0 trials
+    max_trials = s.max_trials if max_trials is None else settings.check("max_trials", max_trials)
+    time_budget_s = s.time_budget if time_budget_s is None else settings.check("time_budget", time_budget_s)
     strict = s.strict if strict is None else strict
     patience = max(10, max_trials // 2) if patience is None else patience
     lease_s = 2 * time_budget_s + 60 if lease_s is None else lease_s
@@ -224,7 +229,7 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
 
     if not force:
         done = store.get(*key, refresh=True)
-        if done is not None:
+        if done is not None and done.covers(max_trials, time_budget_s):
             return done
     too_large = _too_large(family, problem, device)
     if too_large:
@@ -237,7 +242,8 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
     if not local.acquire(timeout=wait_s):
         return _claimed_elsewhere(store, key, family, pdict)
     try:
-        if not _acquire(store, key, lease_s=lease_s, wait_s=wait_s):
+        if not _acquire(store, key, lease_s=lease_s, wait_s=wait_s,
+                        enough=lambda e: e.covers(max_trials, time_budget_s)):
             return _claimed_elsewhere(store, key, family, pdict)
         return _tune_claimed(store, key, family, problem, pdict, device=device, timer=timer, seed=seed,
                              max_trials=max_trials, time_budget_s=time_budget_s, prior=prior, patience=patience,
@@ -280,7 +286,7 @@ def _tune_claimed(store: Store, key: tuple[str, str, str], family: Any, problem:
     try:
         if not force:  # answered while we waited for the claim
             done = store.get(*key, refresh=True)
-            if done is not None:
+            if done is not None and done.covers(max_trials, time_budget_s):
                 return done
         own_timer = _worker_timer(family, problem, device, seed) if timer is None and _isolated(
             isolate, device) else None
@@ -355,14 +361,16 @@ def _too_large(family: Any, problem: Any, device: Any) -> str | None:
     return f"it needs about {need / 2**20:.0f} MiB to tune and {free / 2**20:.0f} MiB are free"
 
 
-def _acquire(store: Store, key: tuple[str, str, str], *, lease_s: float, wait_s: float) -> bool:
+def _acquire(store: Store, key: tuple[str, str, str], *, lease_s: float, wait_s: float,
+             enough: Callable[[Entry], bool] = lambda e: True) -> bool:
     """Claim the problem; while another process holds it, poll for up to ``wait_s`` seconds for its
     claim to go away (answered, failed or expired). True when this process now holds the claim."""
     deadline = time.monotonic() + wait_s
     while True:
         if store.claim(*key, lease_s=lease_s):
             return True
-        if time.monotonic() >= deadline or store.get(*key, refresh=True) is not None:
+        done = store.get(*key, refresh=True) if time.monotonic() < deadline else None
+        if time.monotonic() >= deadline or (done is not None and enough(done)):
             return False
         time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
@@ -501,7 +509,7 @@ class _Run:
         # wrong configurations are stored as failures: nothing may learn that they are fast
         history = [(c, math.inf if c in self.wrong else v) for c, v in history]
         entry = Entry(*key, winner=winner, time_ms=win_t.median_ms, aten_ms=aten_t.median_ms,
-                      trials=len(history), source="tuned")
+                      trials=len(history), source="tuned", max_trials=max_trials, time_budget_s=time_budget_s)
         log.info("%s: %s (%.4g ms, aten %.4g ms, %d trials, %d failed, %d wrong)", self.name,
                  "aten" if winner == "aten" else winner, entry.time_ms, entry.aten_ms, len(history),
                  len(self.failed), len(self.wrong))
