@@ -257,7 +257,8 @@ def test_cli_deletes_chosen_entries(tmp_path):
     assert rc == 1 and "no cache entry" in err
 
 
-def test_cli_tune_retune_tunes_stored_entries_again(tmp_path, fake_timer):
+def test_cli_tune_retune_tunes_stored_entries_again(tmp_path, fake_timer, monkeypatch):
+    monkeypatch.setattr(tuner, "make_timer", lambda device: fake_timer)
     d = tmp_path / "cache"
     shapes = tmp_path / "shapes.jsonl"
     p = GEMM.problem_to_dict(GEMM.problem_type("mm", 1, 3, 5, 7, "float32"))

@@ -3,8 +3,9 @@ bundles, report, and check an installation.
 
     torchtune-ops tune --shapes shapes.jsonl          # problems recorded with TORCHTUNE_OPS_RECORD
     torchtune-ops tune --model mypkg.models:build      # build() returns (model, example inputs)
+    torchtune-ops tune --shapes shapes.jsonl --retune # tune again what the cache already has
     torchtune-ops cache list | show ID | export PATH | import PATH [--force] | merge PATH... -o OUT
-    torchtune-ops cache clear --yes | stats
+    torchtune-ops cache delete --family F [--problem KEY | --id ID] [--all-matching] | clear --yes | stats
     torchtune-ops report [--plot speedups.png]
     torchtune-ops doctor
 
@@ -61,10 +62,12 @@ def describe_problem(family: str, problem: dict[str, Any]) -> str:
             groups = max(p.get("groups", 1), 1)
             words = [f"conv {p['N']}x{p['C']}x{p['H']}x{p['W']} k{p['K']}x{p['C'] // groups}x{p['R']}x{p['S']}",
                      p.get("dtype", "")]
-            if list(p.get("stride", [1, 1])) != [1, 1]:
-                words.append(f"s{p['stride'][0]}")
-            if any(p.get("padding", [0])):
-                words.append(f"p{p['padding'][0]}")
+            # every value of every hyper-parameter: padding is (top, bottom, left, right)
+            for short, name, default in (("s", "stride", [1, 1]), ("p", "padding", [0, 0, 0, 0]),
+                                         ("d", "dilation", [1, 1])):
+                v = list(p.get(name, default))
+                if v != default:
+                    words.append(f"{short}({','.join(map(str, v))})")
             if groups != 1:
                 words.append(f"g{groups}")
             if p.get("layout", "nchw") != "nchw":
@@ -97,12 +100,28 @@ def _speedup(e: Any) -> float:
 
 
 def _open_store(*, write: bool):
+    """The cache; for a command that writes, one that writes to its file (else CliError with the reason)."""
+    import warnings
+
     from .storage.store import Store
 
     s = settings.current()
     if write and s.readonly:
         raise CliError("read-only mode (TORCHTUNE_OPS_READONLY=1): this command would write to the cache")
-    return Store.open(readonly=not write or None)
+    if not write:
+        return Store.open(readonly=True)
+    with warnings.catch_warnings():  # the reason is the error below, not a warning beside it
+        warnings.simplefilter("ignore")
+        store = Store.open()
+    _check_written(store)
+    return store
+
+
+def _check_written(store: Any) -> None:
+    """CliError when ``store`` no longer writes to its file (it could not, or a write failed)."""
+    if store.mode != "disk":
+        raise CliError(f"cannot write the cache {store.path}: {store.reason or store.mode}; nothing was "
+                       "stored (choose a writable directory with --cache-dir or TORCHTUNE_OPS_CACHE_DIR)")
 
 
 def _default_device(name: str | None) -> str:
@@ -119,8 +138,20 @@ def _local_fingerprint(device: str | None = None):
     return fingerprint(_default_device(device))
 
 
+def _check_family(name: str | None) -> None:
+    """CliError naming the known families when ``name`` is not one of them (None: no filter)."""
+    if name is None:
+        return
+    from .kernels.registry import families
+
+    known = sorted(families())
+    if name not in known:
+        raise CliError(f"unknown kernel family {name!r}; known: {', '.join(known)}")
+
+
 def _select(store: Any, args: argparse.Namespace) -> list:
     fp = None if getattr(args, "all_devices", False) else _local_fingerprint(getattr(args, "device", None)).key
+    _check_family(getattr(args, "family", None))
     return store.entries(fp, family=getattr(args, "family", None))
 
 
@@ -174,6 +205,10 @@ def _maybe_json(text: str) -> Any:
 def cmd_cache_export(args: argparse.Namespace, out: TextIO) -> int:
     from .storage import bundles
 
+    _check_family(args.family)
+    folder = os.path.dirname(os.path.abspath(args.path))
+    if not os.path.isdir(folder):
+        raise CliError(f"cannot write {args.path}: the directory {folder} does not exist")
     if args.storage:  # a fleet's shared results instead of the local cache
         fp = None if args.all_devices else _local_fingerprint(args.device).key
         n = _fleet().export_bundle(storage=args.storage, path=args.path, fingerprint=fp, family=args.family)
@@ -182,7 +217,10 @@ def cmd_cache_export(args: argparse.Namespace, out: TextIO) -> int:
     store = _open_store(write=False)
     fp = None if args.all_devices else _local_fingerprint(args.device).key
     b = bundles.export_store(store, fingerprint=fp, family=args.family)
-    bundles.write(b, args.path)
+    try:
+        bundles.write(b, args.path)
+    except OSError as e:
+        raise CliError(f"cannot write {args.path}: {e.strerror or e}") from None
     try:  # what we write must load back (e.g. a GPU name with characters the format does not allow)
         bundles.validate(args.path)
     except bundles.BundleError:
@@ -201,6 +239,7 @@ def cmd_cache_import(args: argparse.Namespace, out: TextIO) -> int:
     b.entries()  # validate everything before opening the cache for writing
     store = _open_store(write=True)
     res = bundles.import_bundle(b, store, local=_local_fingerprint(args.device), allow_incompatible=args.force)
+    _check_written(store)
     out.write(f"imported {res.written} entries from {args.path} into {store.path}"
               f" ({res.kept} kept: the cache's own choice was as fast or faster"
               f"{f'; {res.rekeyed} re-keyed from a compatible device' if res.rekeyed else ''}"
@@ -228,8 +267,34 @@ def cmd_cache_clear(args: argparse.Namespace, out: TextIO) -> int:
             return 0
     store = _open_store(write=True)
     n = store.clear()
+    _check_written(store)
     out.write(f"deleted {n} entries from {store.path}\n")
     return 0
+
+
+def cmd_cache_delete(args: argparse.Namespace, out: TextIO) -> int:
+    store = _open_store(write=True)
+    chosen = _chosen(store, args)
+    for e in chosen:
+        store.delete(*e.key)
+    _check_written(store)
+    out.write(f"deleted {len(chosen)} entr{'y' if len(chosen) == 1 else 'ies'} from {store.path}\n")
+    return 0
+
+
+def _chosen(store: Any, args: argparse.Namespace) -> list:
+    """The entries ``--id``/``--problem``/``--family``/``--device``/``--all-devices`` select; more than one
+    only with ``--all-matching`` (CliError otherwise, and when none matches)."""
+    if args.id is None and args.problem is None and args.family is None:
+        raise CliError("say which entries: --id ID, --problem KEY and/or --family NAME (see 'cache list')")
+    got = [e for e in _select(store, args)
+           if (args.id is None or entry_id(e).startswith(args.id))
+           and (args.problem is None or e.problem == args.problem)]
+    if not got:
+        raise CliError("no cache entry matches (see 'torchtune-ops cache list')")
+    if len(got) > 1 and not args.all_matching:
+        raise CliError(f"{len(got)} entries match; pass --all-matching to act on all of them")
+    return got
 
 
 def cmd_cache_stats(args: argparse.Namespace, out: TextIO) -> int:
@@ -242,11 +307,11 @@ def cmd_cache_stats(args: argparse.Namespace, out: TextIO) -> int:
         c[1] += e.winner != "aten"
     st["bytes"] = sum(os.path.getsize(f"{store.path}{sfx}") for sfx in ("", "-wal")
                       if os.path.exists(f"{store.path}{sfx}"))
-    # (this command opened the cache read-only; say whether tuning processes could write it)
-    probe = store.path
-    while not probe.exists() and probe != probe.parent:  # the nearest thing that exists decides
-        probe = probe.parent
-    st["writable"] = not settings.current().readonly and os.access(probe, os.W_OK)
+    # (this command opened the cache read-only; say whether tuning processes could write it, and if not why)
+    from .storage.store import unwritable
+
+    why = "read-only mode (TORCHTUNE_OPS_READONLY=1)" if settings.current().readonly else unwritable(store.path)
+    st["writable"] = why is None if why is None else f"False ({why})"
     for k in ("path", "writable", "schema", "entries", "fingerprints", "trials", "claims", "bytes"):
         out.write(f"{k:<13} {st.get(k)}\n")
     for fam, (n, won) in sorted(by_family.items()):
@@ -274,7 +339,7 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
         won = sum(e.winner != "aten" for e in entries)
         out.write(f"geometric mean speedup {geo:.3f}x; a Triton kernel won {won} of {len(entries)}\n")
     if args.plot:
-        _plot(entries, args.plot)
+        _plot(entries, args.plot, device="all devices" if args.all_devices else _local_fingerprint(args.device).key)
         out.write(f"wrote {args.plot}\n")
     return 0
 
@@ -286,23 +351,51 @@ def _config_text(winner: str) -> str:
         return winner
 
 
-def _plot(entries: list, path: str) -> None:
+#: most problems drawn by ``report --plot`` (the fastest and the slowest halves; the rest is counted)
+PLOT_MAX_BARS = 40
+
+
+def _speedup_figure(entries: list, *, device: str):
+    """The ``report --plot`` figure: one bar per problem (at most PLOT_MAX_BARS), a title, the device and a
+    legend; its size is bounded whatever the number of problems."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    labels = [describe_problem(e.family, json.loads(e.problem)) for e in entries]
-    values = [_speedup(e) for e in entries]
-    fig, ax = plt.subplots(figsize=(8, max(2.0, 0.3 * len(entries) + 1)))
-    ax.barh(range(len(values)), values, color=["tab:green" if v > 1 else "tab:gray" for v in values])
+    ranked = sorted(entries, key=_speedup, reverse=True)
+    hidden = max(0, len(ranked) - PLOT_MAX_BARS)
+    if hidden:
+        half = PLOT_MAX_BARS // 2
+        ranked = ranked[:half] + ranked[-half:]
+    labels = [describe_problem(e.family, json.loads(e.problem)) for e in ranked]
+    values = [_speedup(e) for e in ranked]
+    won = [e.winner != "aten" for e in ranked]
+    fig, ax = plt.subplots(figsize=(10, min(12.0, max(2.5, 0.28 * len(ranked) + 1.8))))
+    ax.barh(range(len(values)), values, color=["tab:green" if w else "tab:gray" for w in won])
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(values)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("speedup over PyTorch's kernel (aten time / tuned time)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.set_title(f"torchtune_ops: speedup per problem ({len(entries)} problems"
+                 f"{f'; the {len(ranked)} fastest and slowest shown, {hidden} more not' if hidden else ''})",
+                 fontsize=10)
+    ax.legend(handles=[Patch(color="tab:green", label="a Triton kernel won"),
+                       Patch(color="tab:gray", label="PyTorch's kernel kept")], loc="lower right", fontsize=8)
+    fig.text(0.01, 0.005, f"device: {device}", fontsize=7, color="dimgray")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    return fig
+
+
+def _plot(entries: list, path: str, *, device: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _speedup_figure(entries, device=device)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------- tune
@@ -346,12 +439,14 @@ def _fleet():
 
 
 def cmd_tune(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    # the budget is checked as TORCHTUNE_OPS_MAX_TRIALS/TIME_BUDGET are, with the same words
+    settings.validated(max_trials=args.max_trials, time_budget=args.time_budget)
     s = settings.current()
     if s.readonly:
         raise CliError("read-only mode (TORCHTUNE_OPS_READONLY=1): tuning is off")
     if args.storage:  # one worker of a fleet sharing the database (docs/fleet.md)
-        if args.model:
-            raise CliError("--storage tunes a shape file (--shapes), not --model")
+        if args.model or args.retune:
+            raise CliError("--storage tunes a shape file (--shapes) once per problem: not --model or --retune")
         return _fleet().cli_tune(storage=args.storage, shapes=args.shapes, job=args.job, device=args.device,
                                  max_trials=args.max_trials, time_budget_s=args.time_budget,
                                  lease_s=args.lease, out=out, err=err)
@@ -366,18 +461,18 @@ def cmd_tune(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write("note: no GPU: kernels run through the Triton interpreter; timings are not GPU timings\n")
     store = _open_store(write=True)
     fp = _local_fingerprint(device).key
-    before = {e.key for e in store.entries(fp)}
+    before = {e.key: e for e in store.entries(fp)}
     t0 = time.perf_counter()
     if args.shapes:
         results = _tune_shapes(work, store, device, args, err)
     else:
         results = _tune_model(work, device, args, err)
-        after = store.entries(fp)
-        results = [e for e in after if e.key not in before]
+        results = [e for e in store.entries(fp) if before.get(e.key) != e]
+    _check_written(store)
     err.write("\n")
     rows = [[e.family, describe_problem(e.family, json.loads(e.problem)), _ms(e.aten_ms), _ms(e.time_ms),
              f"{_speedup(e):.2f}x", str(e.trials), "aten" if e.winner == "aten" else "triton",
-             "cached" if e.key in before else "tuned"] for e in results]
+             "cached" if before.get(e.key) == e else "tuned"] for e in results]
     out.write(f"{len(rows)} problems on {fp} in {time.perf_counter() - t0:.1f} s (cache: {store.path})\n")
     if rows:
         _table(rows, ["family", "problem", "aten ms", "tuned ms", "speedup", "trials", "winner", ""], out)
@@ -395,7 +490,8 @@ def _tune_shapes(shapes: list, store: Any, device: str, args: argparse.Namespace
         problem = fam.problem_from_dict(pdict)
         err.write(f"\n[{i}/{len(shapes)}] {fname} {describe_problem(fname, pdict)}\n")
         results.append(tuner.tune_problem(fam, problem, device=device, store=store, max_trials=args.max_trials,
-                                          time_budget_s=args.time_budget, progress=_progress_printer(err)))
+                                          time_budget_s=args.time_budget, progress=_progress_printer(err),
+                                          force=args.retune))
     return results
 
 
@@ -412,13 +508,18 @@ def _tune_model(work: tuple, device: str, args: argparse.Namespace, err: TextIO)
     # Inductor's compile time buys nothing here: only the problems matter, so the rest runs eagerly
     compiled = api.optimize(model, autotune=True, max_trials=args.max_trials, time_budget_s=args.time_budget,
                             compiler="eager")
-    dispatch.set_tune_options(progress=_progress_printer(err))
+    from .storage.store import default_store
+
+    dispatch.set_tune_options(progress=_progress_printer(err), force=args.retune or None)
     try:
         with torch.no_grad():
             compiled(*inputs)
+        with settings.override(max_trials=args.max_trials, time_budget=args.time_budget):
+            _check_written(default_store())  # the store the model's ops wrote to
     finally:
-        dispatch.set_tune_options(progress=None)
+        dispatch.set_tune_options(progress=None, force=None)
     return []
+
 
 
 # ----------------------------------------------------------------------------------------------- doctor
@@ -511,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="MODULE:FUNCTION returning (model, inputs)")
     t.add_argument("--max-trials", type=int, default=None, help="most configurations measured per problem")
     t.add_argument("--time-budget", type=float, default=None, help="most seconds per problem")
+    t.add_argument("--retune", action="store_true", help="tune again problems the cache already has (the "
+                   "faster answer is kept); without it, only those tuned with a smaller budget are")
     t.add_argument("--storage", metavar="URL", help="tune together with other workers through this database "
                    "(postgresql://... or sqlite:///...; needs torchtune-ops[fleet]; docs/fleet.md)")
     t.add_argument("--job", help="with --storage: the fleet job's name (default: derived from the shapes)")
@@ -540,6 +643,14 @@ def build_parser() -> argparse.ArgumentParser:
     q = c.add_parser("merge", help="merge bundles into one (the faster choice per problem wins)")
     q.add_argument("paths", nargs="+")
     q.add_argument("-o", "--output", required=True)
+    q = c.add_parser("delete", help="delete chosen entries (tuned again at their next use with tuning on)")
+    q.add_argument("--id", help="an id from 'cache list' (a prefix will do)")
+    q.add_argument("--problem", metavar="KEY", help="a problem key (as 'cache show' prints it)")
+    q.add_argument("--family")
+    q.add_argument("--all-devices", action="store_true")
+    q.add_argument("--all-matching", action="store_true", help="delete every entry that matches (needed "
+                   "when more than one does)")
+    device_opt(q)
     q = c.add_parser("clear", help="delete every entry")
     q.add_argument("--yes", action="store_true", help="do not ask")
     c.add_parser("stats", help="counts and size")
@@ -557,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CACHE = {"list": cmd_cache_list, "show": cmd_cache_show, "export": cmd_cache_export,
           "import": cmd_cache_import, "merge": cmd_cache_merge, "clear": cmd_cache_clear,
-          "stats": cmd_cache_stats}
+          "delete": cmd_cache_delete, "stats": cmd_cache_stats}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
