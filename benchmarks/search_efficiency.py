@@ -197,6 +197,10 @@ def main(argv=None) -> int:
 
     if a.space:
         paths = [(f, load_space(f).name) for f in a.space]
+    elif not os.path.isdir(a.datasets):
+        p.error(f"no folder of tuning spaces at {a.datasets}: the development spaces (*/*.json.gz) are not part "
+                "of the repository (see ../shared/datasets/README.md where you have them); give that folder "
+                "with --datasets DIR, or replay spaces you recorded with --space FILE")
     else:
         paths = [(os.path.join(a.datasets, d, f), f"{d}/{f[:-len('.json.gz')]}")
                  for d in sorted(os.listdir(a.datasets)) if os.path.isdir(os.path.join(a.datasets, d))

@@ -66,10 +66,10 @@ def test_eager_compiler_rewrites_forward_and_backward_and_matches_eager():
     counts = backend.intercepted()
     # forward: conv, 2 addmm (gelu/silu keep their pre-activation for backward), l3+relu fused, bmm;
     # backward: 2 mm per linear (input and weight gradients), 2 bmm for the bmm, the second conv's input
-    # gradient as our conv2d (weight gradients and the first conv's backward stay with aten).
-    assert counts["conv2d"] == 2 and counts["addmm"] == 2 and counts["mm_act"] == 1
+    # gradient as our conv2d (weight gradients and the first conv's backward stay with aten). Counts carry
+    # the run-time op names: the input gradient is counted as the conv2d it runs.
+    assert counts["conv2d"] == 2 + 1 and counts["addmm"] == 2 and counts["mm_act"] == 1
     assert counts["bmm"] == 3 and counts["mm"] == 6
-    assert counts["conv2d_grad_input"] == 1
     st = dispatch.stats()["ops"]
     assert {"conv2d", "addmm", "mm_act", "bmm", "mm"} <= set(st)
 
@@ -91,7 +91,7 @@ def test_inference_graph_fuses_linear_and_activation(compiler, no_compile_caches
         out = torch.compile(m, backend="torchtune_ops", options={"compiler": compiler})(x)
         torch.testing.assert_close(out, m(x), rtol=1e-4, atol=1e-5)
     # fused before AOT (inference): one linear_act per linear + activation, nothing left for the post-grad pass
-    assert backend.intercepted() == {"linear_act": 4}
+    assert backend.intercepted() == {"mm_act": 4}  # linear_act ops, counted under the op they run
 
 
 def test_disable_gives_a_graph_without_custom_ops(monkeypatch):
@@ -124,7 +124,7 @@ def test_inductor_training_and_inference_match_eager(no_compile_caches):
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
     counts = backend.intercepted()
-    assert counts.get("conv2d") == 2 and counts.get("bmm", 0) >= 3
+    assert counts.get("conv2d") == 2 + 1 and counts.get("bmm", 0) >= 3  # + the input gradient
     assert counts.get("mm", 0) + counts.get("addmm", 0) + counts.get("mm_act", 0) >= 7
     assert dispatch.stats()["ops"]["conv2d"]["calls"] >= 1
 

@@ -510,6 +510,25 @@ def test_conv1d_runs_the_conv2d_kernels_forward_and_backward(fake_timer, n, c, l
     for g, r in zip(got, gref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
     counts = backend.intercepted()
-    assert counts.get("conv2d", 0) >= 1 and "skipped:convolution" not in str(counts), counts
+    assert counts.get("conv2d", 0) >= 1 and "skipped:convolution" not in counts, counts
+    if stride == dilation == groups == 1:  # the input gradient is a conv2d too
+        assert counts["conv2d"] == 2 and "skipped:convolution_backward" not in counts, counts
     rows = [p for p in dispatch.stats()["problems"] if p["op"] == "conv2d"]
     assert rows and any(p["kernel"] != "aten" for p in rows)
+
+
+def test_exit_statuses_are_the_documented_ones(tmp_path, monkeypatch):
+    """docs/deployment.md: 0 success, 2 usage error, 1 any other error (one line), 130 on Ctrl-C."""
+    assert main("cache", "list", cache=tmp_path / "c")[0] == 0
+    with pytest.raises(SystemExit) as e:
+        main("cache", "no-such-action", cache=tmp_path / "c")
+    assert e.value.code == 2
+    rc, _, err = main("cache", "list", "--family", "nope", cache=tmp_path / "c")
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("torchtune-ops: error:")
+
+    def interrupted(args, out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli._CACHE, "stats", interrupted)
+    rc, _, err = main("cache", "stats", cache=tmp_path / "c")
+    assert rc == 130 and "interrupted" in err

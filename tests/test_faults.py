@@ -237,7 +237,7 @@ def test_isolation_is_the_default_on_a_gpu_and_can_be_asked_for_on_cpu(tmp_path,
 
     monkeypatch.setattr(worker, "WorkerTimer", Spy)
     st = Store.open(tmp_path / "c.sqlite")
-    tune_problem(TOY, ToyProblem(n=3), device="cpu", store=st, fingerprint=FP, time_budget_s=0)
+    tune_problem(TOY, ToyProblem(n=3), device="cpu", store=st, fingerprint=FP, time_budget_s=1e-9)
     assert made == []  # CPU: in this process by default
     assert not tuner._isolated(None, "cpu") and tuner._isolated(True, "cpu")
     with settings.override(bench_subprocess=False):

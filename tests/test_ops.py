@@ -269,7 +269,8 @@ def test_tuning_off_tunes_nothing_and_writes_nothing():
     a, b = torch.randn(9, 10), torch.randn(10, 11)
     _close(ops.mm(a, b), torch.mm(a, b))
     st = dispatch.stats()
-    assert st["ops"]["mm"] == {"misses": 1, "untuned": 1, "calls": 1, "hits": 0}
+    assert st["ops"]["mm"] == {"misses": 1, "untuned": 1, "calls": 1, "hits": 0, "by_source": {"untuned": 1},
+                               "aten_calls": 1}
     assert default_store().entries() == []
 
 

@@ -329,9 +329,14 @@ def test_budgets_default_from_settings(store):
     assert e.trials == 4
 
 
-def test_zero_time_budget_measures_no_config(store):
+def test_a_spent_time_budget_measures_no_config_and_a_zero_one_is_an_error(store):
+    from torchtune_ops.errors import SettingsError
+
     timer = FakeTimer({"aten": 1.0}, default=0.5)
-    e = run(ScaleFamily(), store, timer, time_budget_s=0.0)
+    with pytest.raises(SettingsError, match="time_budget"):
+        run(ScaleFamily(), store, timer, time_budget_s=0.0)
+    assert store.entries() == [] and timer.calls == []
+    e = run(ScaleFamily(), store, timer, time_budget_s=1e-9)
     assert e.winner == "aten" and e.trials == 0 and set(timer.calls) == {"aten"}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any, TextIO
 
 import torch
@@ -59,6 +60,7 @@ def optimize(model_or_fn: Any, *, autotune: bool | str | None = None, cache_dir:
     options = dict(compile_kwargs.pop("options", None) or {})
     options["compiler"] = compiler
     options["settings"] = overrides
+    options["graph"] = _model_name(model_or_fn)
     if compiler not in ("inductor", "eager"):
         raise settings.SettingsError(f"compiler must be 'inductor' or 'eager', got {compiler!r}")
     from .runtime.backend import torchtune_ops_backend
@@ -71,6 +73,20 @@ def optimize(model_or_fn: Any, *, autotune: bool | str | None = None, cache_dir:
     if isinstance(model_or_fn, torch.nn.Module) and type(compiled) is _optimized_module_type():
         compiled.__class__ = _tuned_module_type()
     return compiled
+
+
+_names: dict[str, int] = {}
+_names_lock = threading.Lock()
+
+
+def _model_name(model_or_fn: Any) -> str:
+    """``<class or function name>#<n>``: the n-th optimize() of that name in this process (explain() rows
+    carry it, with the graph's number, to tell models apart)."""
+    base = type(model_or_fn).__name__ if isinstance(model_or_fn, torch.nn.Module) else \
+        getattr(model_or_fn, "__name__", type(model_or_fn).__name__)
+    with _names_lock:
+        _names[base] = n = _names.get(base, 0) + 1
+    return f"{base}#{n}"
 
 
 def _optimized_module_type() -> type:
@@ -107,28 +123,35 @@ def _tuned_module_type() -> type:
 
 
 def explain_text() -> str:
-    """The text ``explain()`` prints: per op the cache hit/miss counts, then per problem its shape, kernel
-    and where the choice came from."""
+    """The text ``explain()`` prints: what was intercepted (and left to PyTorch, with why) at compile time;
+    per op its calls split by where their choice came from (the columns add up to ``calls``) and how many
+    ran PyTorch's kernel; then per problem its graph, shape, kernel and source."""
     from .runtime import backend, dispatch
+    from .runtime.choices import SOURCES
 
     st = dispatch.stats()
     lines = []
-    counts = backend.intercepted()
+    counts = {k: v for k, v in backend.intercepted().items() if not k.startswith("skipped:")}
     if counts:
         lines.append("intercepted at compile time: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-    lines.append(f"{'op':<9} {'calls':>8} {'hits':>8} {'misses':>7} {'tuned':>6} {'store':>6} {'aten':>6} "
-                 f"{'failed':>6}")
-    for op, c in sorted(st["ops"].items()):
-        aten = c.get("unsupported", 0) + c.get("untuned", 0) + c.get("background", 0)
-        lines.append(f"{op:<9} {c.get('calls', 0):>8} {c.get('hits', 0):>8} {c.get('misses', 0):>7} "
-                     f"{c.get('tuned', 0):>6} {c.get('store', 0):>6} {aten:>6} "
-                     f"{c.get('failed', 0) + c.get('failures', 0):>6}")
+    for why, n in sorted(backend.skipped().items()):
+        lines.append(f"left to PyTorch at compile time: {why} (x{n})")
+    used = [s for s in SOURCES if any(c["by_source"].get(s) for c in st["ops"].values())]
+    used += sorted({s for c in st["ops"].values() for s in c["by_source"] if s not in SOURCES and c["by_source"][s]})
+    if st["ops"]:
+        lines.append("calls per op, by where their choice came from (" + " + ".join(used or ["-"]) + " = calls):")
+        head = f"{'op':<9} {'calls':>8} {'hits':>8} {'misses':>7} " + " ".join(f"{s:>{max(7, len(s))}}" for s in used)
+        lines.append(head + f" {'PyTorch':>8}")
+        for op, c in sorted(st["ops"].items()):
+            cols = " ".join(f"{c['by_source'].get(s, 0):>{max(7, len(s))}}" for s in used)
+            lines.append(f"{op:<9} {c['calls']:>8} {c['hits']:>8} {c.get('misses', 0):>7} {cols} "
+                         f"{c['aten_calls']:>8}")
     if st["problems"]:
         lines.append("")
-        lines.append(f"{'op':<9} {'dtype':<9} {'shape':<40} {'source':<12} {'calls':>7}  kernel")
+        lines.append(f"{'op':<9} {'graph':<14} {'dtype':<9} {'shape':<40} {'source':<12} {'calls':>7}  kernel")
         for p in st["problems"]:
-            lines.append(f"{p['op']:<9} {p['dtype']:<9} {p['shape']:<40} {p['source']:<12} {p['calls']:>7}  "
-                         f"{p['kernel']}")
+            lines.append(f"{p['op']:<9} {p['graph'] or '-':<14} {p['dtype']:<9} {p['shape']:<40} "
+                         f"{p['source']:<12} {p['calls']:>7}  {p['kernel']}")
     return "\n".join(lines)
 
 
@@ -140,15 +163,18 @@ def explain(*, file: TextIO | None = None, print_it: bool = True) -> dict[str, A
         print_it: False returns the data without printing (default True).
 
     Returns:
-        ``{"intercepted": {...}, "ops": {...}, "problems": [...]}``: the compile-time interception counts
-        (``backend.intercepted()``), per-op run-time counts (calls, hits, misses, and how each miss was
-        resolved: tuned, store, untuned, unsupported, failed, background) and one row per problem (op,
-        shape, dtype, kernel: "aten" or the configuration, source, calls, times and trials when tuned).
+        ``{"intercepted": {...}, "skipped": {...}, "ops": {...}, "problems": [...]}``: the compile-time
+        interception counts under the run-time op names (``backend.intercepted()``), why ops were left to
+        PyTorch at compile time (``backend.skipped()``), per-op run-time counts (calls; ``by_source``: the
+        calls of each source, which add up to calls; ``aten_calls``; hits, misses and the keys resolved
+        per source; see ``runtime.choices.stats``) and one row per problem (op, graph, shape, dtype,
+        kernel: "aten" or the configuration, source, calls, times and trials when tuned).
     """
     from .runtime import backend, dispatch
 
     data = dict(dispatch.stats())
     data["intercepted"] = backend.intercepted()
+    data["skipped"] = backend.skipped()
     if print_it:
         print(explain_text(), file=file or sys.stdout)
     return data

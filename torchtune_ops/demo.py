@@ -4,7 +4,8 @@ tuning on, show the tuned problems, then run again in a new process from the cac
     python -m torchtune_ops.demo                       # what scripts/demo.sh runs
     python -m torchtune_ops.demo --size small --max-trials 8 --cache-dir ./.demo-cache
 
-First run: a fresh cache directory (a new temporary one unless ``--cache-dir``), ``optimize(model,
+First run: a fresh cache directory (a new temporary one unless ``--cache-dir``, removed at the end unless
+``--keep-cache``), ``optimize(model,
 autotune=True)`` on both models, a progress line per measured configuration while tuning, the outputs
 checked against eager PyTorch, then a table per problem (op, shape, aten time, tuned time, speedup, trials,
 kernel). Second run (``--second-run``, started by the first as a new process on the same cache): the same
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +54,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default="gpt2,resnet", help="comma-separated: gpt2, resnet (default both)")
     p.add_argument("--second-run", action="store_true", help="the cache-only run (started by the first run)")
     p.add_argument("--no-second-run", action="store_true", help="skip the second process")
+    p.add_argument("--keep-cache", action="store_true", help="keep the temporary cache directory (without "
+                   "--cache-dir it is removed at the end)")
     args = p.parse_args(argv)
     args.size = args.size or ("base" if HAS_GPU else "tiny")
     args.max_trials = args.max_trials or (24 if HAS_GPU else 3)
@@ -187,10 +191,21 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    if args.cache_dir is None:
+    temporary = args.cache_dir is None
+    if temporary:
         if args.second_run:
             raise SystemExit("--second-run needs --cache-dir (the first run's cache)")
         args.cache_dir = tempfile.mkdtemp(prefix="torchtune_ops-demo-")
+    try:
+        return _main(args)
+    finally:
+        if temporary and not args.keep_cache:
+            shutil.rmtree(args.cache_dir, ignore_errors=True)
+        elif temporary:
+            print(f"kept the cache in {args.cache_dir}")
+
+
+def _main(args: argparse.Namespace) -> int:
     os.makedirs(args.cache_dir, exist_ok=True)
     t0 = time.perf_counter()
     status = run(args)

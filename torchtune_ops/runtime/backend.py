@@ -9,19 +9,26 @@ functionalization and decomposition), so backward matmuls and convolutions are i
 
     aten.mm / addmm / bmm / baddbmm      -> torchtune_ops.mm / addmm / bmm / baddbmm
     aten.convolution (2-D, not transposed) -> torchtune_ops.conv2d
+    aten.convolution (1-D, not transposed) -> torchtune_ops.conv2d on a height of 1 (unsqueeze, squeeze)
     mm or addmm (1-D bias, alpha = beta = 1) whose only user is relu / gelu(tanh) / silu
                                          -> torchtune_ops.mm_act (the activation fused in the epilogue)
-    aten.convolution_backward's input gradient (stride 1, no dilation, one group)
+    aten.convolution_backward's input gradient (1-D or 2-D, stride 1, no dilation, one group)
                                          -> torchtune_ops.conv2d of the output gradient with the flipped,
                                             transposed weight (weight/bias gradients stay with aten)
+
+Transposed and 3-D convolutions, and the input gradients the rule above does not cover, stay with PyTorch:
+``skipped()`` says which and why (``explain()`` prints it).
 
 A matmul whose result is also needed elsewhere (e.g. saved as the pre-activation for a gelu backward) is not
 fused: it becomes our addmm/mm followed by aten's activation. With Inductor the rewrite is a
 ``post_grad_custom_pre_pass`` whose ``uuid`` names this module's source and the settings overrides, so
 Inductor's FX graph cache and AOT autograd cache stay correct; with ``compiler="eager"`` it runs in AOT
 autograd's forward and backward compilers. ``intercepted()`` counts the rewritten ops (and the matmul-like
-ops left alone) so a silently missed op shows; counts grow only when a graph is actually compiled (not when
-Inductor loads it from its cache).
+ops left alone) so a silently missed op shows, under the op names ``explain()`` shows at run time (a fused
+``linear_act`` counts as ``mm_act``, an input gradient as ``conv2d``); counts grow only when a graph is
+actually compiled (not when Inductor loads it from its cache). Every op call carries the name of its graph
+in ``opts`` (``optimize()`` names it after the model, e.g. ``Net#1.0``: the model's first optimize() in this
+process, its first graph), so ``explain()`` tells two models' problems apart.
 
 Backend options (``options={...}`` of torch.compile, or keyword arguments when called directly):
 ``compiler`` ("inductor" or "eager"), ``settings`` (a dict of settings overrides, see settings.DECLARED;
@@ -43,25 +50,34 @@ import torch.nn.functional as F
 
 from .. import settings
 
-__all__ = ["torchtune_ops_backend", "rewrite_graph", "prefuse_linear_activation", "intercepted", "reset_counts",
-           "RewritePass"]
+__all__ = ["torchtune_ops_backend", "rewrite_graph", "prefuse_linear_activation", "intercepted", "skipped",
+           "reset_counts", "RewritePass"]
 
 _counts: collections.Counter = collections.Counter()
+_skipped: collections.Counter = collections.Counter()
 _counts_lock = threading.Lock()
 
 
 def intercepted() -> dict[str, int]:
-    """Counts since the last ``reset_counts()``: each of our ops put into a graph ("mm", "addmm", "bmm",
-    "baddbmm", "mm_act", "conv2d", "conv2d_grad_input"), and ``"skipped:<aten op>"`` for matmul-like ops left to PyTorch
-    (e.g. transposed or 1-D/3-D convolutions)."""
+    """Counts since the last ``reset_counts()``: each of our ops put into a graph, under its run-time name
+    ("mm", "addmm", "bmm", "baddbmm", "mm_act", "conv2d"), and ``"skipped:<aten op>"`` for matmul-like ops
+    left to PyTorch (``skipped()`` says why)."""
     with _counts_lock:
         return dict(_counts)
 
 
+def skipped() -> dict[str, int]:
+    """Why ops were left to PyTorch at compile time: ``"<aten op>: <reason>"`` -> count (since the last
+    ``reset_counts()``), e.g. ``"convolution: transposed ..."``."""
+    with _counts_lock:
+        return dict(_skipped)
+
+
 def reset_counts() -> None:
-    """Zero the counts of ``intercepted()``."""
+    """Zero the counts of ``intercepted()`` and ``skipped()``."""
     with _counts_lock:
         _counts.clear()
+        _skipped.clear()
 
 
 _ACTIVATIONS = {"relu", "silu", "gelu"}
@@ -101,6 +117,7 @@ def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
     simple = {aten.mm.default: "mm", aten.bmm.default: "bmm"}
     with_bias = {aten.addmm.default: "addmm", aten.baddbmm.default: "baddbmm"}
     counts: collections.Counter = collections.Counter()
+    why: collections.Counter = collections.Counter()
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -125,23 +142,65 @@ def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
         elif t is aten.convolution.default:
             x, w, bias, stride, padding, dilation, transposed, _output_padding, groups = node.args[:9]
             xv = _val(x)
-            if transposed or len(stride) != 2 or xv is None or xv.dim() != 4:
+            reason = _conv_skip_reason(xv, transposed, stride)
+            if reason is not None:
                 counts["skipped:convolution"] += 1
+                why[f"convolution: {reason}"] += 1
                 continue
-            _replace(graph, node, ours.op("conv2d"),
-                     (x, w, bias, list(stride), list(padding), list(dilation), groups, opts))
+            if xv.dim() == 3:
+                _rewrite_conv1d(graph, node, opts)
+            else:
+                _replace(graph, node, ours.op("conv2d"),
+                         (x, w, bias, list(stride), list(padding), list(dilation), groups, opts))
             counts["conv2d"] += 1
         elif t is aten.convolution_backward.default:
-            done = _rewrite_conv_backward(graph, node, opts)
-            if done:
-                counts["conv2d_grad_input"] += 1
+            reason = _rewrite_conv_backward(graph, node, opts)
+            if reason is None:
+                counts["conv2d"] += 1   # run time: the input gradient is a conv2d
             elif node.args[10][0]:   # an input gradient left to aten
                 counts["skipped:convolution_backward"] += 1
+                why[f"convolution_backward (input gradient): {reason}"] += 1
     graph.eliminate_dead_code()
     graph.lint()
     with _counts_lock:
         _counts.update(counts)
+        _skipped.update(why)
     return dict(counts)
+
+
+def _conv_skip_reason(xv: Any, transposed: bool, stride: Sequence[int]) -> str | None:
+    """Why a convolution stays with PyTorch, or None when our conv2d kernels take it."""
+    if transposed:
+        return "transposed (the kernels cover forward convolutions only)"
+    if xv is None:
+        return "input of unknown shape"
+    if xv.dim() != len(stride) + 2 or len(stride) not in (1, 2):
+        return f"{xv.dim() - 2}-D (the kernels cover 2-D convolutions, and 1-D ones as a height of 1)"
+    return None
+
+
+def _call(graph: torch.fx.Graph, target, args: tuple) -> torch.fx.Node:
+    """A new call node (at the graph's insertion point) with its fake value."""
+    n = graph.call_function(target, args)
+    n.meta["val"] = _fake_val(target, args)
+    return n
+
+
+def _rewrite_conv1d(graph: torch.fx.Graph, node: torch.fx.Node, opts: str) -> None:
+    """A 1-D convolution as our conv2d on a height of 1: unsqueeze input and weight, squeeze the output."""
+    from . import ops as ours
+
+    aten = torch.ops.aten
+    x, w, bias, stride, padding, dilation, _transposed, _output_padding, groups = node.args[:9]
+    with graph.inserting_before(node):
+        x4 = _call(graph, aten.unsqueeze.default, (x, 2))
+        w4 = _call(graph, aten.unsqueeze.default, (w, 2))
+        y4 = _call(graph, ours.op("conv2d"), (x4, w4, bias, [1, stride[0]], [0, padding[0]], [1, dilation[0]],
+                                              groups, opts))
+        y = _call(graph, aten.squeeze.dim, (y4, 2))
+    y.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+    node.replace_all_uses_with(y)
+    graph.erase_node(node)
 
 
 def _fake_val(target, args: tuple):
@@ -154,30 +213,47 @@ def _fake_val(target, args: tuple):
         return target(*vals)
 
 
-def _rewrite_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, opts: str) -> bool:
-    """Input gradient of a stride-1, undilated, ungrouped conv2d as our conv2d_grad_input (a tuned conv2d of
-    the output gradient with the flipped, transposed weight); weight and bias gradients stay with aten."""
+def _rewrite_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, opts: str) -> str | None:
+    """Input gradient of a stride-1, undilated, ungrouped 2-D (or 1-D: a height of 1) convolution as our
+    conv2d_grad_input (a tuned conv2d of the output gradient with the flipped, transposed weight); weight
+    and bias gradients stay with aten. Returns None when rewritten, else why not."""
     aten = torch.ops.aten
     grad, x, w, _bias_sizes, stride, padding, dilation, transposed, _op, groups, mask = node.args[:11]
     wv = _val(w)
-    if (transposed or not mask[0] or wv is None or wv.dim() != 4 or list(stride) != [1, 1]
-            or list(dilation) != [1, 1] or groups != 1):
-        return False
-    kh, kw = wv.shape[2], wv.shape[3]
-    if not (isinstance(kh, int) and isinstance(kw, int) and padding[0] < kh and padding[1] < kw):
-        return False
+    if not mask[0]:
+        return "no input gradient asked"
+    if transposed:
+        return "transposed convolution"
+    if wv is None or wv.dim() not in (3, 4):
+        return "of unknown shape" if wv is None else f"{wv.dim() - 2}-D"
+    if any(v != 1 for v in stride) or any(v != 1 for v in dilation) or groups != 1:
+        return "stride, dilation or groups other than 1"
+    one_d = wv.dim() == 3
+    kernel = (1, wv.shape[2]) if one_d else (wv.shape[2], wv.shape[3])
+    pad = [0, padding[0]] if one_d else [padding[0], padding[1]]
+    if not (all(isinstance(k, int) for k in kernel) and pad[0] < kernel[0] and pad[1] < kernel[1]):
+        return "padding as large as the kernel"
     getters = [u for u in node.users if u.target is operator.getitem]
     if len(getters) != len(node.users):
-        return False
+        return "its results are used as a tuple"
     from . import ops as ours
 
-    args = (grad, w, [padding[0], padding[1]], opts)
-    val = _fake_val(ours.op("conv2d_grad_input"), args)
-    if val is None:
-        return False
     with graph.inserting_before(node):
+        g4, w4 = grad, w
+        if one_d:
+            g4 = _call(graph, aten.unsqueeze.default, (grad, 2))
+            w4 = _call(graph, aten.unsqueeze.default, (w, 2))
+        args = (g4, w4, pad, opts)
+        val = _fake_val(ours.op("conv2d_grad_input"), args)
+        if val is None:
+            for n in (g4, w4):
+                if n is not grad and n is not w:
+                    graph.erase_node(n)
+            return "no fake tensors to trace it"
         gx = graph.call_function(ours.op("conv2d_grad_input"), args)
-    gx.meta["val"] = val
+        gx.meta["val"] = val
+        if one_d:
+            gx = _call(graph, aten.squeeze.dim, (gx, 2))
     for u in getters:
         if u.args[1] == 0:
             gx.meta.update({k: v for k, v in u.meta.items() if k != "val"})
@@ -193,7 +269,7 @@ def _rewrite_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, opts: str
         nv = _fake_val(aten.convolution_backward.default, node.args)
         if nv is not None:
             node.meta["val"] = nv
-    return True
+    return None
 
 
 def _try_fuse(graph: torch.fx.Graph, node: torch.fx.Node, opts: str) -> bool:
@@ -275,7 +351,7 @@ def prefuse_linear_activation(gm: torch.fx.GraphModule, *, opts: str = "") -> di
         user.replace_all_uses_with(new)
         gm.graph.erase_node(user)
         gm.graph.erase_node(node)
-        counts["linear_act"] += 1
+        counts["mm_act"] += 1  # run time: linear_act runs mm_act
     if counts:
         gm.graph.lint()
         gm.recompile()
@@ -331,7 +407,18 @@ def _make_pass(opts: str, chained: Any):
     return cls(opts, chained)
 
 
-_OWN_KEYS = ("compiler", "settings")
+_OWN_KEYS = ("compiler", "settings", "graph")
+_graph_numbers: collections.Counter = collections.Counter()
+
+
+def _graph_label(name: str | None) -> str:
+    """The name of the next graph compiled for ``name`` (optimize()'s model name, e.g. ``Net#1``):
+    ``Net#1.0``, ``Net#1.1``, ...; ``compiled.<n>`` for the backend used without optimize()."""
+    base = name or "compiled"
+    with _counts_lock:
+        n = _graph_numbers[base]
+        _graph_numbers[base] += 1
+    return f"{base}.{n}"
 
 
 def torchtune_ops_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
@@ -345,7 +432,8 @@ def torchtune_ops_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
         options: torch.compile's ``options`` dict; merged with ``kwargs``. ``compiler``: "inductor"
             (default) or "eager" (AOT autograd, graphs run as Python); ``settings``: settings overrides
             (dict, see ``settings.DECLARED``) written into the op calls and applied while compiling; any
-            other key is an Inductor config patch.
+            other key is an Inductor config patch; ``graph``: the name of the model, written (with the
+            graph's number) into every op call so that ``explain()`` tells models apart.
 
     Returns the compiled callable.
     """
@@ -353,6 +441,7 @@ def torchtune_ops_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
     opts_in.update(kwargs)
     compiler = opts_in.pop("compiler", "inductor")
     overrides = dict(opts_in.pop("settings", None) or {})
+    graph = _graph_label(opts_in.pop("graph", None))
     if compiler not in ("inductor", "eager"):
         raise settings.SettingsError(f"compiler must be 'inductor' or 'eager', got {compiler!r}")
     # Register the ops now: a graph Inductor loads from its caches calls them without running our pass.
@@ -360,7 +449,7 @@ def torchtune_ops_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
 
     with settings.override(**overrides):
         s = settings.current()
-    op_opts = dispatch.encode_opts(overrides)
+    op_opts = dispatch.encode_opts(overrides, graph=graph)
     if not s.disable and not _wants_grad(example_inputs):
         prefuse_linear_activation(gm, opts=op_opts)
     if compiler == "eager":

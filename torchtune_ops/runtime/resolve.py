@@ -34,8 +34,8 @@ import torch
 from .. import settings
 from ..errors import TorchTuneOpsError, UnsupportedProblem
 
-from .choices import (Choice, _count, _counts, _failed, _layout_text, _lock, _memo, _shape_text, _warn_once,
-                      _warned)
+from .choices import (Choice, _count, _counts, _dtypes, _failed, _layout_text, _lock, _memo, _retire, _retired,
+                      _shape_text, _warn_once, _warned)
 from .aten import ATEN
 from .launch import _capturing, _kernel_fn, _plain, _predict, _predicted_choice
 
@@ -46,20 +46,30 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ---------------------------------------------------------------------------------------------------------
 # Resolving a key (once per key and process).
 
-def _opts_overrides(opts: str) -> dict[str, Any]:
+def _decode_opts(opts: str) -> tuple[dict[str, Any], str]:
+    """(settings overrides, graph name) of an ``opts`` string (see ``encode_opts``)."""
     if not opts:
-        return {}
+        return {}, ""
     try:
         data = json.loads(opts)
     except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+        return {}, ""
+    if not isinstance(data, dict):
+        return {}, ""
+    graph = data.pop(_GRAPH, "")
+    return data, graph if isinstance(graph, str) else ""
 
 
-def encode_opts(overrides: dict[str, Any]) -> str:
+_GRAPH = "graph"  # the key of the compiled graph's name in opts (not a setting)
+
+
+def encode_opts(overrides: dict[str, Any], *, graph: str | None = None) -> str:
     """The ``opts`` string the backend writes into each op call: settings overrides as canonical JSON
-    (values that are None are dropped; "" when nothing is overridden)."""
+    (values that are None are dropped; "" when nothing is overridden), with the compiled graph's name
+    under "graph" when given (explain() shows it)."""
     kept = {k: v for k, v in overrides.items() if v is not None}
+    if graph:
+        kept[_GRAPH] = graph
     return json.dumps(kept, sort_keys=True, separators=(",", ":")) if kept else ""
 
 
@@ -79,20 +89,33 @@ def _triton_usable(device: torch.device) -> bool:
 def _resolve(key: tuple, op: str, args: tuple, opts: str) -> Choice:
     aten = ATEN[op]
     device = args[1].device if op in ("addmm", "baddbmm") else args[0].device
+    overrides, graph = _decode_opts(opts)
     if not _plain(args, device):
         # Tensors on several devices (PyTorch accepts a meta tensor beside CPU ones) or a lazy view share the
         # key of the well-formed calls, so their choice must not be remembered for them: PyTorch's kernel,
-        # for this call only.
-        return Choice(aten, op=op, kernel="aten", source="unsupported", aten=aten,
-                      problem="tensors on different devices, or a negative or conjugate view")
+        # for this call only (counted here: the choice is not kept).
+        c = Choice(aten, op=op, kernel="aten", source="unsupported", aten=aten,
+                   problem="tensors on different devices, or a negative or conjugate view")
+        c.graph = graph
+        with _lock:
+            _count(op, "misses")
+            _count(op, c.source)
+            _retire(c, calls=1)
+        return c
     capturing = _capturing(device)
-    with settings.override(**_opts_overrides(opts)):
-        strict = settings.current().strict
+    with settings.override(**overrides):
+        s = settings.current()
+        strict = s.strict
         try:
             choice = _decide(op, args, device, aten, capturing)
         except UnsupportedProblem as e:
             choice = Choice(aten, op=op, kernel="aten", source="unsupported", aten=aten)
             choice.problem = str(e)
+            if s.record and not capturing:
+                _warn_once(("record-unsupported",),
+                           f"torchtune_ops: TORCHTUNE_OPS_RECORD={s.record}: {op} {_shape_text(key)} "
+                           f"({', '.join(_dtypes(key))}) is not recorded: {e}. Only problems the kernels cover "
+                           "are recorded (this warning is shown once per process)")
         except KeyboardInterrupt:
             raise
         except Exception as e:  # resolving must never take the model down (strict mode re-raises)
@@ -101,11 +124,15 @@ def _resolve(key: tuple, op: str, args: tuple, opts: str) -> Choice:
             _warn_once(("resolve", op, type(e).__name__),
                        f"torchtune_ops: could not resolve {op} ({type(e).__name__}: {e}); using PyTorch's kernel")
             choice = Choice(aten, op=op, kernel="aten", source="failed", aten=aten)
+    choice.graph = graph
     if capturing:
         return choice          # no Python state change inside a CUDA graph capture
     with _lock:
         _count(op, "misses")
         _count(op, choice.source)
+        old = _memo.get(key)
+        if old is not None:    # another thread resolved the key meanwhile: keep its calls counted
+            _retire(old)
         _memo[key] = choice
     if choice.source == "claimed-elsewhere":
         _retry_later(key, choice)
@@ -323,6 +350,7 @@ def _retry_later(key: tuple, choice: Choice) -> None:
             with _lock:
                 if _memo.get(key) is choice:
                     del _memo[key]
+                    _retire(choice)
         return run(*args)
 
     choice.fn = fn
@@ -413,7 +441,7 @@ def _swap_in(family, pkey: str, entry) -> None:
         stale = [k for k, c in _memo.items() if c.problem_key == pkey and c.family is family
                  and c.source in ("background", "retuning")]
         for k in stale:
-            del _memo[k]  # the next call resolves again and finds the stored entry
+            _retire(_memo.pop(k))  # the next call resolves again and finds the stored entry
 
 
 def _background():
@@ -443,5 +471,6 @@ def reset() -> None:
         _memo.clear()
         _failed.clear()
         _counts.clear()
+        _retired.clear()
         _warned.clear()
 
