@@ -532,3 +532,20 @@ def test_exit_statuses_are_the_documented_ones(tmp_path, monkeypatch):
     monkeypatch.setitem(cli._CACHE, "stats", interrupted)
     rc, _, err = main("cache", "stats", cache=tmp_path / "c")
     assert rc == 130 and "interrupted" in err
+
+
+def test_a_stale_entry_still_serves_when_tuning_it_again_fails(monkeypatch):
+    a, b = _mm(4, 6, 5)
+    p = GEMM.problem_to_dict(GEMM.problem_type("mm", 1, 4, 6, 5, "float32"))
+    fp = fingerprint("cpu").key
+    store_mod.default_store().put(Entry(fp, "gemm", problem_key(p), "aten", 1.0, 1.0, trials=3, max_trials=3,
+                                        time_budget_s=30.0))
+
+    def broken(*args, **kw):
+        raise RuntimeError("no tuning today")
+
+    monkeypatch.setattr(tuner, "tune_problem", broken)
+    with settings.override(autotune=True, max_trials=8), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(torch.ops.torchtune_ops.mm(a, b), a @ b)
+    assert dispatch.stats()["problems"][0]["source"] == "store"

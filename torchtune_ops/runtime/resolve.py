@@ -328,6 +328,8 @@ def _lookup_or_tune_local(family, problem, pkey, fp, device, s):
         _background().submit(family, problem, pkey, device, s)
         return None, "background"
     entry = _tune(family, problem, device, store, s)
+    if found and (entry is None or entry.source in _UNSTORED):  # could not tune again: the answer we had
+        return min(found, key=lambda f: f[0].time_ms)
     # an unstored aten answer of the tuner says why: too large to tune here, or tuned by another process
     return entry, entry.source if entry is not None and entry.source in _UNSTORED else "tuned"
 
