@@ -471,6 +471,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Va
         InvalidConfig: a config without the needed entries.
         ValueError: inconsistent shapes or hyper-parameters.
     """
+    if not (x.is_cuda or _compat.INTERPRET):
+        raise UnsupportedProblem(f"conv2d kernels run on CUDA (or CPU under TRITON_INTERPRET=1), got {x.device}")
     out, launches = _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out, precision)
     if launches:
         if x.is_cuda and x.device.index != torch.cuda.current_device():
@@ -492,8 +494,6 @@ def _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out
         raise UnsupportedProblem(f"conv2d kernels take float16/bfloat16/float32, got {x.dtype}/{w.dtype}")
     if w.device != x.device or (bias is not None and bias.device != x.device):
         raise UnsupportedProblem("conv2d inputs must be on one device")
-    if not (x.is_cuda or _compat.INTERPRET):
-        raise UnsupportedProblem(f"conv2d kernels run on CUDA (or CPU under TRITON_INTERPRET=1), got {x.device}")
     act = ACTIVATION_CODES.get(activation)
     if act is None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -750,6 +750,12 @@ class ConvFamily(KernelFamily):
         return conv2d(x, w, config=config, bias=b, stride=problem.stride, padding=problem.padding,
                       dilation=problem.dilation, groups=problem.groups, activation=problem.activation,
                       out=out, precision=problem.precision)
+
+    def plan_launches(self, config: Config | Mapping[str, Value], problem: ConvProblem, inputs: tuple,
+                      capability: int) -> tuple:
+        x, w, b = inputs
+        return _plan(x, w, config, b, problem.stride, problem.padding, problem.dilation, problem.groups,
+                     problem.activation, None, problem.precision)[1]
 
     def flops(self, problem: ConvProblem) -> float:
         m, n, k = problem.gemm_mnk
