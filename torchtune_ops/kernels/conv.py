@@ -620,6 +620,8 @@ _STAGES = (1, 2, 3, 4, 5)
 _SPLITS_K = (1, 2, 4, 8, 16)
 _SPLIT_K_MAX_OUTPUTS = 1 << 20  # split-K only where N*P*Q*K is this small (few output tiles, workspace <= 64 MiB)
 _SPLIT_K_MIN_REDUCTION = 256
+_FLAT_MAX_WARPS = 4  # the flat reduction loop (few channels per group): see check()
+_FLAT_MAX_TILE_REGS = 96  # ... and its largest accumulator + operand elements a thread
 
 # Inductor's conv_configs (BM, BN, BK, stages, warps), the same in every torch version read ...
 _INDUCTOR_CONV = (
@@ -697,6 +699,22 @@ class ConvFamily(KernelFamily):
                 return f"SPLIT_K={split_k} exceeds the {steps} reduction steps of BLOCK_K={bk}"
         if -(-bm * bn // (warps * 32)) > 255:
             return f"accumulator needs {-(-bm * bn // (warps * 32))} registers per thread (> 255)"
+        if not problem.depthwise:
+            if limits.is_hopper and warps < 4 and bm * bn >= 512:
+                # wgmma (Hopper's tensor cores) is issued by a warpgroup of 4 warps: 2 warps fall back to
+                # mma.sync. The depthwise kernel has no dot and keeps 2 warps.
+                return "fewer than 4 warps cannot use Hopper's wgmma"
+            cg = problem.C // problem.groups
+            if _use_flat_k(cg, problem.R, problem.S, bk):
+                if warps > _FLAT_MAX_WARPS:
+                    # The flattened filter-tap loop with 8 warps is the pattern Inductor found miscompiled
+                    # on H100 (pytorch/pytorch#173068); Inductor caps it at 4 warps, and so do we.
+                    return f"the flat reduction loop is capped at {_FLAT_MAX_WARPS} warps (pytorch issue 173068)"
+                if -(-bm * bn // (32 * warps)) + -(-(bm + bn) * bk // (32 * warps)) > _FLAT_MAX_TILE_REGS:
+                    # The flat loop gathers every element with its own address (channel and tap vary
+                    # along BLOCK_K): on sm_90a the stem's tiles spilled from 160 accumulator + operand
+                    # elements a thread, and 96 did not.
+                    return "the flat reduction loop's tile would spill"
         if not limits.interpreter:
             elem = 4 if problem.dtype == "float32" else 2
             # depthwise: no dot, nothing staged unless the loads get pipelined ((stages - 1) buffers)
@@ -712,10 +730,17 @@ class ConvFamily(KernelFamily):
         if self._split_k_allowed(problem):
             entries += _SPLIT_EXTRA
         cands = []
+        cg = problem.C // problem.groups
         for bm, bn, bk, stages, warps, split_k in entries:
             bm, bn, bk = min(bm, cm), min(bn, cn), min(bk, ck)
+            # warps: one per 256 accumulator elements (Inductor's fit), at least 4 on Hopper where the
+            # tile allows (wgmma), at most 4 on the flat reduction loop (see check)
+            floor = 4 if limits.is_hopper and not problem.depthwise and bm * bn >= 512 else 2
+            warps = max(floor, min(warps, bm * bn // 256))
+            if not problem.depthwise and _use_flat_k(cg, problem.R, problem.S, bk):
+                warps = min(warps, _FLAT_MAX_WARPS)
             cands.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split_k,
-                              num_warps=max(2, min(warps, bm * bn // 256)), num_stages=min(stages, max_stages)))
+                              num_warps=warps, num_stages=min(stages, max_stages)))
         return [c for c in iter_known(cands) if self.check(c.as_dict(), problem, limits) is None]
 
     def make_inputs(self, problem: ConvProblem, device: torch.device | str, *, seed: int = 0) -> tuple:
