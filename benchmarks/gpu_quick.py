@@ -51,7 +51,7 @@ sys.path.insert(0, str(HERE))
 from representative import FAMILIES, REPRESENTATIVE, tiny  # noqa: E402
 
 from torchtune_ops.kernels.base import device_limits, relative_error  # noqa: E402
-from torchtune_ops.timing import benchmark  # noqa: E402
+from torchtune_ops.tuning.timing import benchmark  # noqa: E402
 
 
 class Report:
@@ -258,8 +258,8 @@ def section_tests(rep: Report, dev: torch.device) -> None:
 def section_tuner(rep: Report, dev: torch.device, smoke: bool) -> None:
     from torchtune_ops.kernels.conv import CONV2D
     from torchtune_ops.kernels.gemm import GEMM
-    from torchtune_ops.store import Store
-    from torchtune_ops.tuner import tune_problem
+    from torchtune_ops.storage.store import Store
+    from torchtune_ops.tuning.tuner import tune_problem
     import representative as R
 
     store_dir = Path(tempfile.mkdtemp(prefix="gpu_quick_store_"))
