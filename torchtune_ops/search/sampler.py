@@ -153,6 +153,7 @@ class Sampler(BaseSampler):
         self._independent = RandomSampler(seed=seed)
         self._lock = threading.RLock()
         self._told: set[int] = set()  # numbers of the trials the pool has been told
+        self._scan = 0  # trials before this index (in number order) have all been told
         self._proposed: dict[int, int] = {}  # trial number -> candidate row, for unfinished trials
         self._study: tuple[str, int] | None = None
         self._warned = False
@@ -250,14 +251,16 @@ class Sampler(BaseSampler):
     def _sync(self, study: Study, trial: FrozenTrial) -> np.ndarray:
         """Tell the pool every finished trial it has not seen (other processes' included, in trial order);
         return the mask of candidates that other unfinished trials are measuring."""
+        trials = study.get_trials(deepcopy=False)  # in trial-number order
+        while self._scan < len(trials) and trials[self._scan].number in self._told:
+            self._scan += 1  # every trial before _scan has been told
         busy = []
-        for t in study.get_trials(deepcopy=False):
-            if t.number == trial.number:
+        for t in trials[self._scan:]:
+            if t.number == trial.number or t.number in self._told:
                 continue
             if t.state.is_finished():
-                if t.number not in self._told:
-                    self._tell(study, t.number, t.params, t.state, t.values)
-            elif t.number not in self._told:  # RUNNING or WAITING
+                self._tell(study, t.number, t.params, t.state, t.values)
+            else:  # RUNNING or WAITING
                 row = self._row(t.params or t.system_attrs.get("fixed_params", {}))
                 busy.append(self._proposed.get(t.number) if row is None else row)
         pending = np.zeros(len(self.pool), dtype=bool)
