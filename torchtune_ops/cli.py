@@ -6,6 +6,7 @@ bundles, report, and check an installation.
     torchtune-ops cache list | show ID | export PATH | import PATH [--force] | merge PATH... -o OUT
     torchtune-ops cache clear --yes | stats
     torchtune-ops report [--plot speedups.png]
+    torchtune-ops dashboard [--port 8080] [--storage FILE] [--no-serve]   # the history in optuna-dashboard
     torchtune-ops doctor
 
 Exit status: 0 on success, 2 for a usage error, 1 for any other error, reported as one line on stderr
@@ -305,6 +306,33 @@ def _plot(entries: list, path: str) -> None:
     plt.close(fig)
 
 
+# -------------------------------------------------------------------------------------------- dashboard
+def cmd_dashboard(args: argparse.Namespace, out: TextIO) -> int:
+    from . import dashboard
+
+    if not args.no_serve:
+        try:
+            import optuna_dashboard  # noqa: F401  (checked before the export, which may take a while)
+        except ImportError:
+            raise CliError(f"the dashboard needs optuna-dashboard: {dashboard.INSTALL} "
+                           "(or write the studies only, with --no-serve)") from None
+    store = _open_store(write=False)
+    target = args.storage or str(store.path.parent / "dashboard.log")
+    fp = None if not args.device else _local_fingerprint(args.device).key
+    studies = dashboard.export(store, target, fingerprint=fp, family=args.family)
+    out.write(f"wrote {len(studies)} studies ({sum(s.trials for s in studies)} trials) from {store.path} "
+              f"to {target}\n")
+    if studies:
+        out.write(dashboard.summary(studies) + "\n")
+    if args.no_serve:
+        out.write(f"serve them with: optuna-dashboard {target}\n")
+        return 0
+    out.write(f"serving optuna-dashboard on http://127.0.0.1:{args.port}/ (Ctrl-C stops it)\n")
+    out.flush()
+    dashboard.serve(target, port=args.port)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- tune
 def _progress_printer(err: TextIO):
     """One progress line per trial: rewritten in place on a terminal, one line each otherwise."""
@@ -548,6 +576,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--family")
     device_opt(r)
 
+    b = sub.add_parser("dashboard", help="write the tuning history as Optuna studies (one per problem) and serve "
+                                         "optuna-dashboard on 127.0.0.1")
+    b.add_argument("--port", type=int, default=8080, help="port of the dashboard (default 8080)")
+    b.add_argument("--storage", metavar="FILE|URL", help="where the studies go: a journal file, a .db/.sqlite "
+                   "file or a database URL (default: dashboard.log in the cache directory)")
+    b.add_argument("--no-serve", action="store_true", help="write the studies only")
+    b.add_argument("--family", help="only this kernel family")
+    b.add_argument("--device", help="only this device's problems (default: every device in the cache)")
+
     d = sub.add_parser("doctor", help="device, fingerprint, versions, cache and settings")
     device_opt(d)
     return p
@@ -574,6 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _CACHE[args.action](args, out)
             if args.command == "report":
                 return cmd_report(args, out)
+            if args.command == "dashboard":
+                return cmd_dashboard(args, out)
             return cmd_doctor(args, out)
     except KeyboardInterrupt:
         err.write(f"{PROG}: interrupted\n")
