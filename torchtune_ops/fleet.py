@@ -16,6 +16,8 @@ and Optuna's own distributed machinery does the scheduling; we add no scheduler 
   full trial history are written to the shared results tables in one transaction, and only then is the
   Optuna trial completed. A worker killed before that transaction loses only the problem it was tuning;
   one killed after it loses nothing (whoever takes the retried problem finds the result and does not tune).
+- Each problem's search runs its measurements as a study of its own in the same database
+  (``search_study_name``), sampled by ``search.Sampler``, so optuna-dashboard on the database shows them.
 - The results tables (``torchtune_ops_entries_v<N>``, ``torchtune_ops_trials_v<N>``, the columns of the
   local cache) are what inference hosts read: ``RemoteCache`` opens them read-only, ``pull`` copies them into
   a local cache, and ``export_bundle`` writes them as a bundle (``bundles`` format).
