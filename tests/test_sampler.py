@@ -11,28 +11,13 @@ import pytest
 from torchtune_ops.search import InvalidConfig, Sampler, Space, TPEStrategy, tune
 from torchtune_ops.search.engine import _tune_direct
 
+from test_search import PARAMS, cost, fits  # the shared space and objective: one optimum, 1.0
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-PARAMS = {"BLOCK_M": [16, 32, 64, 128, 256], "BLOCK_N": [16, 32, 64, 128, 256], "stages": [1, 2, 3, 4, 5],
-          "order": ["row", "col", "swizzle"], "flag": [False, True]}
-
-
-def fits(cfg):
-    return cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["stages"] <= 64 * 128 * 3
-
-
-def cost(cfg):
-    """One optimum, 1.0, at BLOCK_M=64, BLOCK_N=128, stages=3, order=swizzle, flag=True."""
-    return (1.0 + abs(math.log2(cfg["BLOCK_M"] / 64)) + abs(math.log2(cfg["BLOCK_N"] / 128))
-            + 0.5 * abs(cfg["stages"] - 3) + 0.7 * (cfg["order"] != "swizzle") + 0.3 * (not cfg["flag"]))
 
 
 def key(cfg):
     return tuple(cfg[n] for n in PARAMS)
-
-
-def n_valid(params=PARAMS, constraint=fits):
-    return sum(constraint(dict(zip(params, v))) for v in itertools.product(*params.values()))
 
 
 def replay_space(seed=0, n=300):

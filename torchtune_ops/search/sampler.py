@@ -155,7 +155,8 @@ class Sampler(BaseSampler):
         self._told: set[int] = set()  # numbers of the trials the pool has been told
         self._scan = 0  # trials before this index (in number order) have all been told
         self._proposed: dict[int, int] = {}  # trial number -> candidate row, for unfinished trials
-        self._study: tuple[str, int] | None = None
+        self._study: str | None = None  # the name of the study it serves
+        self._maximize = False
         self._warned = False
 
     @property
@@ -220,10 +221,10 @@ class Sampler(BaseSampler):
     # ---- bookkeeping
 
     def _bind(self, study: Study) -> None:
-        ident = (study.study_name, id(study._storage))
         if self._study is None:
-            self._study = ident
-        elif self._study != ident:
+            self._study = study.study_name
+            self._maximize = study.directions[0] == StudyDirection.MAXIMIZE
+        elif self._study != study.study_name:
             raise ValueError("a torchtune_ops Sampler serves one study; create one per study")
 
     def _row(self, params: Mapping[str, Any], *, grow: bool = False) -> int | None:
@@ -242,7 +243,7 @@ class Sampler(BaseSampler):
         value = math.inf
         if state == TrialState.COMPLETE and values:
             value = float(values[0])
-            if study.direction == StudyDirection.MAXIMIZE:
+            if self._maximize:
                 value = -value
             if math.isnan(value):
                 value = math.inf
