@@ -18,4 +18,5 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
     "$VPY" -m pip install -q torch==2.13.0
   fi
 fi
-"$VPY" -m pip install -q -e ".[test,fleet]"  # fleet: the fleet tests need SQLAlchemy and psycopg
+# fleet: the fleet tests need SQLAlchemy and psycopg; dashboard: tests/test_dashboard.py serves optuna-dashboard
+"$VPY" -m pip install -q -e ".[test,fleet,dashboard]"

@@ -31,6 +31,7 @@ def _json_files(path: Path):
 
 @pytest.mark.parametrize("script, out_is_dir", [
     ("benchmarks/search_efficiency.py", True),
+    ("benchmarks/sampler_overhead.py", True),
     ("benchmarks/cost_model_eval.py", True),
     ("benchmarks/bench_bundle_load.py", True),
     ("benchmarks/bench_dispatch.py", False),

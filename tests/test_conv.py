@@ -416,7 +416,9 @@ def test_check_rejects_over_shared_memory():
         valid = CONV2D.valid_configs(p, limits)
         assert valid and all(c["num_stages"] * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * 2
                              <= limits.smem_per_block for c in valid)
-    assert len(CONV2D.valid_configs(p, A100)) < len(CONV2D.valid_configs(p, H100))
+    # (Hopper also drops 2-warp tiles: compare the rest)
+    assert len([c for c in CONV2D.valid_configs(p, A100) if c["num_warps"] >= 4]) < \
+        len([c for c in CONV2D.valid_configs(p, H100) if c["num_warps"] >= 4])
 
 
 def test_check_blocks_registers_and_malformed():
@@ -557,7 +559,7 @@ def test_configs_compile_for_hopper_and_ampere_within_checked_shared_memory():
                   (resnet, torch.float16, "nhwc", riskiest)]
         if cap == 90:
             chosen += [
-                (stem, torch.bfloat16, "nhwc", CONV2D.known_configs(_problem(stem, torch.bfloat16, "nhwc"), limits)[3]),
+                (stem, torch.bfloat16, "nhwc", CONV2D.known_configs(_problem(stem, torch.bfloat16, "nhwc"), limits)[-1]),
                 (pointwise, torch.float32, "nchw", CONV2D.known_configs(_problem(pointwise), limits)[-1]),
                 (depthwise, torch.float16, "nhwc", CONV2D.known_configs(_problem(depthwise, torch.float16), limits)[0]),
                 (late, torch.float16, "nhwc", CONV2D.known_configs(_problem(late, torch.float16, "nhwc"), limits)[-1]),
@@ -641,3 +643,31 @@ def test_gpu_valid_space_sample_runs():
     valid = CONV2D.valid_configs(p, device_limits("cuda"))
     for cfg in itertools.islice(valid, 0, None, max(1, len(valid) // 24)):
         assert relative_error(CONV2D.launch(cfg, p, inputs), ref) <= CONV2D.tolerance(p), cfg
+
+
+# ------------------------------------------------------------------ space rules for Hopper (issue 18)
+
+def test_flat_loop_capped_at_four_warps():
+    """The flat reduction loop (few channels: the stem) with 8 warps is what Inductor found miscompiled
+    on H100 (pytorch issue 173068): check rejects it, known configs never hold it."""
+    stem = _problem(Case("stem", 8, 3, 224, 224, 64, 7, 7, stride=2, padding=3), torch.float16, "nhwc")
+    c8 = Config.of(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    assert _use_flat_k(3, 7, 7, 32)
+    assert CONV2D.check(c8.as_dict(), stem, H100) is not None
+    assert CONV2D.check(c8.replace(BLOCK_M=64, num_warps=4).as_dict(), stem, H100) is None
+    for limits in (H100, A100, device_limits("cpu")):
+        known = CONV2D.known_configs(stem, limits)
+        assert known and all(c["num_warps"] <= 4 for c in known if _use_flat_k(3, 7, 7, c["BLOCK_K"]))
+        assert all(CONV2D.check(c.as_dict(), stem, limits) is None for c in CONV2D.known_configs(stem, limits))
+    # the channel-block loop (64 channels) keeps 8 warps
+    resnet = _problem(Case("r", 8, 64, 28, 28, 64, 3, 3, padding=1), torch.float16, "nhwc")
+    assert CONV2D.check(c8.as_dict(), resnet, H100) is None
+
+
+def test_no_two_warp_tiles_on_hopper_except_depthwise():
+    resnet = _problem(Case("r", 8, 64, 28, 28, 64, 3, 3, padding=1), torch.float16, "nhwc")
+    c2 = Config.of(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=2).as_dict()
+    assert CONV2D.check(c2, resnet, H100) is not None and CONV2D.check(c2, resnet, A100) is None
+    assert all(c["num_warps"] >= 4 for c in CONV2D.known_configs(resnet, H100))
+    dw = _problem(Case("dw", 8, 96, 28, 28, 96, 3, 3, padding=1, groups=96), torch.float16, "nhwc")
+    assert CONV2D.check(dict(c2, BLOCK_N=16, BLOCK_K=16), dw, H100) is None  # no dot: 2 warps stay

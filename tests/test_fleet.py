@@ -193,6 +193,17 @@ def test_single_worker_then_nothing_left(db_url, tmp_path, caplog):
     assert len(r.tuned) == 3 and not r.reused and not r.failed
     assert r.job == fleet.job_name(_keys(probs))
 
+    # each problem's search ran as an Optuna study of its own on the same database (search.Sampler's
+    # trials, one per measurement): what optuna-dashboard shows when pointed at the database
+    import optuna
+
+    searches = [s for s in optuna.get_all_study_summaries(
+        fleet._optuna_storage(db_url, heartbeat_s=None, lease_s=None), include_best_trial=False)
+        if s.study_name.startswith(fleet.STUDY_PREFIX + ":search: gemm: mm ")]
+    with fleet.Results(db_url, readonly=True) as res:
+        stored = [len(res.trials(FP, "gemm", problem=key)) for _, key in _keys(probs)]
+    assert sorted(s.n_trials for s in searches) == sorted(stored) and min(stored) > 0
+
     # the same list again: the job is finished, nothing is tuned
     again = fleet.run_worker(storage=db_url, problems=probs, device="cpu", timer=sleeping_timer(),
                              max_trials=4, heartbeat_s=1, lease_s=2)

@@ -785,3 +785,91 @@ def test_expanded_operands(device, name):
     out = poisoned((9, 24), torch.float16, device)
     gemm(a, b, config=CONFIGS[name], out=out)
     assert_close(out, ref64(a, b), torch.float16)
+
+
+# --- space rules for Hopper (issue 18); each rule's reason is in gemm_space.check ---------------------
+
+def test_no_two_warp_tiles_on_hopper():
+    """wgmma needs a warpgroup: on Hopper 2 warps are kept only for tiles too small for 4."""
+    assert GEMM.check(cfg(64, 64, 32, warps=2), BIG, H100) is not None
+    assert GEMM.check(cfg(64, 64, 32, warps=2), BIG, A100) is None
+    assert GEMM.check(cfg(64, 64, 32, warps=4), BIG, H100) is None
+    tiny = GemmProblem("mm", 1, 3, 5, 7, "float16")
+    assert GEMM.check(cfg(16, 16, 16, warps=2), tiny, H100) is None  # 16x16: too small for 4 warps
+    for p in (BIG, GemmProblem("linear", 1, 16, 11008, 4096, "bfloat16", "row", "col"),
+              GemmProblem("mm", 1, 1000, 1000, 1000, "float32")):
+        assert all(c["num_warps"] >= 4 for c in GEMM.valid_configs(p, H100) if c["BLOCK_M"] * c["BLOCK_N"] >= 512)
+        assert all(c["num_warps"] >= 4 for c in GEMM.known_configs(p, H100))
+        assert any(c["num_warps"] == 2 for c in GEMM.valid_configs(p, A100))
+    assert GEMM.known_configs(tiny, H100)  # never an empty list
+
+
+@pytest.mark.parametrize("M", [1, 7, 16])
+def test_decode_shapes_try_split_k_early(M):
+    """For M <= 16 the first split-K configuration is among the first few known ones (a short tuning
+    budget reaches it); larger M keeps split-K at the end."""
+    for limits in (H100, A100, CPU_INTERPRETER):
+        known = GEMM.known_configs(GemmProblem("linear", 1, M, 11008, 4096, "bfloat16", "row", "col"), limits)
+        first = next(i for i, c in enumerate(known) if c["SPLIT_K"] > 1)
+        assert first <= 3, (limits.name, first)
+    mid = GEMM.known_configs(GemmProblem("mm", 1, 64, 2048, 8192, "float16"), H100)
+    splits = [i for i, c in enumerate(mid) if c["SPLIT_K"] > 1]
+    assert splits and min(splits) > 12
+
+
+def test_float32_highest_keeps_tiles_that_fit_registers():
+    """IEEE float32 runs on FMA units: no descriptors (they spill at every tile) and at most 64
+    accumulator registers a thread; tf32 (tensor cores) keeps both."""
+    ieee = GemmProblem("mm", 1, 2048, 2048, 2048, "float32", precision="ieee")
+    tf32 = GemmProblem("mm", 1, 2048, 2048, 2048, "float32", precision="tf32")
+    assert GEMM.check(cfg(128, 128, 32, warps=4, stages=3), ieee, A100) is not None  # 128 registers
+    assert GEMM.check(cfg(128, 128, 32, warps=8, stages=3), ieee, A100) is None  # 64
+    assert GEMM.check(cfg(128, 128, 32, warps=4, stages=3), tf32, A100) is None
+    assert GEMM.check(cfg(64, 64, 32, tma=1), ieee, H100) is not None
+    assert GEMM.check(cfg(64, 64, 32, tma=1), tf32, H100) is None
+    known = GEMM.known_configs(ieee, H100)
+    assert len(known) >= 12 and all(c["TMA"] == 0 for c in known)
+    assert all(c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c["num_warps"] for c in known)
+
+
+def test_rows_not_16_byte_aligned_keep_small_tiles():
+    """Odd leading dimensions in 16-bit load element by element: only small tiles (accumulator +
+    operand elements a thread <= 64); 8-byte aligned rows allow up to 192, aligned rows anything."""
+    odd = GemmProblem("mm", 1, 4095, 4097, 511, "float16")
+    align8 = GemmProblem("mm", 1, 2048, 4100, 4100, "float16")
+    assert gemm_space.vector_bytes(odd) == 2 and gemm_space.vector_bytes(align8) == 8
+    assert gemm_space.vector_bytes(BIG) == 16
+    big_tile = cfg(128, 128, 64, warps=4, stages=3)  # 128 + 128
+    mid_tile = cfg(128, 128, 32, warps=4, stages=3)  # 128 + 64
+    small = cfg(64, 64, 32, warps=4, stages=2)  # 32 + 32
+    assert GEMM.check(big_tile, odd, H100) and GEMM.check(mid_tile, odd, H100) and not GEMM.check(small, odd, H100)
+    assert GEMM.check(big_tile, align8, H100) and not GEMM.check(mid_tile, align8, H100)
+    assert not GEMM.check(big_tile, BIG, H100)
+    assert len(GEMM.known_configs(odd, H100)) >= 6
+
+
+@pytest.mark.parametrize("lead_pad", [0, 1, 2, 4, 6])
+def test_misaligned_leading_dimensions(device, lead_pad):
+    """Operands viewed out of wider buffers (leading dimensions 2, 4 or 8 bytes aligned): the kernel
+    is told the divisibility that holds, and the result stays right (odd sizes, batched, split-K)."""
+    gen = torch.Generator(device=device).manual_seed(lead_pad)
+    M, N, K = 19, 36, 44
+    a = torch.randn(2, M, K + lead_pad, dtype=torch.float16, device=device, generator=gen)[..., :K]
+    b = torch.randn(2, K, N + lead_pad, dtype=torch.float16, device=device, generator=gen)[..., :N]
+    consts = gemm_mod._plan(a, b, cfg(16, 32, 16), None, 1.0, 1.0, "none", None, None, None)[1][0][3]
+    expect = {0: (4, 4), 1: (1, 1), 2: (2, 2), 4: (1, 8), 6: (2, 2)}[lead_pad]  # A leads 44..50, B 36..42
+    assert (consts["A_DIV"], consts["B_DIV"]) == expect
+    for c in (cfg(16, 32, 16), cfg(32, 16, 32, sk=2)):
+        out = torch.empty(2, M, N + lead_pad, dtype=torch.float16, device=device)[..., :N]
+        gemm(a, b, config=c, out=out)
+        assert_close(out, ref64(a, b), torch.float16)
+
+
+def test_lead_div():
+    assert gemm_mod._lead_div(2, 4096, 0) == 1  # Triton already specialises on 16
+    assert gemm_mod._lead_div(2, 4100, 0) == 4  # 8 bytes
+    assert gemm_mod._lead_div(2, 4100, 4100 * 7) == 4
+    assert gemm_mod._lead_div(2, 4100, 6) == 2
+    assert gemm_mod._lead_div(2, 511, 0) == 1
+    assert gemm_mod._lead_div(4, 1000, 0) == 4  # 16 bytes of float32
+    assert gemm_mod._lead_div(2, 1000, 1000 * 3) == 8

@@ -11,7 +11,7 @@ import pytest
 
 from torchtune_ops.errors import InvalidConfig as ErrorsInvalidConfig
 from torchtune_ops.search import InvalidConfig, RandomStrategy, Space, TPEStrategy, Trial, TuneResult, tune
-from torchtune_ops.search import engine
+from torchtune_ops.search import engine, pool
 
 # A space with ordinal (powers of two, a linear range), categorical and boolean parameters and a constraint
 # that rejects about half of it.
@@ -345,7 +345,7 @@ def test_study_records_every_measurement():
 
 
 def test_a_space_too_large_to_enumerate_is_sampled_and_grown(monkeypatch):
-    monkeypatch.setattr(engine, "ENUMERATE_LIMIT", 2000)
+    monkeypatch.setattr(pool, "ENUMERATE_LIMIT", 2000)
     params = {f"p{i}": [1, 2, 4, 8, 16, 32] for i in range(6)}  # 46,656 combinations
     constraint = lambda c: sum(c.values()) <= 120  # noqa: E731
     opt = {"p0": 4, "p1": 8, "p2": 2, "p3": 16, "p4": 1, "p5": 32}
@@ -404,9 +404,12 @@ def test_bad_options_are_errors(kwargs):
 
 def test_importing_the_search_does_not_import_optuna():
     code = ("import sys, torchtune_ops, torchtune_ops.search; "
-            "from torchtune_ops.search import Space, tune; "
-            "tune(Space({'a': [1, 2, 3]}), lambda c: c['a'], max_trials=3); "
+            "from torchtune_ops.search import Space, tune, TPEStrategy; "
+            "Space({'a': [1, 2, 3]}); "
             "assert 'optuna' not in sys.modules, 'optuna imported'; "
+            "from torchtune_ops.search import Sampler; "  # Sampler is an Optuna sampler: now it is
+            "assert 'optuna' in sys.modules; "
+            "tune(Space({'a': [1, 2, 3]}), lambda c: c['a'], max_trials=3); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -7,6 +7,7 @@ bundles, report, and check an installation.
     torchtune-ops cache list | show ID | export PATH | import PATH [--force] | merge PATH... -o OUT
     torchtune-ops cache delete --family F [--problem KEY | --id ID] [--all-matching] | clear --yes | stats
     torchtune-ops report [--plot speedups.png]
+    torchtune-ops dashboard [--port 8080] [--storage FILE] [--no-serve]   # the history in optuna-dashboard
     torchtune-ops doctor
 
 Exit status: 0 on success, 2 for a usage error, 1 for any other error, reported as one line on stderr
@@ -34,52 +35,18 @@ class CliError(TorchTuneOpsError):
     """An expected failure of a command: reported as one line, exit status 1."""
 
 
+def describe_problem(family: str, problem: dict[str, Any]) -> str:
+    """``kernels.describe.describe_problem``, imported when first needed (the CLI starts without torch)."""
+    from .kernels.describe import describe_problem as describe
+
+    return describe(family, problem)
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def entry_id(entry: Any) -> str:
     """A short stable id of a cache entry (what ``cache list`` prints and ``cache show`` accepts)."""
     text = f"{entry.fingerprint}\0{entry.family}\0{entry.problem}"
     return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def describe_problem(family: str, problem: dict[str, Any]) -> str:
-    """A short human description of a problem dict, e.g. ``mm 127x257x67 float16 row/col bias=row relu``."""
-    p = problem
-    try:
-        if family == "gemm":
-            batch = f"{p['batch']}x" if p.get("batch", 1) != 1 else ""
-            words = [f"{p['op']} {batch}{p['M']}x{p['N']}x{p['K']}", p["dtype"]]
-            layouts = (p.get("a_layout", "row"), p.get("b_layout", "row"))
-            if layouts != ("row", "row"):
-                words.append("/".join(layouts))
-            if p.get("bias", "none") != "none":
-                words.append(f"bias={p['bias']}")
-            if p.get("activation", "none") != "none":
-                words.append(p["activation"])
-            if p.get("precision") == "tf32":
-                words.append("tf32")
-            return " ".join(words)
-        if family == "conv2d":
-            groups = max(p.get("groups", 1), 1)
-            words = [f"conv {p['N']}x{p['C']}x{p['H']}x{p['W']} k{p['K']}x{p['C'] // groups}x{p['R']}x{p['S']}",
-                     p.get("dtype", "")]
-            # every value of every hyper-parameter: padding is (top, bottom, left, right)
-            for short, name, default in (("s", "stride", [1, 1]), ("p", "padding", [0, 0, 0, 0]),
-                                         ("d", "dilation", [1, 1])):
-                v = list(p.get(name, default))
-                if v != default:
-                    words.append(f"{short}({','.join(map(str, v))})")
-            if groups != 1:
-                words.append(f"g{groups}")
-            if p.get("layout", "nchw") != "nchw":
-                words.append(p["layout"])
-            if p.get("bias"):
-                words.append("+bias")
-            if p.get("activation", "none") != "none":
-                words.append(p["activation"])
-            return " ".join(words)
-    except (KeyError, TypeError, IndexError):
-        pass
-    return ",".join(f"{k}={v}" for k, v in p.items())
 
 
 def _table(rows: list[list[str]], head: list[str], out: TextIO) -> None:
@@ -398,6 +365,34 @@ def _plot(entries: list, path: str, *, device: str) -> None:
         plt.close(fig)
 
 
+# -------------------------------------------------------------------------------------------- dashboard
+def cmd_dashboard(args: argparse.Namespace, out: TextIO) -> int:
+    from .storage import dashboard
+
+    if not args.no_serve:
+        try:
+            import optuna_dashboard  # noqa: F401  (checked before the export, which may take a while)
+        except ImportError:
+            raise CliError(f"the dashboard needs optuna-dashboard: {dashboard.INSTALL} "
+                           "(or write the studies only, with --no-serve)") from None
+    _check_family(args.family)
+    store = _open_store(write=False)
+    target = args.storage or str(store.path.parent / "dashboard.log")
+    fp = None if not args.device else _local_fingerprint(args.device).key
+    studies = dashboard.export(store, target, fingerprint=fp, family=args.family)
+    out.write(f"wrote {len(studies)} studies ({sum(s.trials for s in studies)} trials) from {store.path} "
+              f"to {target}\n")
+    if studies:
+        out.write(dashboard.summary(studies) + "\n")
+    if args.no_serve:
+        out.write(f"serve them with: optuna-dashboard {target}\n")
+        return 0
+    out.write(f"serving optuna-dashboard on http://127.0.0.1:{args.port}/ (Ctrl-C stops it)\n")
+    out.flush()
+    dashboard.serve(target, port=args.port)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- tune
 def _progress_printer(err: TextIO):
     """One progress line per trial: rewritten in place on a terminal, one line each otherwise."""
@@ -661,6 +656,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--family")
     device_opt(r)
 
+    b = sub.add_parser("dashboard", help="write the tuning history as Optuna studies (one per problem) and serve "
+                                         "optuna-dashboard on 127.0.0.1")
+    b.add_argument("--port", type=int, default=8080, help="port of the dashboard (default 8080)")
+    b.add_argument("--storage", metavar="FILE|URL", help="where the studies go: a journal file, a .db/.sqlite "
+                   "file or a database URL (default: dashboard.log in the cache directory)")
+    b.add_argument("--no-serve", action="store_true", help="write the studies only")
+    b.add_argument("--family", help="only this kernel family")
+    b.add_argument("--device", help="only this device's problems (default: every device in the cache)")
+
     d = sub.add_parser("doctor", help="device, fingerprint, versions, cache and settings")
     device_opt(d)
     return p
@@ -687,6 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _CACHE[args.action](args, out)
             if args.command == "report":
                 return cmd_report(args, out)
+            if args.command == "dashboard":
+                return cmd_dashboard(args, out)
             return cmd_doctor(args, out)
     except KeyboardInterrupt:
         err.write(f"{PROG}: interrupted\n")

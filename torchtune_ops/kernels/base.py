@@ -157,6 +157,12 @@ class KernelFamily(abc.ABC):
                out: torch.Tensor | None = None) -> torch.Tensor:
         """Run the Triton kernel with ``config`` on ``inputs`` (writing into ``out`` when given)."""
 
+    def plan_launches(self, config: Config | Mapping[str, Value], problem: Any, inputs: tuple,
+                      capability: int) -> tuple:
+        """The kernel launches ``launch`` would make on a GPU of compute ``capability`` (e.g. 90):
+        (kernel, grid, args, constexprs, num_warps, num_stages) each, for ``kernels.inspect``."""
+        raise NotImplementedError
+
     def tolerance(self, problem: Any) -> float:
         """Largest accepted relative error norm ||ours - ref|| / ||ref|| against ``reference``."""
         dtype = getattr(problem, "dtype", "float32")

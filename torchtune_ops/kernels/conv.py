@@ -471,6 +471,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Va
         InvalidConfig: a config without the needed entries.
         ValueError: inconsistent shapes or hyper-parameters.
     """
+    if not (x.is_cuda or _compat.INTERPRET):
+        raise UnsupportedProblem(f"conv2d kernels run on CUDA (or CPU under TRITON_INTERPRET=1), got {x.device}")
     out, launches = _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out, precision)
     if launches:
         if x.is_cuda and x.device.index != torch.cuda.current_device():
@@ -492,8 +494,6 @@ def _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out
         raise UnsupportedProblem(f"conv2d kernels take float16/bfloat16/float32, got {x.dtype}/{w.dtype}")
     if w.device != x.device or (bias is not None and bias.device != x.device):
         raise UnsupportedProblem("conv2d inputs must be on one device")
-    if not (x.is_cuda or _compat.INTERPRET):
-        raise UnsupportedProblem(f"conv2d kernels run on CUDA (or CPU under TRITON_INTERPRET=1), got {x.device}")
     act = ACTIVATION_CODES.get(activation)
     if act is None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -620,6 +620,8 @@ _STAGES = (1, 2, 3, 4, 5)
 _SPLITS_K = (1, 2, 4, 8, 16)
 _SPLIT_K_MAX_OUTPUTS = 1 << 20  # split-K only where N*P*Q*K is this small (few output tiles, workspace <= 64 MiB)
 _SPLIT_K_MIN_REDUCTION = 256
+_FLAT_MAX_WARPS = 4  # the flat reduction loop (few channels per group): see check()
+_FLAT_MAX_TILE_REGS = 96  # ... and its largest accumulator + operand elements a thread
 
 # Inductor's conv_configs (BM, BN, BK, stages, warps), the same in every torch version read ...
 _INDUCTOR_CONV = (
@@ -697,6 +699,22 @@ class ConvFamily(KernelFamily):
                 return f"SPLIT_K={split_k} exceeds the {steps} reduction steps of BLOCK_K={bk}"
         if -(-bm * bn // (warps * 32)) > 255:
             return f"accumulator needs {-(-bm * bn // (warps * 32))} registers per thread (> 255)"
+        if not problem.depthwise:
+            if limits.is_hopper and warps < 4 and bm * bn >= 512:
+                # wgmma (Hopper's tensor cores) is issued by a warpgroup of 4 warps: 2 warps fall back to
+                # mma.sync. The depthwise kernel has no dot and keeps 2 warps.
+                return "fewer than 4 warps cannot use Hopper's wgmma"
+            cg = problem.C // problem.groups
+            if _use_flat_k(cg, problem.R, problem.S, bk):
+                if warps > _FLAT_MAX_WARPS:
+                    # The flattened filter-tap loop with 8 warps is the pattern Inductor found miscompiled
+                    # on H100 (pytorch/pytorch#173068); Inductor caps it at 4 warps, and so do we.
+                    return f"the flat reduction loop is capped at {_FLAT_MAX_WARPS} warps (pytorch issue 173068)"
+                if -(-bm * bn // (32 * warps)) + -(-(bm + bn) * bk // (32 * warps)) > _FLAT_MAX_TILE_REGS:
+                    # The flat loop gathers every element with its own address (channel and tap vary
+                    # along BLOCK_K): on sm_90a the stem's tiles spilled from 160 accumulator + operand
+                    # elements a thread, and 96 did not.
+                    return "the flat reduction loop's tile would spill"
         if not limits.interpreter:
             elem = 4 if problem.dtype == "float32" else 2
             # depthwise: no dot, nothing staged unless the loads get pipelined ((stages - 1) buffers)
@@ -712,10 +730,17 @@ class ConvFamily(KernelFamily):
         if self._split_k_allowed(problem):
             entries += _SPLIT_EXTRA
         cands = []
+        cg = problem.C // problem.groups
         for bm, bn, bk, stages, warps, split_k in entries:
             bm, bn, bk = min(bm, cm), min(bn, cn), min(bk, ck)
+            # warps: one per 256 accumulator elements (Inductor's fit), at least 4 on Hopper where the
+            # tile allows (wgmma), at most 4 on the flat reduction loop (see check)
+            floor = 4 if limits.is_hopper and not problem.depthwise and bm * bn >= 512 else 2
+            warps = max(floor, min(warps, bm * bn // 256))
+            if not problem.depthwise and _use_flat_k(cg, problem.R, problem.S, bk):
+                warps = min(warps, _FLAT_MAX_WARPS)
             cands.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split_k,
-                              num_warps=max(2, min(warps, bm * bn // 256)), num_stages=min(stages, max_stages)))
+                              num_warps=warps, num_stages=min(stages, max_stages)))
         return [c for c in iter_known(cands) if self.check(c.as_dict(), problem, limits) is None]
 
     def make_inputs(self, problem: ConvProblem, device: torch.device | str, *, seed: int = 0) -> tuple:
@@ -750,6 +775,12 @@ class ConvFamily(KernelFamily):
         return conv2d(x, w, config=config, bias=b, stride=problem.stride, padding=problem.padding,
                       dilation=problem.dilation, groups=problem.groups, activation=problem.activation,
                       out=out, precision=problem.precision)
+
+    def plan_launches(self, config: Config | Mapping[str, Value], problem: ConvProblem, inputs: tuple,
+                      capability: int) -> tuple:
+        x, w, b = inputs
+        return _plan(x, w, config, b, problem.stride, problem.padding, problem.dilation, problem.groups,
+                     problem.activation, None, problem.precision)[1]
 
     def flops(self, problem: ConvProblem) -> float:
         m, n, k = problem.gemm_mnk

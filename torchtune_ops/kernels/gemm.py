@@ -81,9 +81,29 @@ def _gemm_kernel(
     A_ROW: tl.constexpr, A_COL: tl.constexpr, B_ROW: tl.constexpr, B_COL: tl.constexpr,
     BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, INDEX_64: tl.constexpr,
+    A_DIV: tl.constexpr = 1, B_DIV: tl.constexpr = 1, C_DIV: tl.constexpr = 1,
 ):
     # A_ROW: A's K dim is contiguous; A_COL: its M dim is (A transposed). At most one is set.
     # B_ROW: B's N dim is contiguous; B_COL: its K dim is (B transposed, e.g. a linear weight).
+    # A_DIV/B_DIV/C_DIV: a power of two dividing the operand's leading and batch strides, which a launch
+    # does not tell the compiler (Triton only specialises integers on divisibility by 16); multiplying
+    # back by the constexpr does, so rows stay aligned and loads/stores vectorise (e.g. 8-byte loads of
+    # fp16 rows with a leading dimension of 4100).
+    if A_DIV > 1:
+        stride_ab = (stride_ab // A_DIV) * A_DIV
+        if A_ROW:
+            stride_am = (stride_am // A_DIV) * A_DIV
+        else:
+            stride_ak = (stride_ak // A_DIV) * A_DIV
+    if B_DIV > 1:
+        stride_bb = (stride_bb // B_DIV) * B_DIV
+        if B_ROW:
+            stride_bk = (stride_bk // B_DIV) * B_DIV
+        else:
+            stride_bn = (stride_bn // B_DIV) * B_DIV
+    if C_DIV > 1:
+        stride_cb = (stride_cb // C_DIV) * C_DIV
+        stride_cm = (stride_cm // C_DIV) * C_DIV
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -281,6 +301,18 @@ def _tma_aligned(t: torch.Tensor, lead: int, batch_stride: int) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
+def _lead_div(es: int, lead: int, batch: int) -> int:
+    """A power of two (elements, at most 16 bytes' worth) dividing the leading and batch strides, for
+    the kernel's A_DIV/B_DIV/C_DIV; 1 when Triton's own divisibility-16 specialisation already holds."""
+    if lead % 16 == 0 and batch % 16 == 0:
+        return 1
+    d = 16 // es
+    for v in (lead, batch):
+        if v:
+            d = min(d, v & -v)
+    return d
+
+
 def _apply_torch_act(x: torch.Tensor, act: int) -> torch.Tensor:
     return _TORCH_ACT[act](x) if act else x
 
@@ -317,6 +349,30 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
         UnsupportedProblem: dtypes, devices or ranks the kernel does not cover.
         ValueError: mismatched shapes, a bad ``out``, activation or config.
     """
+    out, launches = _plan(a, b, config, bias, alpha, beta, activation, out, precision, None)
+    if not launches:
+        return out
+    device = a.device
+    dev_guard = device.type == "cuda" and device.index != torch.cuda.current_device()
+    if dev_guard:
+        guard = torch.cuda.device(device)
+        guard.__enter__()
+    try:
+        if device.type == "cuda" and launches[0][3]["USE_TMA"]:
+            _compat.ensure_tma_allocator()
+        for kernel, grid, args, consts, warps, stages in launches:
+            kernel[grid](*args, **consts, num_warps=warps, num_stages=stages)
+    finally:
+        if dev_guard:
+            guard.__exit__(None, None, None)
+    return out
+
+
+def _plan(a, b, config, bias, alpha, beta, activation, out, precision, tma_capable):
+    """Validate, allocate the result and pick the kernels: (out, launches), each launch being
+    (kernel, grid, args, constexprs, num_warps, num_stages); none when nothing is left to compute.
+    ``tma_capable`` None asks the operands' device; True/False stands for a compile target
+    (``kernels.inspect`` plans launches for a GPU with CPU tensors)."""
     bm, bn, bk, gm, warps, stages, sk, tma = _parse(config)
     if sk > 1 and torch.are_deterministic_algorithms_enabled():
         raise InvalidConfig("SPLIT_K > 1 sums with atomics: not allowed under deterministic algorithms")
@@ -356,7 +412,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
         raise ValueError(f"out must be {shape} {dtype} on {device}, got {tuple(out.shape)} {out.dtype} "
                          f"on {out.device}")
     if M == 0 or N == 0 or batch == 0:
-        return out
+        return out, ()
 
     # Bias: how the epilogue reads it.
     bias_t, bias_value, sxb, sxm, sxn = a, 0.0, 0, 0, 0
@@ -386,14 +442,14 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
             out.fill_(float(_apply_torch_act(torch.tensor(bias_value), act)))
         else:
             out.copy_(_apply_torch_act(float(beta) * bias_t.float(), act).expand(shape))
-        return out
+        return out, ()
 
     a_row = sak == 1
     a_col = not a_row and sam == 1
     b_row = sbn == 1
     b_col = not b_row and sbk == 1
     use_tma = False
-    if tma and (a_row or a_col) and (b_row or b_col) and _tma_usable(device):
+    if tma and (a_row or a_col) and (b_row or b_col) and (_tma_usable(device) if tma_capable is None else tma_capable):
         use_tma = (_tma_aligned(a, sam if a_row else sak, sab) and _tma_aligned(b, sbk if b_row else sbn, sbb))
     so = out.stride()
     ocb, ocm, ocn = so if batched else (0,) + so
@@ -407,35 +463,28 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
         scb, scm, scn = M * N, N, 1
     else:
         c, scb, scm, scn = out, ocb, ocm, ocn
+    es = a.element_size()
+    a_div = _lead_div(es, sam if a_row else sak, sab) if (a_row or a_col) else 1
+    b_div = _lead_div(es, sbk if b_row else sbn, sbb) if (b_row or b_col) else 1
+    c_div = _lead_div(c.element_size(), scm, scb) if scn == 1 else 1
     grid = (_cdiv(M, bm) * _cdiv(N, bn) * batch, sk)
-    dev_guard = device.type == "cuda" and device.index != torch.cuda.current_device()
-    if dev_guard:
-        guard = torch.cuda.device(device)
-        guard.__enter__()
-    try:
-        if use_tma and device.type == "cuda":
-            _compat.ensure_tma_allocator()
-        _gemm_kernel[grid](
-            a, b, c, bias_t, M, N, K,
-            sab, sam, sak, sbb, sbk, sbn, scb, scm, scn, sxb, sxm, sxn,
-            float(alpha), float(beta), bias_value,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, SPLIT_K=sk, EVEN_K=K % (bk * sk) == 0,
-            A_ROW=a_row, A_COL=a_col, B_ROW=b_row, B_COL=b_col, BIAS=bias_kind, ACT=act,
-            PRECISION=_dot_precision(dtype, precision),
-            UPCAST=_compat.UPCAST_BF16_DOT and dtype == torch.bfloat16,
-            USE_TMA=use_tma, INDEX_64=index_64, num_warps=warps, num_stages=stages,
-        )
-        if sk > 1:
-            eg = (_cdiv(M, _EPILOGUE_BLOCK) * _cdiv(N, _EPILOGUE_BLOCK) * batch,)
-            _splitk_epilogue_kernel[eg](
-                c, out, bias_t, M, N, ocb, ocm, ocn, sxb, sxm, sxn, float(beta), bias_value,
-                BLOCK_M=_EPILOGUE_BLOCK, BLOCK_N=_EPILOGUE_BLOCK, BIAS=bias_kind, ACT=act,
-                INDEX_64=index_64, num_warps=4,
-            )
-    finally:
-        if dev_guard:
-            guard.__exit__(None, None, None)
-    return out
+    main = (_gemm_kernel, grid, (
+        a, b, c, bias_t, M, N, K,
+        sab, sam, sak, sbb, sbk, sbn, scb, scm, scn, sxb, sxm, sxn,
+        float(alpha), float(beta), bias_value), dict(
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, SPLIT_K=sk, EVEN_K=K % (bk * sk) == 0,
+        A_ROW=a_row, A_COL=a_col, B_ROW=b_row, B_COL=b_col, BIAS=bias_kind, ACT=act,
+        PRECISION=_dot_precision(dtype, precision),
+        UPCAST=_compat.UPCAST_BF16_DOT and dtype == torch.bfloat16,
+        USE_TMA=use_tma, INDEX_64=index_64, A_DIV=a_div, B_DIV=b_div, C_DIV=c_div), warps, stages)
+    if sk == 1:
+        return out, (main,)
+    eg = (_cdiv(M, _EPILOGUE_BLOCK) * _cdiv(N, _EPILOGUE_BLOCK) * batch,)
+    epilogue = (_splitk_epilogue_kernel, eg, (
+        c, out, bias_t, M, N, ocb, ocm, ocn, sxb, sxm, sxn, float(beta), bias_value), dict(
+        BLOCK_M=_EPILOGUE_BLOCK, BLOCK_N=_EPILOGUE_BLOCK, BIAS=bias_kind, ACT=act,
+        INDEX_64=index_64), 4, 1)
+    return out, (main, epilogue)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -521,6 +570,12 @@ class GemmFamily(KernelFamily):
         a, b, bias, alpha, beta = _unpack(inputs)
         return gemm(a, b, config=config, bias=bias, alpha=alpha, beta=beta, activation=problem.activation,
                     out=out, precision=problem.precision)
+
+    def plan_launches(self, config: Config | Mapping[str, Value], problem: GemmProblem, inputs: tuple,
+                      capability: int) -> tuple:
+        a, b, bias, alpha, beta = _unpack(inputs)
+        return _plan(a, b, config, bias, alpha, beta, problem.activation, None, problem.precision,
+                     capability >= 90 and _compat.HAS_TENSOR_DESCRIPTOR)[1]
 
     def flops(self, problem: GemmProblem) -> float:
         return 2.0 * problem.batch * problem.M * problem.N * problem.K

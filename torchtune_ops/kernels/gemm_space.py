@@ -38,6 +38,22 @@ TMAS = (0, 1)
 NOMINAL_SMS = 132
 #: Most registers a thread may spend on the fp32 accumulator (Inductor's exhaustive-search rule).
 MAX_ACC_REGS = 255
+#: float32 "ieee" (FMA, no tensor cores): most accumulator registers a thread that do not spill
+FMA_MAX_ACC_REGS = 64
+#: rows not 16-byte aligned (pointer path): most accumulator + operand elements a thread, by the
+#: widest aligned load, that did not spill on sm_90a (2-byte loads: 64; 4- and 8-byte: 192)
+NARROW_MAX_TILE_REGS = ((4, 64), (16, 192))
+
+
+def _max_tile_regs(vector_bytes: int) -> int:
+    for below, cap in NARROW_MAX_TILE_REGS:
+        if vector_bytes < below:
+            return cap
+    return 1 << 30
+#: decode-like problems (M at most this): split-K variants come early in the known list
+DECODE_M = 16
+#: wgmma (Hopper's tensor-core instruction) is issued by a warpgroup of 4 warps
+HOPPER_MIN_WARPS = 4
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); GROUP_M = 8 for all. See /work/shared/KNOWN_CONFIGS.md.
 INDUCTOR_MM = (
@@ -185,10 +201,31 @@ def tma_possible(problem: GemmProblem, limits: DeviceLimits) -> bool:
     contiguous in their layout (``launch`` re-checks the real strides and falls back to pointers)."""
     if not limits.is_hopper or "strided" in (problem.a_layout, problem.b_layout):
         return False
+    if problem.dtype == "float32" and problem.precision == "ieee":
+        # No tensor cores for IEEE float32: the FMA dot on descriptor-loaded tiles spills 5-40 KB per
+        # thread at every tile size compiled for sm_90a (docs/kernels.md), the pointer path does not.
+        return False
     es = problem.element_size
     a_lead = problem.K if problem.a_layout == "row" else problem.M
     b_lead = problem.N if problem.b_layout == "row" else problem.K
     return (a_lead * es) % 16 == 0 and (b_lead * es) % 16 == 0
+
+
+def vector_bytes(problem: GemmProblem) -> int:
+    """Widest aligned load (bytes, at most 16) the pointer path can use on both operands' rows, for
+    operands contiguous in their layout: the largest power of two dividing both leading strides in
+    bytes (the kernel is told this divisibility, see gemm.py's A_DIV/B_DIV)."""
+    es = problem.element_size
+    if "strided" in (problem.a_layout, problem.b_layout):
+        return es
+    a_lead = problem.K if problem.a_layout == "row" else problem.M
+    b_lead = problem.N if problem.b_layout == "row" else problem.K
+    v = 16
+    for lead in (a_lead, b_lead):
+        if lead > 1:
+            b = lead * es
+            v = min(v, b & -b)
+    return v
 
 
 def check(config: Mapping[str, Value], problem: GemmProblem, limits: DeviceLimits) -> str | None:
@@ -210,6 +247,22 @@ def check(config: Mapping[str, Value], problem: GemmProblem, limits: DeviceLimit
         return "more warps than 16x8 MMA tiles in the block"
     if _cdiv(bm * bn, warps * 32) > MAX_ACC_REGS:
         return "accumulator needs more than 255 registers per thread"
+    acc_regs = _cdiv(bm * bn, 32 * warps)
+    operand_regs = _cdiv((bm + bn) * bk, 32 * warps)  # one A and one B tile, elements per thread
+    if problem.dtype == "float32" and problem.precision == "ieee" and acc_regs > FMA_MAX_ACC_REGS:
+        # float32 "highest" runs on FMA units, whose dot keeps operand fragments in registers beside the
+        # accumulator: 128 accumulator registers a thread spill on sm_90a and sm_80, 64 do not.
+        return f"float32 'ieee' (FMA) tiles over {FMA_MAX_ACC_REGS} accumulator registers a thread spill"
+    if not tma and acc_regs + operand_regs > _max_tile_regs(vector_bytes(problem)):
+        # Rows that are not 16-byte aligned load in narrower pieces, each with its own 64-bit address:
+        # 2-byte pieces (odd leading dimensions in 16-bit) also lose cp.async pipelining. Large tiles
+        # spill there; the caps are what never spilled when compiled for sm_90a (docs/kernels.md).
+        return "rows not 16-byte aligned load in narrow pieces: the tile would spill"
+    if limits.is_hopper and warps < HOPPER_MIN_WARPS and bm * bn >= 128 * HOPPER_MIN_WARPS:
+        # Hopper's tensor cores run wgmma, issued by a warpgroup (4 warps); with 2 warps Triton falls back
+        # to Ampere's mma.sync at a fraction of the rate (seen in the compiled PTX, docs/kernels.md), and
+        # Inductor keeps 2 warps out of its Hopper templates. Tiles too small for 4 warps keep 2.
+        return "fewer than 4 warps cannot use Hopper's wgmma"
     es = problem.element_size
     if not limits.interpreter and stages * (bm * bk + bk * bn) * es > limits.smem_per_block:
         return (f"shared memory {stages * (bm * bk + bk * bn) * es} B exceeds the device's "
@@ -237,14 +290,16 @@ def check(config: Mapping[str, Value], problem: GemmProblem, limits: DeviceLimit
     return None
 
 
-def _fit(entry: tuple[int, int, int, int, int], problem: GemmProblem) -> dict[str, Value]:
+def _fit(entry: tuple[int, int, int, int, int], problem: GemmProblem, limits: DeviceLimits) -> dict[str, Value]:
     """Fit one (BM, BN, BK, stages, warps) entry to the problem like Inductor does: blocks clamped to
-    the dims' next power of two (at least 16), warps to one per 256 accumulator elements (at least 2)."""
+    the dims' next power of two (at least 16), warps to one per 256 accumulator elements (at least 2;
+    at least 4 on Hopper where the tile allows them, see ``check``)."""
     bm, bn, bk, stages, warps = entry
     bm = max(min(bm, _pow2_at_least(problem.M)), 16)
     bn = max(min(bn, _pow2_at_least(problem.N)), 16)
     bk = max(min(bk, _pow2_at_least(problem.K)), 16)
-    warps = max(2, min(warps, bm * bn // 256))
+    floor = HOPPER_MIN_WARPS if limits.is_hopper and bm * bn >= 128 * HOPPER_MIN_WARPS else 2
+    warps = max(floor, min(warps, bm * bn // 256))
     stages = min(stages, max(2, _cdiv(problem.K, bk) + 1))
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
             "num_stages": stages, "SPLIT_K": 1, "TMA": 0}
@@ -269,14 +324,21 @@ def known_configs(problem: GemmProblem, limits: DeviceLimits) -> list[Config]:
         entries += INDUCTOR_PERSISTENT
     if problem.M <= 64:
         entries = list(INDUCTOR_SKINNY) + entries
-    base = [_fit(e, problem) for e in entries]
+    base = [_fit(e, problem, limits) for e in entries]
     ordered: list[dict[str, Value]] = []
     if tma_possible(problem, limits):
         ordered += [dict(c, TMA=1) for c in base]
         ordered += base[:8]  # the pointer path too, in case descriptors lose on this shape
     else:
         ordered += base
-    ordered += [v for v in (_split_variant(c, problem, limits) for c in ordered[:12]) if v is not None]
+    pairs = [(c, _split_variant(c, problem, limits)) for c in ordered[:12]]
+    if problem.M <= DECODE_M:
+        # Decode shapes: a handful of output tiles and a long K, where split-K is what fills the device;
+        # a tuning budget of ~10 s measures only the first dozen or so, so each split variant follows
+        # its unsplit configuration instead of trailing the list (it was number 41 of 50).
+        ordered = [x for c, v in pairs for x in (c, v) if x is not None] + ordered[12:]
+    else:
+        ordered += [v for _, v in pairs if v is not None]
     seen: set[Config] = set()
     out: list[Config] = []
     for c in ordered:

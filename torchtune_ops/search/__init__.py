@@ -5,10 +5,14 @@
     result = tune(space, objective, max_trials=50, seed=0)
     result.best_config, result.best_value, result.trials
 
-Knows nothing of Triton or torch. numpy only at import; Optuna is imported only when ``tune(study=...)``
-records into an Optuna study. See docs/search.md.
+    study = optuna.create_study(sampler=Sampler(space))   # the same search in any Optuna study
+
+Knows nothing of Triton or torch. numpy only at import; Optuna is imported when ``tune()`` runs (its
+trials are an Optuna study's) or ``Sampler`` is first used. See docs/search.md.
 """
 from __future__ import annotations
+
+from typing import Any
 
 from ..errors import InvalidConfig
 from .engine import Progress, Trial, TuneResult, tune
@@ -16,4 +20,12 @@ from .space import Space
 from .strategies import RandomStrategy, Strategy, TPEStrategy
 
 __all__ = ["Space", "tune", "TuneResult", "Trial", "Progress", "InvalidConfig", "Strategy", "TPEStrategy",
-           "RandomStrategy"]
+           "RandomStrategy", "Sampler"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Sampler":  # an optuna.samplers.BaseSampler: importing it imports Optuna
+        from .sampler import Sampler
+
+        return Sampler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,15 +1,20 @@
-"""tune(): measure the most promising valid, unmeasured configurations of a space, within a budget."""
+"""tune(): measure the most promising valid, unmeasured configurations of a space, within a budget.
+
+The measurements run as trials of an Optuna study (ask/tell) whose sampler is ``sampler.Sampler``; the
+search itself (``pool.Pool`` and a strategy) knows nothing of Optuna.
+"""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
-
-import numpy as np
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from ..errors import InvalidConfig
-from .space import ENUMERATE_LIMIT, Space
+from .pool import Pool
+from .space import Space
 from .strategies import Strategy, make_strategy
 
 
@@ -40,8 +45,9 @@ class TuneResult:
             (or nothing was measured).
         best_value: its value, math.inf when there is none.
         trials: every measurement in order, as ``Trial(config, value)`` (unpacks as a pair).
-        stop_reason: why the search stopped: "max_trials", "time_budget", "patience", "should_stop" or
-            "exhausted" (every valid configuration was measured).
+        stop_reason: why the search stopped: "max_trials", "time_budget", "patience", "should_stop",
+            "exhausted" (every valid configuration was measured) or "stalled" (a plain Optuna sampler made
+            ``MAX_WASTED`` invalid or repeated proposals in a row).
         n_candidates: how many valid configurations the search chose from.
         elapsed_s: seconds spent in tune() (by its clock).
     """
@@ -54,58 +60,19 @@ class TuneResult:
     elapsed_s: float
 
 
-def _candidate_matrix(space: Space, candidates: Iterable[Mapping[str, Any]] | None,
-                      seed: int) -> tuple[np.ndarray, bool]:
-    if candidates is None:
-        return space.valid_indices(limit=ENUMERATE_LIMIT, seed=seed)
-    rows, seen = [], set()
-    for cfg in candidates:
-        index = space.encode(cfg)
-        if index is None:
-            raise ValueError(f"candidate {dict(cfg)!r} has a value that is not among the space's choices")
-        if index not in seen and space._accepts(dict(cfg)):
-            seen.add(index)
-            rows.append(index)
-    return np.asarray(rows, dtype=np.int64).reshape(len(rows), len(space.sizes)), True
-
-
-def _mapped(space: Space, pairs, what: str) -> list:
-    out = []
-    for cfg, *rest in pairs:
-        space.check_keys(cfg, what=what)
-        index = space.encode(cfg)
-        if index is not None:
-            out.append((index, *rest))
-    return out
-
-
-def _record_in_study(study, space: Space):
-    import optuna  # lazily: only when the caller asked for an Optuna study
-
-    dists = {n: optuna.distributions.CategoricalDistribution(list(c)) for n, c in space.params.items()}
-
-    def record(config: dict, value: float) -> None:
-        if math.isfinite(value):
-            trial = optuna.trial.create_trial(params=config, distributions=dists, value=value)
-        else:
-            trial = optuna.trial.create_trial(params=config, distributions=dists,
-                                              state=optuna.trial.TrialState.FAIL)
-        study.add_trial(trial)
-
-    return record
-
-
 def tune(space: Space, objective: Callable[[dict], float], *, max_trials: int = 50,
          time_budget_s: float | None = None, seed: int = 0,
          initial: Sequence[Mapping[str, Any]] = (), prior: Sequence[tuple[Mapping[str, Any], float]] = (),
          patience: int | None = None, candidates: Iterable[Mapping[str, Any]] | None = None,
          callback: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
-         strategy: str | Strategy = "tpe", clock: Callable[[], float] = time.monotonic,
-         study: Any = None) -> TuneResult:
+         strategy: Any = "tpe", clock: Callable[[], float] = time.monotonic,
+         study: Any = None, storage: Any = None, study_name: str | None = None) -> TuneResult:
     """Find a configuration of ``space`` with a low ``objective``, measuring as few as possible.
 
     Only valid configurations are measured, each at most once. The default strategy scores every valid,
-    unmeasured configuration with a multivariate TPE density model (see docs/search.md).
+    unmeasured configuration with a multivariate TPE density model (see docs/search.md). Each measurement
+    is a trial of an Optuna study (``study.ask()``/``study.tell()``) sampled by ``Sampler``: in memory by
+    default, in any Optuna storage with ``storage=`` (for optuna-dashboard, or to keep the history).
 
     Args:
         space: the parameters, their choices and the validity rule.
@@ -129,17 +96,28 @@ def tune(space: Space, objective: Callable[[dict], float], *, max_trials: int = 
         callback: called after each measurement with a ``Progress`` (number, max_trials, config, value,
             best_config, best_value), e.g. to print a progress line. Default None.
         should_stop: called before each measurement; True stops the search. Default None.
-        strategy: "tpe" (default), "random", or an object following ``strategies.Strategy``.
+        strategy: "tpe" (default), "random", or an object following ``strategies.Strategy``; or, for
+            comparison, one of Optuna's samplers: "optuna-tpe", "optuna-random", "optuna-nsga2" (seeded
+            with ``seed``) or any ``optuna.samplers.BaseSampler``. Optuna's samplers propose parameters
+            one by one: an invalid proposal is told FAIL and a repeated one its recorded value, neither
+            measured nor counted (``initial`` configurations are enqueued trials).
         clock: the time source for ``time_budget_s`` (tests inject a fake). Default time.monotonic.
-        study: an Optuna study to record every measurement in (for Optuna's storages and visualisations;
-            failures are recorded as FAIL). Default None: Optuna is not imported.
+        study: an existing Optuna study (minimizing) to run the trials in; its sampler is replaced by ours
+            for the call, and trials it already holds inform the search (their configurations are not
+            measured again). Default None: a new study.
+        storage: where the new study lives: an Optuna storage or URL (``"sqlite:///tune.db"``,
+            ``optuna.storages.JournalStorage(...)``). Default None: in memory.
+        study_name: the new study's name (an existing name is an error). Default None: Optuna's.
+
+    Every measurement is one COMPLETE trial (FAIL when it failed), with the configuration as its
+    parameters; ``TuneResult.trials`` holds this call's measurements in order.
 
     Returns:
         A ``TuneResult``.
 
     Raises:
-        ValueError: bad options, or a configuration in ``initial``, ``prior`` or ``candidates`` with keys
-            that do not match the space.
+        ValueError: bad options, a configuration in ``initial``, ``prior`` or ``candidates`` with keys
+            that do not match the space, or a ``study_name`` the storage already has.
 
     Example:
         >>> space = Space({"x": [1, 2, 4, 8, 16], "y": ["a", "b"]}, constraint=lambda c: c["x"] != 16)
@@ -147,35 +125,186 @@ def tune(space: Space, objective: Callable[[dict], float], *, max_trials: int = 
         >>> result.best_config, result.best_value, len(result.trials)
         ({'x': 4, 'y': 'a'}, 0.0, 8)
     """
+    _check_options(max_trials, patience, time_budget_s)
+    start = clock()
+    driver = _OptunaDriver(space, seed=seed, strategy=strategy, initial=initial, prior=prior,
+                           candidates=candidates, study=study, storage=storage, study_name=study_name)
+    try:
+        return _loop(driver, objective, max_trials=max_trials, time_budget_s=time_budget_s, patience=patience,
+                     callback=callback, should_stop=should_stop, clock=clock, start=start)
+    finally:
+        driver.close()
+
+
+def _tune_direct(space: Space, objective: Callable[[dict], float], *, max_trials: int = 50,
+                 time_budget_s: float | None = None, seed: int = 0, initial: Sequence[Mapping[str, Any]] = (),
+                 prior: Sequence[tuple[Mapping[str, Any], float]] = (), patience: int | None = None,
+                 candidates: Iterable[Mapping[str, Any]] | None = None,
+                 callback: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                 strategy: str | Strategy = "tpe", clock: Callable[[], float] = time.monotonic) -> TuneResult:
+    """``tune()`` without Optuna: the strategy's proposals measured in a plain loop (the reference that the
+    Optuna path must reproduce trial for trial; tests and benchmarks/sampler_overhead.py use it)."""
+    _check_options(max_trials, patience, time_budget_s)
+    start = clock()
+    pool = Pool(space, strategy=make_strategy(strategy), seed=seed, initial=initial, prior=prior,
+                candidates=candidates)
+    return _loop(_DirectDriver(pool), objective, max_trials=max_trials, time_budget_s=time_budget_s,
+                 patience=patience, callback=callback, should_stop=should_stop, clock=clock, start=start)
+
+
+def _check_options(max_trials: int, patience: int | None, time_budget_s: float | None) -> None:
     if max_trials < 0:
         raise ValueError(f"max_trials must be >= 0, got {max_trials}")
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be >= 1, got {patience}")
     if time_budget_s is not None and not time_budget_s >= 0:
         raise ValueError(f"time_budget_s must be >= 0, got {time_budget_s}")
-    start = clock()
-    strat = make_strategy(strategy)
-    initial_index = [p[0] for p in _mapped(space, ((c,) for c in initial), "initial config")]
-    prior_pairs = [(np.asarray(i), float(v)) for i, v in _mapped(space, prior, "prior config")]
-    matrix, complete = _candidate_matrix(space, candidates, seed)
-    row_of = {tuple(r): i for i, r in enumerate(matrix.tolist())}
-    if not complete:  # a sampled space: initial and prior configurations join the pool when valid
-        extra = [i for i in initial_index + [tuple(int(x) for x in p[0]) for p in prior_pairs]
-                 if i not in row_of and space._accepts(space.decode(i))]
-        matrix = _append(matrix, row_of, extra)
-    rng = np.random.default_rng(seed)
-    strat.start(space, matrix, prior_pairs, rng)
-    record = _record_in_study(study, space) if study is not None else None
 
-    available = np.ones(len(matrix), dtype=bool)
-    queue = [row_of[i] for i in dict.fromkeys(initial_index) if i in row_of]
+
+#: a plain Optuna sampler making this many invalid or repeated proposals in a row stops tune() ("stalled")
+MAX_WASTED = 1000
+
+
+class _DirectDriver:
+    """Proposals straight from the pool's strategy."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+
+    @property
+    def n_candidates(self) -> int:
+        return len(self.pool)
+
+    def ask(self) -> tuple[Any, dict] | None:
+        row = self.pool.next_row()
+        return row, self.pool.config(row)
+
+    def tell(self, row: int, value: float) -> None:
+        self.pool.tell(row, value)
+
+    def abandon(self, row: int) -> None:
+        pass
+
+
+class _OptunaDriver:
+    """Proposals through an Optuna study (ask/tell), from our ``Sampler`` or a plain Optuna sampler."""
+
+    def __init__(self, space: Space, *, seed: int, strategy: Any, initial: Sequence, prior: Sequence,
+                 candidates: Iterable | None, study: Any, storage: Any, study_name: str | None):
+        import optuna  # lazily: `import torchtune_ops.search` stays free of Optuna
+
+        from .sampler import OPTUNA_STRATEGIES, OptunaSpace, Sampler
+
+        self.optuna = optuna
+        plain = None
+        if isinstance(strategy, optuna.samplers.BaseSampler):
+            plain = strategy
+        elif isinstance(strategy, str) and strategy in OPTUNA_STRATEGIES:
+            plain = OPTUNA_STRATEGIES[strategy](seed)
+        elif isinstance(strategy, str) and strategy.startswith("optuna-"):
+            raise ValueError(f"unknown strategy {strategy!r}; Optuna's are {sorted(OPTUNA_STRATEGIES)}")
+        if plain is None:
+            self.sampler = Sampler(space, seed=seed, strategy=strategy, initial=initial, prior=prior,
+                                   candidates=candidates)
+            self.pool, self.ospace = self.sampler.pool, self.sampler.optuna_space
+        else:
+            self.sampler = plain
+            self.pool = Pool(space, strategy=None, seed=seed, initial=initial, prior=prior, candidates=candidates)
+            self.ospace = OptunaSpace(space)
+            self.values: dict[int, float] = {}
+        self.plain = plain is not None
+        self.restore = None
+        if study is not None:
+            if storage is not None or study_name is not None:
+                raise ValueError("give either study= or storage=/study_name=, not both")
+            if study._is_multi_objective() or study.direction != optuna.study.StudyDirection.MINIMIZE:
+                raise ValueError("tune() needs a study that minimizes one objective")
+            self.restore = study.sampler
+            study.sampler = self.sampler
+            self.study = study
+        else:
+            with _quiet_optuna(optuna):
+                try:
+                    self.study = optuna.create_study(storage=storage, sampler=self.sampler,
+                                                     study_name=study_name, direction="minimize")
+                except optuna.exceptions.DuplicatedStudyError:
+                    raise ValueError(f"the storage already has a study named {study_name!r}") from None
+        self.wasted = 0
+        if self.plain:  # the initial configurations first, as Optuna does it: enqueued trials
+            for row in self.pool.queue:
+                self.study.enqueue_trial(self.ospace.to_optuna(self.pool.config(row)))
+            self.pool.queue = []
+
+    @property
+    def n_candidates(self) -> int:
+        return len(self.pool)
+
+    def close(self) -> None:
+        if self.restore is not None:
+            self.study.sampler = self.restore
+
+    def ask(self) -> tuple[Any, dict] | None:
+        """A trial with a valid, unmeasured configuration; None after ``MAX_WASTED`` wasted proposals."""
+        fail = self.optuna.trial.TrialState.FAIL
+        for _ in range(MAX_WASTED):
+            trial = self.study.ask()
+            config = self.ospace.suggest(trial)
+            row = self.pool.row(config, grow=True)
+            if row is not None and self.pool.available[row]:
+                return (trial, row), self.pool.config(row)
+            if row is None:  # a plain sampler's invalid proposal: no measurement
+                trial.set_user_attr("torchtune_ops", "invalid")
+                self.study.tell(trial, state=fail)
+            else:  # a repeated one: told its recorded value, no measurement
+                trial.set_user_attr("torchtune_ops", "repeated")
+                value = self.values.get(row, math.inf) if self.plain else math.inf
+                self._tell(trial, value)
+            self.wasted += 1
+        return None
+
+    def _tell(self, trial: Any, value: float) -> None:
+        if math.isfinite(value):
+            self.study.tell(trial, value)
+        else:
+            self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
+
+    def tell(self, handle: tuple[Any, int], value: float) -> None:
+        trial, row = handle
+        self._tell(trial, value)  # our sampler tells its pool in after_trial
+        if self.plain:
+            self.values[row] = value
+            self.pool.tell(row, value)
+
+    def abandon(self, handle: tuple[Any, int]) -> None:
+        """The objective raised: the trial is told FAIL before the exception propagates."""
+        self.study.tell(handle[0], state=self.optuna.trial.TrialState.FAIL)
+
+
+_QUIET_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_optuna(optuna: Any) -> Iterator[None]:
+    """Optuna logs each study it creates at INFO; tune() creates one per call."""
+    with _QUIET_LOCK:
+        before = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            yield
+        finally:
+            optuna.logging.set_verbosity(before)
+
+
+def _loop(driver: Any, objective: Callable[[dict], float], *, max_trials: int, time_budget_s: float | None,
+          patience: int | None, callback: Callable[[Progress], None] | None,
+          should_stop: Callable[[], bool] | None, clock: Callable[[], float], start: float) -> TuneResult:
     trials: list[Trial] = []
     best_config, best_value, since_best = None, math.inf, 0
     stop_reason = "max_trials"
     while True:
         if len(trials) >= max_trials:
             break
-        if not available.any():
+        if driver.pool.exhausted:
             stop_reason = "exhausted"
             break
         if time_budget_s is not None and clock() - start >= time_budget_s:
@@ -187,42 +316,27 @@ def tune(space: Space, objective: Callable[[dict], float], *, max_trials: int = 
         if should_stop is not None and should_stop():
             stop_reason = "should_stop"
             break
-        queue = [r for r in queue if available[r]]
-        row = queue.pop(0) if queue else strat.propose(available)
-        if not available[row]:
-            raise RuntimeError(f"strategy {strat!r} proposed an unavailable candidate")
-        available[row] = False
-        config = space.decode(matrix[row])
+        asked = driver.ask()
+        if asked is None:
+            stop_reason = "stalled"
+            break
+        handle, config = asked
         try:
             value = float(objective(dict(config)))
         except InvalidConfig:
             value = math.inf
+        except BaseException:
+            driver.abandon(handle)
+            raise
         if math.isnan(value):
             value = math.inf
         trials.append(Trial(config, value))
-        strat.observe(row, value)
-        if record is not None:
-            record(config, value)
+        driver.tell(handle, value)
         if value < best_value:
             best_config, best_value, since_best = config, value, 0
-            if not complete:  # grow the sampled pool around the new best
-                new = [n for n in space.neighbours(tuple(int(x) for x in matrix[row])) if n not in row_of]
-                if new:
-                    matrix = _append(matrix, row_of, new)
-                    available = np.concatenate([available, np.ones(len(new), dtype=bool)])
-                    strat.add_candidates(matrix[-len(new):])
         else:
             since_best += 1
         if callback is not None:
             callback(Progress(len(trials), max_trials, config, value, best_config, best_value))
     return TuneResult(best_config=best_config, best_value=best_value, trials=trials, stop_reason=stop_reason,
-                      n_candidates=len(matrix), elapsed_s=clock() - start)
-
-
-def _append(matrix: np.ndarray, row_of: dict, rows: list[tuple[int, ...]]) -> np.ndarray:
-    rows = list(dict.fromkeys(rows))
-    for r in rows:
-        row_of[r] = len(row_of)
-    if not rows:
-        return matrix
-    return np.concatenate([matrix, np.asarray(rows, dtype=np.int64).reshape(len(rows), matrix.shape[1])])
+                      n_candidates=driver.n_candidates, elapsed_s=clock() - start)

@@ -16,6 +16,8 @@ and Optuna's own distributed machinery does the scheduling; we add no scheduler 
   full trial history are written to the shared results tables in one transaction, and only then is the
   Optuna trial completed. A worker killed before that transaction loses only the problem it was tuning;
   one killed after it loses nothing (whoever takes the retried problem finds the result and does not tune).
+- Each problem's search runs its measurements as a study of its own in the same database
+  (``search_study_name``), sampled by ``search.Sampler``, so optuna-dashboard on the database shows them.
 - The results tables (storage/fleet.py: ``torchtune_ops_entries_v<N>``, ``torchtune_ops_trials_v<N>``, the columns of the
   local cache) are what inference hosts read: ``RemoteCache`` opens them read-only, ``pull`` copies them into
   a local cache, and ``export_bundle`` writes them as a bundle (``bundles`` format).
@@ -46,6 +48,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -56,7 +59,7 @@ from ..storage.fleet import (DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, STUDY_PREFIX,
 
 __all__ = ["FleetError", "WorkerReport", "DEFAULT_HEARTBEAT_S", "DEFAULT_LEASE_S", "normalize_url",
            "job_name", "study_name", "run_worker", "job_status", "Results", "RemoteCache", "pull",
-           "export_bundle"]
+           "export_bundle", "search_study_name"]
 
 log = logging.getLogger("torchtune_ops")
 
@@ -102,16 +105,20 @@ def _schema_lock(url: str) -> Iterator[None]:
 _LOCK_KEY = 0x74746F2D666C6565
 
 
-def _optuna_storage(url: str, *, heartbeat_s: int, lease_s: int) -> Any:
+def _optuna_storage(url: str, *, heartbeat_s: int | None, lease_s: int | None) -> Any:
+    """Optuna's RDB storage on ``url``; with heartbeats (the queue's leases) unless ``heartbeat_s`` is None
+    (the per-problem search studies, run by ask/tell)."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     url = normalize_url(url)
+    beat = {} if heartbeat_s is None else dict(
+        heartbeat_interval=heartbeat_s, grace_period=lease_s,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = _retry("opening the Optuna storage", lambda: RDBStorage(
-            url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=heartbeat_s, grace_period=lease_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None)))
+            url, engine_kwargs=_engine_kwargs(url), **beat))
     if storage.engine.dialect.name == "sqlite":
         _serialize_sqlite(storage.engine)
     return storage
@@ -285,6 +292,8 @@ def run_worker(*, storage: str, problems: Iterable[tuple[str, Mapping[str, Any]]
             _quiet_optuna(), contextlib.closing(results):
         with _schema_lock(storage):
             ostorage = _optuna_storage(storage, heartbeat_s=heartbeat_i, lease_s=lease_i)
+            # each problem's search runs as its own study on the same database, sampled by search.Sampler
+            search_storage = _optuna_storage(storage, heartbeat_s=None, lease_s=None)
         study = _open_job(ostorage, results, name=name, fingerprint=fp, problems=keys, force=force,
                           wait_ready_s=wait_ready_s)
         local = Store.open(os.path.join(tmp, "tuning.sqlite"), readonly=False)
@@ -303,9 +312,11 @@ def run_worker(*, storage: str, problems: Iterable[tuple[str, Mapping[str, Any]]
                 notify("reused", fam_name, key)
                 return done.time_ms
             try:
+                search = search_study_name(fp, fam_name, key)
+                trial.set_user_attr("search_study", search)
                 entry = _tune_one(fams[fam_name], key, local=local, device=device, timer=timer,
                                   max_trials=max_trials, time_budget_s=time_budget_s, seed=seed,
-                                  progress=progress, fp=fp)
+                                  progress=progress, fp=fp, search_study=(search_storage, search))
                 history = [(t.config, t.value_ms) for t in local.trials(fp, fam_name, problem=key)]
                 stored = results.put(entry, history, worker=worker)
                 local.delete(fp, fam_name, key)
@@ -360,14 +371,23 @@ def run_worker(*, storage: str, problems: Iterable[tuple[str, Mapping[str, Any]]
     return report
 
 
+def search_study_name(fingerprint: str, family: str, key: str) -> str:
+    """The Optuna study that one attempt at tuning a problem runs its search in: the prefix, the problem and
+    device as ``torchtune-ops dashboard`` names them, and a fresh id (a retried problem gets a new study)."""
+    from ..storage.dashboard import study_name as problem_study_name
+
+    return f"{STUDY_PREFIX}:search: {problem_study_name(fingerprint, family, key)} #{uuid.uuid4().hex[:8]}"
+
+
 def _tune_one(family: Any, key: str, *, local: Store, device: Any, timer: Any, max_trials: int | None,
-              time_budget_s: float | None, seed: int, progress: Any, fp: str) -> Entry:
+              time_budget_s: float | None, seed: int, progress: Any, fp: str,
+              search_study: tuple[Any, str] | None = None) -> Entry:
     from .tuner import tune_problem
 
     problem = family.problem_from_dict(json.loads(key))
     return tune_problem(family, problem, device=device, store=local, max_trials=max_trials,
                         time_budget_s=time_budget_s, timer=timer, seed=seed, progress=progress,
-                        force=True, wait_s=0.0, fingerprint=fp)
+                        force=True, wait_s=0.0, fingerprint=fp, search_study=search_study)
 
 
 @contextlib.contextmanager

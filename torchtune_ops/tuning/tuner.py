@@ -159,7 +159,8 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
                  prior: Sequence[tuple[dict, float]] | None = None, strict: bool | None = None,
                  patience: int | None = None, force: bool = False, wait_s: float = 5.0,
                  lease_s: float | None = None, fingerprint: Fingerprint | str | None = None,
-                 isolate: bool | None = None, model: bool | None = None) -> Entry:
+                 isolate: bool | None = None, model: bool | None = None,
+                 search_study: tuple[Any, str] | None = None) -> Entry:
     """Find and store the fastest correct way to run ``problem`` on ``device``.
 
     Args:
@@ -198,6 +199,9 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
             best predictions and the nearest stored problems' winners are measured first, its predictions
             seed the search (unless ``prior`` is given) and the worst-predicted candidates are pruned when
             it ranks well on held-out problems. None (default): ``TORCHTUNE_OPS_PERFMODEL``.
+        search_study: (Optuna storage or URL, study name): run the search's trials in a new study of that
+            name there (``search.tune(storage=, study_name=)``; the fleet does, on its database). None
+            (default): in memory.
 
     Returns:
         The ``store.Entry`` now in the store (another process's answer when it stored a faster one first),
@@ -248,7 +252,7 @@ def tune_problem(family: Any, problem: Any, *, device: Any, store: Store | None 
         return _tune_claimed(store, key, family, problem, pdict, device=device, timer=timer, seed=seed,
                              max_trials=max_trials, time_budget_s=time_budget_s, prior=prior, patience=patience,
                              progress=progress, strict=strict, force=force, lease_s=lease_s, isolate=isolate,
-                             model=s.perfmodel if model is None else model)
+                             model=s.perfmodel if model is None else model, search_study=search_study)
     finally:
         local.release()
 
@@ -279,7 +283,8 @@ def _claimed_elsewhere(store: Store, key: tuple[str, str, str], family: Any, pdi
 def _tune_claimed(store: Store, key: tuple[str, str, str], family: Any, problem: Any, pdict: dict, *,
                   device: Any, timer: Timer | None, seed: int, max_trials: int, time_budget_s: float,
                   prior: Any, patience: int, progress: Any, strict: bool, force: bool, lease_s: float,
-                  isolate: bool | None, model: bool = False) -> Entry:
+                  isolate: bool | None, model: bool = False, search_study: tuple[Any, str] | None = None
+                  ) -> Entry:
     """Tune a problem whose claim this process holds (released at the end, whatever happens)."""
     from ..kernels.base import device_limits
 
@@ -297,7 +302,7 @@ def _tune_claimed(store: Store, key: tuple[str, str, str], family: Any, problem:
             entry, history = run.tune(key, max_trials=max_trials, time_budget_s=time_budget_s, prior=prior,
                                       patience=patience, progress=progress, hints=hints,
                                       renew=lambda: store.claim(*key, lease_s=lease_s),
-                                      renew_every_s=lease_s / 3)
+                                      renew_every_s=lease_s / 3, search_study=search_study)
         finally:
             if own_timer is not None:
                 own_timer.close()
@@ -462,7 +467,8 @@ class _Run:
              prior: Sequence[tuple[dict, float]] | None, patience: int,
              progress: bool | Callable[[TuneProgress], None] | None,
              renew: Callable[[], bool], renew_every_s: float,
-             hints: Callable | None = None) -> tuple[Entry, list[tuple[str, float]]]:
+             hints: Callable | None = None, search_study: tuple[Any, str] | None = None
+             ) -> tuple[Entry, list[tuple[str, float]]]:
         from ..kernels.base import Config
         from ..search import Space, tune
 
@@ -497,10 +503,11 @@ class _Run:
                 if h.pruned:
                     log.debug("%s: the performance model pruned %d of %d candidates", self.name, h.pruned,
                               len(valid))
+            storage, study_name = search_study or (None, None)
             result = tune(space, self.objective, max_trials=max_trials,
                           time_budget_s=max(0.0, time_budget_s - (time.monotonic() - start)),
                           seed=self.seed, initial=initial, prior=prior, patience=patience or None,
-                          candidates=cands, callback=on_trial)
+                          candidates=cands, callback=on_trial, storage=storage, study_name=study_name)
             if progress is True and result.trials:
                 sys.stderr.write("\n")
             history = [(Config.from_dict(c).to_json(), v) for c, v in result.trials]
