@@ -549,3 +549,28 @@ def test_a_stale_entry_still_serves_when_tuning_it_again_fails(monkeypatch):
         warnings.simplefilter("ignore")
         torch.testing.assert_close(torch.ops.torchtune_ops.mm(a, b), a @ b)
     assert dispatch.stats()["problems"][0]["source"] == "store"
+
+
+def test_a_table_of_this_version_without_the_budget_columns_gets_them(tmp_path):
+    """A build that made entries_v2 without our budget columns (another branch's v2) leaves a file this one
+    can open: the missing columns, which have defaults, are added."""
+    import sqlite3
+
+    path = tmp_path / "tuning.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute(f"""CREATE TABLE entries_v{store_mod.SCHEMA_VERSION} (fingerprint TEXT NOT NULL,
+        family TEXT NOT NULL, problem TEXT NOT NULL, winner TEXT NOT NULL, time_ms REAL NOT NULL,
+        aten_ms REAL NOT NULL, trials INTEGER NOT NULL, created TEXT NOT NULL, source TEXT NOT NULL,
+        host_ms REAL NOT NULL DEFAULT 0, PRIMARY KEY (fingerprint, family, problem)) WITHOUT ROWID""")
+    conn.execute(f"INSERT INTO entries_v{store_mod.SCHEMA_VERSION} VALUES ('fp','gemm','{{}}','aten',1,1,3,'x',"
+                 "'tuned',0.5)")
+    conn.commit()
+    conn.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", store_mod.CacheWarning)
+        st = Store.open(path)
+    assert st.mode == "disk"
+    [old] = st.entries()
+    assert (old.trials, old.max_trials, old.time_budget_s) == (3, 0, 0.0)
+    st.put(Entry("fp", "gemm", '{"M":1}', "aten", 1.0, 1.0, 2, max_trials=5, time_budget_s=1.5))
+    assert Store.open(path, readonly=True).get("fp", "gemm", '{"M":1}').max_trials == 5

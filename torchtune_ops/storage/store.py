@@ -302,8 +302,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries_v{v} (
     fingerprint TEXT NOT NULL, family TEXT NOT NULL, problem TEXT NOT NULL,
     winner TEXT NOT NULL, time_ms REAL NOT NULL, aten_ms REAL NOT NULL, trials INTEGER NOT NULL,
-    created TEXT NOT NULL, source TEXT NOT NULL,
-    max_trials INTEGER NOT NULL DEFAULT 0, time_budget_s REAL NOT NULL DEFAULT 0,
+    created TEXT NOT NULL, source TEXT NOT NULL,{extra}
     PRIMARY KEY (fingerprint, family, problem)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS trials_v{v} (
     fingerprint TEXT NOT NULL, family TEXT NOT NULL, problem TEXT NOT NULL, run TEXT NOT NULL,
@@ -315,6 +314,9 @@ CREATE TABLE IF NOT EXISTS claims_v{v} (
     PRIMARY KEY (fingerprint, family, problem)) WITHOUT ROWID;
 """
 
+#: entry columns after ``source``, each with a default: a table of this schema version made without one of
+#: them (by a build that added its columns in another order of development) gets it added at open
+_ENTRY_DEFAULTED = {"max_trials": "INTEGER NOT NULL DEFAULT 0", "time_budget_s": "REAL NOT NULL DEFAULT 0"}
 _ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(Entry))
 _ENTRY_COLS = ", ".join(_ENTRY_FIELDS)
 _ENTRY_VALUES = "VALUES (" + ",".join("?" * len(_ENTRY_FIELDS)) + ")"
@@ -410,11 +412,19 @@ class Store:
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         wanted = {f"{t}_v{SCHEMA_VERSION}" for t in ("entries", "trials", "claims")}
+        extra = "".join(f"\n    {k} {v}," for k, v in _ENTRY_DEFAULTED.items())
         if not wanted <= names:
             with _tx(conn):
-                for stmt in _SCHEMA.format(v=SCHEMA_VERSION).split(";"):
+                for stmt in _SCHEMA.format(v=SCHEMA_VERSION, extra=extra).split(";"):
                     if stmt.strip():
                         conn.execute(stmt)
+        table = f"entries_v{SCHEMA_VERSION}"
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        missing = [k for k in _ENTRY_DEFAULTED if k not in have]
+        if missing:
+            with _tx(conn):
+                for k in missing:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {k} {_ENTRY_DEFAULTED[k]}")
 
     def _connect_disk(self) -> sqlite3.Connection:
         """Open the file read-write in WAL mode with our tables; raises OSError or sqlite3.Error."""
