@@ -721,7 +721,8 @@ def search_study_name(fingerprint: str, family: str, key: str) -> str:
     device as ``torchtune-ops dashboard`` names them, and a fresh id (a retried problem gets a new study)."""
     from .dashboard import study_name as problem_study_name
 
-    return f"{STUDY_PREFIX}:search: {problem_study_name(fingerprint, family, key)} #{uuid.uuid4().hex[:8]}"
+    name = f"{STUDY_PREFIX}:search: {problem_study_name(fingerprint, family, key)}"
+    return f"{name[:490]} #{uuid.uuid4().hex[:8]}"  # Optuna's RDB storage keeps 512 characters
 
 
 def _tune_one(family: Any, key: str, *, local: Store, device: Any, timer: Any, max_trials: int | None,
