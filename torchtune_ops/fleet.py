@@ -457,11 +457,11 @@ def _optuna_storage(url: str, *, heartbeat_s: int | None, lease_s: int | None) -
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     url = normalize_url(url)
-    beat = {} if heartbeat_s is None else dict(
-        heartbeat_interval=heartbeat_s, grace_period=lease_s,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        beat = {} if heartbeat_s is None else dict(
+            heartbeat_interval=heartbeat_s, grace_period=lease_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
         storage = _retry("opening the Optuna storage", lambda: RDBStorage(
             url, engine_kwargs=_engine_kwargs(url), **beat))
     if storage.engine.dialect.name == "sqlite":
