@@ -188,6 +188,14 @@ def folds_by_size(d, n_folds: int, seed: int = 0) -> np.ndarray:
     return np.asarray([fold_of[k] for k in keys])
 
 
+def own_trees(X, y, *, max_iter, leaves, lr, seed) -> gemm_prior.Forest:
+    """perfmodel's numpy gradient-boosted trees (complete trees of depth log2(leaves)) as a Forest."""
+    from torchtune_ops.tuning.perfmodel import _Trees
+
+    depth = max(1, int(round(math.log2(leaves))))
+    return gemm_prior.Forest.from_own(_Trees.fit(X, y, n_trees=max_iter, depth=depth, lr=lr, seed=seed))
+
+
 def fit(datas, shapes=None, **kw) -> gemm_prior.GemmPrior:
     opts = dict(OPTIONS)
     opts.update(kw)
@@ -377,7 +385,7 @@ def main(argv=None) -> int:
 
     # the library comparison: our numpy trees (same leaves, same rounds) on the same protocol
     t = time.time()
-    own = fit(a100, **dict(opts, learner="own", max_iter=opts.get("max_iter", 100) if args.smoke else 100))
+    own = fit(a100, **dict(opts, learner=own_trees, max_iter=opts.get("max_iter", 100) if args.smoke else 100))
     own_fit = time.time() - t
     t = time.time()
     P_own = model_scores(own, h100)

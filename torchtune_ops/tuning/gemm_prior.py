@@ -211,7 +211,7 @@ class Forest:
         return cls(trees.feat.copy(), trees.thr.copy(), left, right, val, float(trees.base), int(trees.depth))
 
 
-def _fit_forest(X: np.ndarray, y: np.ndarray, *, learner: str, max_iter: int, leaves: int, lr: float,
+def _fit_forest(X: np.ndarray, y: np.ndarray, *, learner: Any, max_iter: int, leaves: int, lr: float,
                 seed: int) -> Forest:
     if learner == "sklearn":
         try:
@@ -224,12 +224,9 @@ def _fit_forest(X: np.ndarray, y: np.ndarray, *, learner: str, max_iter: int, le
                                             random_state=seed)
         est.fit(X, y)
         return Forest.from_sklearn(est)
-    if learner == "own":
-        from .perfmodel import _Trees
-
-        depth = max(1, int(round(math.log2(leaves))))
-        return Forest.from_own(_Trees.fit(X, y, n_trees=max_iter, depth=depth, lr=lr, seed=seed))
-    raise ValueError(f"learner must be 'sklearn' or 'own', got {learner!r}")
+    if callable(learner):
+        return learner(X, y, max_iter=max_iter, leaves=leaves, lr=lr, seed=seed)
+    raise ValueError(f"learner must be 'sklearn' or a function, got {learner!r}")
 
 
 # -------------------------------------------------------------------------------------------- the prior
@@ -405,15 +402,16 @@ def design(datas: Sequence[Any], *, groups: Sequence[str] = DEFAULT_GROUPS, shap
 
 
 def fit(datas: Sequence[Any], *, groups: Sequence[str] = DEFAULT_GROUPS, shapes: Sequence[Any] | None = None,
-        learner: str = "sklearn", max_iter: int = 200, leaves: int = 31, lr: float = 0.1, seed: int = 0,
+        learner: Any = "sklearn", max_iter: int = 200, leaves: int = 31, lr: float = 0.1, seed: int = 0,
         vs_aten: bool = True, clip: float = CLIP, target: str = "log", meta: Mapping[str, Any] | None = None) -> GemmPrior:
     """Fit a prior on ``datas`` (``inductor_data.InductorData``; ``shapes``: per data, the shape indices to
     use, None for all).
 
     Args:
         groups: the feature groups (``FEATURE_GROUPS``). Default ``DEFAULT_GROUPS``.
-        learner: "sklearn" (HistGradientBoostingRegressor; default) or "own" (perfmodel's numpy trees of
-            depth log2(leaves)).
+        learner: "sklearn" (HistGradientBoostingRegressor; default) or a function
+            ``(X, y, *, max_iter, leaves, lr, seed) -> Forest`` (benchmarks/perfmodel_eval.py passes
+            perfmodel's numpy trees this way, through ``Forest.from_own``).
         max_iter, leaves, lr: boosting rounds (default 200), leaves per tree (31), learning rate (0.1).
         seed: the learner's seed. Default 0.
         vs_aten: also fit the cuBLAS-margin forest (default True).
@@ -430,7 +428,8 @@ def fit(datas: Sequence[Any], *, groups: Sequence[str] = DEFAULT_GROUPS, shapes:
         gpu, sms, smem, cap = d.limits()
         gpus.setdefault(gpu, {"name": gpu, "sms": sms, "smem": smem, "capability": list(cap), "files": []})
         gpus[gpu]["files"].append(d.name)
-    m = {"date": datetime.date.today().isoformat(), "gpus": list(gpus.values()), "learner": learner,
+    m = {"date": datetime.date.today().isoformat(), "gpus": list(gpus.values()),
+         "learner": learner if isinstance(learner, str) else getattr(learner, "__name__", "custom"),
          "params": {"max_iter": max_iter, "leaves": leaves, "lr": lr, "seed": seed, "clip": clip, "target": target}}
     m.update(meta or {})
     return GemmPrior(rank=rank, vs_aten=va, groups=tuple(groups), meta=m)
