@@ -41,7 +41,7 @@ FILES = ("a100_mm", "a100_hf_train_mm", "a100_timm_train_mm", "h100_hf_train_mm"
 KS = (0, 1, 3, 5, 10)
 OUT = ROOT / "benchmarks" / "out"
 #: the model's options (chosen by ``--select``: grouped CV on the A100 files only; docs/perfmodel.md)
-OPTIONS = {"learner": "sklearn", "max_iter": 200, "leaves": 31, "lr": 0.1}
+OPTIONS = {"learner": "sklearn", "max_iter": 200, "leaves": 31, "lr": 0.1, "target": "rank"}
 #: variants of a better-predicted tile are pushed back by this much (log); chosen by ``--select`` too
 DIVERSITY = 0.0
 
@@ -173,7 +173,7 @@ def model_scores(prior: gemm_prior.GemmPrior, d, shapes=None, *, arch: float | N
     s, c = np.nonzero(mask)
     pa, ca = gemm_prior.problem_arrays(d.problems), gemm_prior.config_arrays(d.configs)
     P[s, c] = prior.score_rows({k: v[s] for k, v in pa.items()}, {k: v[c] for k, v in ca.items()}, sms=sms,
-                               smem=smem, arch=dm.arch if arch is None else arch)
+                               smem=smem, arch=dm.arch if arch is None else arch, balance=dm.balance)
     return gemm_prior.diversify(P, ca["bm"], ca["bn"], float(prior.meta.get("diversity", 0.0)))
 
 
@@ -288,6 +288,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="a few shapes and trees: seconds")
     ap.add_argument("--select", action="store_true", help="choose options by grouped CV on the A100 files")
     ap.add_argument("--ship", action="store_true", help="train on all four files and write the shipped prior")
+    ap.add_argument("--design", action="store_true", help="only the baselines and the feature-group CV on H100")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--no-cache", action="store_true")
@@ -350,23 +351,16 @@ def main(argv=None) -> int:
             add("baseline", name, f"AutoHeuristic {gpu} ranking", score_ranking(d, R))
 
     for name, d in datas.items():   # leave shapes out, within each file
+        if args.design:
+            break
         t = time.time()
         add("leave-shapes-out", name, f"model ({args.folds} folds by size)",
             score_ranking(d, leave_shapes_out(d, args.folds, **opts)), time.time() - t)
 
-    # the shipped prior's design, by grouped CV on its training files: H100 shapes held out (5 folds by size),
-    # trained on every A100 file and the other H100 folds, with and without the architecture feature
     h100 = datas["h100_hf_train_mm"]
-    fold = folds_by_size(h100, args.folds)
-    for groups in (gemm_prior.DEFAULT_GROUPS, gemm_prior.DEFAULT_GROUPS + ("arch",)):
-        t = time.time()
-        P = np.full(h100.times.shape, np.inf)
-        for f in range(args.folds):
-            test = np.flatnonzero(fold == f)
-            m = fit(a100 + [h100], shapes=[None] * 3 + [np.flatnonzero(fold != f)], groups=groups, **opts)
-            P[test] = model_scores(m, h100, test)[test]
-        add("H100 shapes out", "h100_hf_train_mm", "model (A100 + other H100 folds)" +
-            (" + arch" if "arch" in groups else ""), score_ranking(h100, P), time.time() - t)
+    design_cv(a100, h100, args.folds, add, **opts)
+    if args.design:
+        return 0
 
     t = time.time()                 # across workloads
     m = fit([datas["a100_mm"], datas["a100_hf_train_mm"]], **opts)
@@ -397,11 +391,18 @@ def main(argv=None) -> int:
 
     # feature ablation across GPUs
     for g in gemm_prior.DEFAULT_GROUPS:
+        if g == "arch":  # constant on one GPU: nothing to remove
+            continue
         t = time.time()
         groups = tuple(x for x in gemm_prior.DEFAULT_GROUPS if x != g)
         mg = fit(a100, groups=groups, **opts)
         add("ablation x-GPU", "h100_hf_train_mm", f"model without {g}", score_ranking(h100, model_scores(mg, h100)),
             time.time() - t)
+
+    t = time.time()
+    mg = fit(a100, groups=gemm_prior.DEFAULT_GROUPS + ("balance",), **opts)
+    add("ablation x-GPU", "h100_hf_train_mm", "model with balance", score_ranking(h100, model_scores(mg, h100)),
+        time.time() - t)
 
     # the tuner itself, replayed with a fake timer on the held-out GPU and workload
     for label, d, model in (("across-GPUs", h100, xg), ("across-workloads", datas["a100_timm_train_mm"], m)):
@@ -428,11 +429,30 @@ def main(argv=None) -> int:
     return 0
 
 
+def design_cv(a100, h100, n_folds: int, add, **opts) -> None:
+    """The shipped prior's feature groups, by grouped CV on its training files: H100 shapes held out (folds by
+    size), trained on every A100 file and the other H100 folds; the default groups, then with the machine
+    balance, the architecture code, both."""
+    fold = folds_by_size(h100, n_folds)
+    base = tuple(g for g in gemm_prior.DEFAULT_GROUPS if g not in ("balance", "arch"))
+    for extra in ((), ("balance",), ("arch",), ("balance", "arch")):
+        groups = base + extra
+        t = time.time()
+        P = np.full(h100.times.shape, np.inf)
+        for f in range(n_folds):
+            test = np.flatnonzero(fold == f)
+            m = fit(a100 + [h100], shapes=[None] * 3 + [np.flatnonzero(fold != f)], groups=groups, **opts)
+            P[test] = model_scores(m, h100, test)[test]
+        add("H100 shapes out", "h100_hf_train_mm", "model (A100 + other H100 folds)" +
+            "".join(f" + {g}" for g in extra), score_ranking(h100, P), time.time() - t)
+
+
 def select(a100, n_folds: int, t0: float, *, smoke: bool = False) -> int:
     """Grouped CV over the A100 files only (each file's shapes split by size into folds; train on the other
     folds of all three, score the held-out shapes): the mean over files of geomean k=1 and k=3."""
-    grid = [dict(OPTIONS, clip=math.log(4.0)), dict(OPTIONS, clip=math.log(2.0)), dict(OPTIONS, target="rank"),
-            dict(OPTIONS, leaves=63), dict(OPTIONS, max_iter=400, lr=0.05)]
+    log = dict(OPTIONS, target="log")
+    grid = [dict(log, clip=math.log(4.0)), dict(log, clip=math.log(2.0)), dict(OPTIONS, target="rank"),
+            dict(log, leaves=63), dict(log, max_iter=400, lr=0.05)]
     if smoke:
         grid = [dict(OPTIONS, max_iter=10, leaves=8)]
     folds = [folds_by_size(d, n_folds, seed=1) for d in a100]

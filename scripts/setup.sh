@@ -18,4 +18,4 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
     "$VPY" -m pip install -q torch==2.13.0
   fi
 fi
-"$VPY" -m pip install -q -e ".[test,fleet]"  # fleet: the fleet tests need SQLAlchemy and psycopg
+"$VPY" -m pip install -q -e ".[test,fleet,train]"  # fleet: SQLAlchemy and psycopg; train: scikit-learn (perfmodel_eval)

@@ -132,6 +132,10 @@ def explain_text() -> str:
         lines.append(f"{op:<9} {c.get('calls', 0):>8} {c.get('hits', 0):>8} {c.get('misses', 0):>7} "
                      f"{c.get('tuned', 0):>6} {c.get('store', 0):>6} {aten:>6} "
                      f"{c.get('failed', 0) + c.get('failures', 0):>6}")
+    from .tuning.perfmodel import prior_notes
+
+    for fp, note in sorted(prior_notes().items()):
+        lines.append(f"performance prior on {fp.split('|', 1)[0]}: {note}")
     if st["problems"]:
         lines.append("")
         lines.append(f"{'op':<9} {'dtype':<9} {'shape':<40} {'source':<12} {'calls':>7}  kernel")
@@ -151,13 +155,17 @@ def explain(*, file: TextIO | None = None, print_it: bool = True) -> dict[str, A
     Returns:
         ``{"intercepted": {...}, "ops": {...}, "problems": [...]}``: the compile-time interception counts
         (``backend.intercepted()``), per-op run-time counts (calls, hits, misses, and how each miss was
-        resolved: tuned, store, untuned, unsupported, failed, background) and one row per problem (op,
-        shape, dtype, kernel: "aten" or the configuration, source, calls, times and trials when tuned).
+        resolved: tuned, store, untuned, unsupported, failed, background), one row per problem (op,
+        shape, dtype, kernel: "aten" or the configuration, source, calls, times and trials when tuned) and
+        ``"prior"``: per device fingerprint the shipped GEMM prior used, and which GPU's data it rests on.
     """
     from .runtime import backend, dispatch
 
     data = dict(dispatch.stats())
     data["intercepted"] = backend.intercepted()
+    from .tuning.perfmodel import prior_notes
+
+    data["prior"] = prior_notes()
     if print_it:
         print(explain_text(), file=file or sys.stdout)
     return data

@@ -10,12 +10,14 @@ Trained on PyTorch AutoHeuristic's timings of Inductor's Triton mm template on a
 relative to the device's limits (waves of tiles over the SMs, shared memory over its capacity, tile
 efficiency on the edges, alignment), so that what it learned on one GPU carries to another; on a GPU the
 data does not cover, the device's own limits are used and the nearest covered GPU is named
-(``DeviceModel.note``). The target is per problem: log(time / the problem's best Triton time), clipped at
-log 4; a second ensemble predicts log(time / cuBLAS's time) for the zero-shot margin.
+(``DeviceModel.note``). The target is per problem: each configuration's place among the problem's recorded
+ones (0 the fastest, 1 the slowest; chosen over log(time / best) by grouped cross-validation on the A100
+files); a second ensemble predicts log(time / cuBLAS's time) for the zero-shot margin.
 
 The trees are stored as plain arrays in JSON and evaluated here with numpy: using the prior needs no
-learning library. Fitting uses scikit-learn's HistGradientBoostingRegressor (the ``train`` extra) or, with
-``learner="own"``, the numpy trees of ``perfmodel``. docs/perfmodel.md has the evaluation.
+learning library. Fitting uses scikit-learn's HistGradientBoostingRegressor (the ``train`` extra) or any
+function returning a ``Forest`` (the benchmark passes perfmodel's numpy trees this way). docs/perfmodel.md
+has the evaluation.
 """
 from __future__ import annotations
 
@@ -30,11 +32,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 __all__ = ["Forest", "GemmPrior", "DeviceModel", "features", "FEATURE_GROUPS", "shipped", "SHIPPED_PATH", "fit",
-           "problem_arrays", "config_arrays", "diversify"]
+           "problem_arrays", "config_arrays", "diversify",
+           "machine_balance", "PEAKS"]
 
 SHIPPED_PATH = Path(__file__).resolve().parent / "priors" / "gemm_inductor_v1.json"
 SCHEMA = 1
 CLIP = math.log(4.0)
+#: added to the score of configurations outside the data's kind (split-K, TMA, GROUP_M != 8): they follow
+#: their plain twin (scores are places among a problem's configurations, 0..1: 0.05 is 5% of them)
+UNSEEN_PENALTY = 0.05
 _LAYOUT = {"row": 0, "col": 1, "strided": 2}
 _ES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -48,9 +54,26 @@ FEATURE_GROUPS = {
     "align": ("align_a", "align_b"),
     "derived": ("log_kiters", "tile_ai", "regs", "stages_over_k", "log_tile_work"),
     "roofline": ("log_work_per_sm", "log_traffic_per_sm", "log_balance"),
+    "balance": ("log_tile_ai_over_balance", "log_ai_over_balance"),
     "arch": ("arch",),
 }
-DEFAULT_GROUPS = ("problem", "config", "waves", "smem", "edges", "align", "derived", "roofline")
+
+#: dense fp16 tensor-core TFLOP/s and memory TB/s by compute capability (the GPU most met with each; data
+#: sheets): the machine balance that arithmetic intensities are measured against
+PEAKS = {(7, 0): (125.0, 0.9), (7, 5): (65.0, 0.32), (8, 0): (312.0, 2.04), (8, 6): (125.0, 0.6),
+         (8, 7): (85.0, 0.2), (8, 9): (121.0, 0.3), (9, 0): (989.0, 3.35), (10, 0): (2250.0, 8.0),
+         (12, 0): (210.0, 0.9)}
+
+
+def machine_balance(capability: Sequence[int]) -> float:
+    """fp16 FLOP per byte of memory traffic at peak, for a capability (the nearest one in ``PEAKS``)."""
+    cap = tuple(int(x) for x in capability)[:2]
+    key = min(PEAKS, key=lambda c: (abs(c[0] - cap[0]), abs(c[1] - cap[1])))
+    tf, tb = PEAKS[key]
+    return tf / tb
+#: chosen by grouped CV on the training files (benchmarks/perfmodel_eval.py, "H100 shapes out"): "arch" lets the
+#: prior tell its GPUs apart (it is constant when trained on one GPU); "balance" did not help there
+DEFAULT_GROUPS = ("problem", "config", "waves", "smem", "edges", "align", "derived", "roofline", "arch")
 
 
 def problem_arrays(problems: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -77,10 +100,11 @@ def _lg(x):
 
 
 def features(p: Mapping[str, np.ndarray], c: Mapping[str, np.ndarray], *, sms: float, smem: float, arch: float,
-             groups: Sequence[str] = DEFAULT_GROUPS) -> tuple[np.ndarray, list[str]]:
+             groups: Sequence[str] = DEFAULT_GROUPS, balance: float = 150.0) -> tuple[np.ndarray, list[str]]:
     """Feature matrix of rows (problem, config), given equally long arrays (``problem_arrays`` and
-    ``config_arrays`` indexed per row) and the device's SMs, shared memory per block (bytes) and
-    architecture code (capability major of the nearest GPU the prior knows)."""
+    ``config_arrays`` indexed per row) and the device's SMs, shared memory per block (bytes), architecture
+    code (capability major of the nearest GPU the prior knows) and fp16 machine balance (FLOP/byte;
+    ``machine_balance``; float32 counts 1/16 of it, TF32 1/2)."""
     M, N, K, B, es = p["M"], p["N"], p["K"], p["B"], p["es"]
     bm, bn, bk, warps, stages = c["bm"], c["bn"], c["bk"], c["warps"], c["stages"]
     sk = np.maximum(c.get("sk", np.ones_like(bm)), 1.0)
@@ -91,6 +115,7 @@ def features(p: Mapping[str, np.ndarray], c: Mapping[str, np.ndarray], *, sms: f
     smem_use = stages * (bm * bk + bk * bn) * es
     lead_a = np.where(p["la"] == 1, M, K)
     lead_b = np.where(p["lb"] == 1, K, N)
+    bal = balance * np.where(es >= 4, np.where(p["tf32"] > 0, 0.5, 1 / 16), 1.0)
     f = {
         "logM": _lg(M), "logN": _lg(N), "logK": _lg(K), "es": es, "a_col": (p["la"] == 1) * 1.0,
         "b_col": (p["lb"] == 1) * 1.0, "tf32": p["tf32"] * 1.0,
@@ -108,6 +133,9 @@ def features(p: Mapping[str, np.ndarray], c: Mapping[str, np.ndarray], *, sms: f
         "log_work_per_sm": _lg(np.ceil(waves) * bm * bn * kiters * bk * sk),
         "log_traffic_per_sm": _lg(tiles * (bm + bn) * kiters * bk * es / sms),
         "log_balance": np.log2(bm * bn / ((bm + bn) * es)),
+        # arithmetic intensity (FLOP per byte) of a tile's K step and of the whole problem over the machine's
+        "log_tile_ai_over_balance": np.log2(2 * bm * bn / ((bm + bn) * es) / bal),
+        "log_ai_over_balance": np.log2(2 * M * N * K / np.maximum((M * K + K * N + M * N) * es, 1.0) / bal),
         "arch": np.full(len(M), float(arch)),
     }
     names = [n for g in groups for n in FEATURE_GROUPS[g]]
@@ -268,11 +296,11 @@ class GemmPrior:
             note = f"GEMM prior {self.meta.get('version')}"
         arch = float(near["capability"][0]) if near is not None else float(capability[0])
         return DeviceModel(self, sms=max(1, int(sms)), smem=max(1, int(smem)), arch=arch, note=note,
-                           covered=bool(covered))
+                           covered=bool(covered), balance=machine_balance(capability))
 
     def score_rows(self, p: Mapping[str, np.ndarray], c: Mapping[str, np.ndarray], *, sms: float, smem: float,
-                   arch: float) -> np.ndarray:
-        X, _ = features(p, c, sms=sms, smem=smem, arch=arch, groups=self.groups)
+                   arch: float, balance: float) -> np.ndarray:
+        X, _ = features(p, c, sms=sms, smem=smem, arch=arch, groups=self.groups, balance=balance)
         return self.rank.predict(X)
 
     def to_dict(self) -> dict:
@@ -318,6 +346,7 @@ class DeviceModel:
     arch: float
     note: str
     covered: bool
+    balance: float = 150.0
     family: str = "gemm"
 
     @property
@@ -327,17 +356,23 @@ class DeviceModel:
     def _X(self, problem: Mapping[str, Any], configs: Sequence[Mapping[str, Any]]) -> np.ndarray:
         pa = {k: np.repeat(v, len(configs)) for k, v in problem_arrays([problem]).items()}
         X, _ = features(pa, config_arrays(configs), sms=self.sms, smem=self.smem, arch=self.arch,
-                        groups=self.prior.groups)
+                        groups=self.prior.groups, balance=self.balance)
         return X
 
     def predict(self, problem: Mapping[str, Any], configs: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """Predicted log(time / the problem's best Triton time) per configuration, lower is faster; with the
-        prior's ``diversity`` (``meta``), variants of a better-scored tile are pushed back by it."""
+        """Per configuration, its predicted place among the problem's (0 fastest .. 1 slowest; lower is faster)
+        plus ``UNSEEN_PENALTY`` for split-K, TMA or GROUP_M other than 8; with the prior's ``diversity``
+        (``meta``), variants of a better-scored tile are pushed back by it."""
         if not configs:
             return np.zeros(0)
         ca = config_arrays(configs)
-        return diversify(self.prior.rank.predict(self._X(problem, configs)), ca["bm"], ca["bn"],
-                         float(self.prior.meta.get("diversity", 0.0)))
+        score = diversify(self.prior.rank.predict(self._X(problem, configs)), ca["bm"], ca["bn"],
+                          float(self.prior.meta.get("diversity", 0.0)))
+        # what Inductor's template never ran (split-K, tensor descriptors, GROUP_M other than 8) ties with its
+        # plain twin in the features: measure the twin the data speaks for first
+        unseen = np.asarray([int(c.get("SPLIT_K", 1)) != 1 or int(c.get("TMA", 0)) != 0
+                             or int(c.get("GROUP_M", 8)) != 8 for c in configs])
+        return score + UNSEEN_PENALTY * unseen
 
     def predict_vs_aten(self, problem: Mapping[str, Any], configs: Sequence[Mapping[str, Any]]) -> np.ndarray | None:
         if self.prior.vs_aten is None or not configs:
@@ -382,7 +417,7 @@ def design(datas: Sequence[Any], *, groups: Sequence[str] = DEFAULT_GROUPS, shap
         pa = problem_arrays([d.problems[j] for j in idx])
         ca = config_arrays(d.configs)
         X, _ = features({k: v[s_idx] for k, v in pa.items()}, {k: v[c_idx] for k, v in ca.items()}, sms=sms,
-                        smem=smem, arch=arch, groups=groups)
+                        smem=smem, arch=arch, groups=groups, balance=machine_balance(cap))
         t = T[s_idx, c_idx]
         best = np.nanmin(T, axis=1)[s_idx]
         y = np.minimum(np.log(t / best), clip)
