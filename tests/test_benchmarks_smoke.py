@@ -97,8 +97,8 @@ def _inductor_files(folder: Path) -> None:
     for name, meta in (("a100_mm", ((8, 0), 166912)), ("a100_hf_train_mm", ((8, 0), 166912)),
                        ("a100_timm_train_mm", ((8, 0), 166912)), ("h100_hf_train_mm", ((9, 0), 232448))):
         lines = [json.dumps({"shared_memory": meta[1], "device_capa": list(meta[0]), "name": "mm"}), header]
-        for _ in range(12):
-            m, k, n = rng.choice((1, 17, 256, 1000, 4096)), rng.choice((64, 257, 4096)), rng.choice((80, 1024, 3000))
+        sizes = [(m, k, n) for m in (1, 17, 256, 1000, 4096) for k in (64, 257, 4096) for n in (80, 1024, 3000)]
+        for m, k, n in rng.sample(sizes, 12):
             shape = f"{m},{k},{n},torch.float16,torch.float16,{k},1,1,{k},True,False,not_float_32"
             lines.append(f"{shape},extern_mm,{m * n * k * 1e-9 + 0.01:.6f}")
             for bm, bk, bn, st, w in configs + configs[:1]:

@@ -172,23 +172,27 @@ class Forest:
     val: np.ndarray
     base: float
     depth: int
+    _flat: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         n, T = len(X), len(self.feat)
         if n == 0:
             return np.zeros(0)
-        node = np.zeros((T, n), dtype=np.int64)
-        t = np.arange(T)[:, None]
+        if self._flat is None:  # node arrays flattened over trees; a leaf's children are itself
+            W = self.feat.shape[1]
+            me = np.arange(T * W).reshape(T, W)
+            off = (np.arange(T) * W)[:, None]
+            leaf = self.feat < 0
+            self._flat = (np.maximum(self.feat, 0).ravel(), self.thr.ravel(),
+                          np.where(leaf, me, self.left + off).ravel(), np.where(leaf, me, self.right + off).ravel(),
+                          self.val.ravel(), off)
+        feat, thr, left, right, val, off = self._flat
+        Xt = np.ascontiguousarray(X.T).ravel()
         cols = np.arange(n)[None, :]
+        node = np.repeat(off, n, axis=1)
         for _ in range(self.depth):
-            f = self.feat[t, node]
-            leaf = f < 0
-            if leaf.all():
-                break
-            x = X[cols, np.maximum(f, 0)]
-            nxt = np.where(x > self.thr[t, node], self.right[t, node], self.left[t, node])
-            node = np.where(leaf, node, nxt)
-        return self.base + self.val[t, node].sum(axis=0)
+            node = np.where(Xt[feat[node] * n + cols] > thr[node], right[node], left[node])
+        return self.base + val[node].sum(axis=0)
 
     def to_dict(self) -> dict:
         return {"base": self.base, "depth": self.depth, "feat": self.feat.tolist(),
