@@ -119,3 +119,33 @@ def test_forest_matches_scikit_learn_and_round_trips():
     bad["left"][0][0] = 10 ** 6
     with pytest.raises(ValueError):
         gemm_prior.Forest.from_dict(bad)
+
+
+def test_zero_shot_uses_the_prior_with_an_empty_history(tmp_path, monkeypatch):
+    import torch
+
+    from torchtune_ops.runtime import launch
+
+    seen = {}
+    real = perfmodel.zero_shot
+
+    def spy(model, problem, cands, **kw):
+        seen["model"], seen["cands"] = model, cands
+        seen["out"] = real(model, problem, cands, **kw)
+        return seen["out"]
+
+    monkeypatch.setattr(perfmodel, "zero_shot", spy)
+    prob = GemmProblem("mm", 1, 127, 67, 95, "float16", "row", "col")
+    pred = launch._predict(kgemm.GEMM, prob, H100, torch.device("cpu"), Store.open(tmp_path / "z.db"))
+    model = seen["model"]
+    assert isinstance(model, gemm_prior.DeviceModel) and model.confident()
+    scores = model.predict(kgemm.GEMM.problem_to_dict(prob), seen["cands"])
+    best = seen["cands"][int(np.argmin(scores))]
+    if seen["out"] is None:  # the prior does not expect the best to beat cuBLAS by the margin: aten
+        assert pred is None
+    else:
+        assert pred.winner == Config.from_dict(best).to_json() and pred.vs_aten < 1 - perfmodel.MIN_MARGIN
+    with settings.override(perfmodel_prior=False):
+        seen.clear()
+        assert launch._predict(kgemm.GEMM, prob, H100, torch.device("cpu"), Store.open(tmp_path / "y.db")) is None
+        assert not seen  # no model at all: zero-shot is not even asked
