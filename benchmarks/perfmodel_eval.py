@@ -306,9 +306,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ship", action="store_true", help="train on all four files and write the shipped prior")
     ap.add_argument("--design", action="store_true", help="only the baselines and the feature-group CV on H100")
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, help="folder or .json file (default benchmarks/results, smoke: benchmarks/out)")
     ap.add_argument("--no-cache", action="store_true")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = OUT if args.smoke else ROOT / "benchmarks" / "results"
     t0 = time.time()
 
     if args.prior == "shipped":
