@@ -214,7 +214,10 @@ class Forest:
 
     @classmethod
     def from_sklearn(cls, est: Any) -> "Forest":
-        """From a fitted ``HistGradientBoostingRegressor`` (its per-iteration tree predictors)."""
+        """From a fitted ``HistGradientBoostingRegressor``: its per-iteration tree predictors (``_predictors``,
+        node records with ``feature_idx``, ``num_threshold``, ``left``, ``right``, ``is_leaf``, ``value``)
+        and ``_baseline_prediction``; private but stable since scikit-learn 0.21, and checked against
+        ``est.predict`` in tests/test_gemm_prior.py."""
         trees = [pred.nodes for it in est._predictors for pred in it]
         width = max(len(nd) for nd in trees)
         T = len(trees)
@@ -384,6 +387,8 @@ class DeviceModel:
         return self.prior.vs_aten.predict(self._X(problem, configs))
 
     def confident(self) -> bool:
+        """The rule of ``perfmodel.PerfModel.confident`` (MIN_CV_FRACTION 0.9, MIN_CV_SPEARMAN 0.5) on the
+        prior's held-out quality across GPUs."""
         q = self.quality
         return q.get("fraction", 0.0) >= 0.9 and q.get("spearman", -1.0) >= 0.5
 

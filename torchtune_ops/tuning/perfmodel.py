@@ -34,7 +34,7 @@ log = logging.getLogger("torchtune_ops")
 
 __all__ = ["PerfModel", "PerfModelWarning", "Hints", "Prediction", "featurize", "model_for", "model_path",
            "history_rows", "search_hints", "related_hints", "zero_shot", "nearest_winners", "spearman", "SCHEMA",
-           "NOMINAL_SMS"]
+           "NOMINAL_SMS", "prior_for", "prior_notes", "model_with_prior", "Blended", "PRIOR_HALF_WEIGHT"]
 
 #: format version of the saved model files (a different version is retrained, not read)
 SCHEMA = 1
