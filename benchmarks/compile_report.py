@@ -128,6 +128,26 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(before: list[dict], after: list[dict]) -> str:
+    """Per problem, known configurations before -> after: how many, how many spill, most spill bytes,
+    how many with 2 warps, the MMA instructions and the widest load (bits)."""
+    def stats(rows, label):
+        rs = [r for r in rows if r["known"] and r["problem"] == label]
+        if not rs:
+            return None
+        return (len(rs), sum(1 for r in rs if r["spill_bytes"]), max((r["spill_bytes"] or 0) for r in rs),
+                sum(1 for r in rs if "num_warps=2" in r["config"]), "/".join(sorted({r["mma"] for r in rs if r["mma"]})),
+                max(r["vector_loads"] for r in rs), sum(1 for r in rs if r["findings"]))
+    labels = list(dict.fromkeys(r["problem"] for r in before + after))
+    out = ["| problem | known | spilling | max spill B | 2-warp | MMA | widest load (bits) | gate findings |",
+           "|---|---|---|---|---|---|---|---|"]
+    for label in labels:
+        b, a = stats(before, label), stats(after, label)
+        cells = [" -> ".join(str(x[i]) if x else "-" for x in (b, a)) for i in range(7)]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def _cfg_dict(text: str) -> dict:
     return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in (p.split("=") for p in text.split())}
 
@@ -151,7 +171,12 @@ def main(argv=None) -> int:
     ap.add_argument("--gate", action="store_true", help="exit 1 when a known configuration has a finding")
     ap.add_argument("--smoke", action="store_true", help="two tiny problems, two configurations each")
     ap.add_argument("--summary", action="store_true", help="print the per-problem summary only")
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
+                    help="compile nothing: print the markdown table of two reports' JSON")
     args = ap.parse_args(argv)
+    if args.compare:
+        print(markdown(*(json.loads(p.read_text())["rows"] for p in args.compare)))
+        return 0
 
     if args.smoke:
         problems, args.max_known = SMOKE, 2
