@@ -918,6 +918,9 @@ def test_descriptor_variant_rules():
     assert GEMM.check(big_ws, BIG, H100) is None
     assert GEMM.check(big_ws.replace(num_warps=8), BIG, H100) is not None  # ignored with 8 warps
     assert GEMM.check(big_ws.replace(TMA=0), BIG, H100) is not None
+    assert GEMM.check(big_ws.replace(BLOCK_N=256, BLOCK_M=64), BIG, H100) is not None  # does not compile
+    tf32 = GemmProblem("mm", 1, 2048, 2048, 2048, "float32", precision="tf32")
+    assert GEMM.check(big_ws, tf32, H100) is not None and GEMM.check(big_ws.replace(WARP_SPEC=0), tf32, H100) is None
     pers = big_ws.replace(WARP_SPEC=0, PERSISTENT=1)
     assert GEMM.check(pers, BIG, H100) is None
     assert GEMM.check(pers, GemmProblem("mm", 1, 512, 512, 4096, "float16"), H100) is not None  # 16 tiles

@@ -302,6 +302,10 @@ def check(config: Mapping[str, Value], problem: GemmProblem, limits: DeviceLimit
             # Triton 3.6 and 3.9 honour warp_specialize on sm_90a with 4 warps and silently ignore it
             # with 8 (no setmaxnreg in the PTX): the 8-warp variant would only repeat the plain one.
             return "warp specialisation is honoured with 4 warps only"
+        if ws and (problem.element_size != 2 or bn > 128):
+            # Both Triton 3.6 and 3.9 fail to compile the warp-specialised loop for sm_90a with float32
+            # (tf32) operands and with BLOCK_N = 256 ("failed to find valid wgmma layout"), compile gate.
+            return "warp specialisation compiles only for 16-bit operands and BLOCK_N <= 128"
         if persistent:
             if sk > 1 or problem.batch > 1:
                 return "the persistent variant walks the tiles of one output without split-K"
