@@ -130,22 +130,32 @@ def summary(rows: list[dict]) -> str:
 
 def markdown(before: list[dict], after: list[dict]) -> str:
     """Per problem, known configurations before -> after: how many, how many spill, most spill bytes,
-    how many with 2 warps, the MMA instructions and the widest load (bits)."""
+    how many with 2 warps, how many use mma.sync where a warpgroup's wgmma could serve (BLOCK_M >= 64),
+    the widest load (bits) and how many fail the gate."""
     def stats(rows, label):
         rs = [r for r in rows if r["known"] and r["problem"] == label]
         if not rs:
             return None
         return (len(rs), sum(1 for r in rs if r["spill_bytes"]), max((r["spill_bytes"] or 0) for r in rs),
-                sum(1 for r in rs if "num_warps=2" in r["config"]), "/".join(sorted({r["mma"] for r in rs if r["mma"]})),
-                max(r["vector_loads"] for r in rs), sum(1 for r in rs if r["findings"]))
+                sum(1 for r in rs if "num_warps=2" in r["config"]),
+                sum(1 for r in rs if r["mma"] == "mma" and _cfg_dict(r["config"])["BLOCK_M"] >= 64),
+                max(r["vector_loads"] for r in rs), sum(1 for r in rs if _fails(r)))
     labels = list(dict.fromkeys(r["problem"] for r in before + after))
-    out = ["| problem | known | spilling | max spill B | 2-warp | MMA | widest load (bits) | gate findings |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| problem | known | spilling | max spill B | 2-warp | mma.sync at BLOCK_M >= 64 | widest load (bits) "
+           "| gate findings |", "|---|---|---|---|---|---|---|---|"]
     for label in labels:
         b, a = stats(before, label), stats(after, label)
         cells = [" -> ".join(str(x[i]) if x else "-" for x in (b, a)) for i in range(7)]
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def _fails(row: dict) -> bool:
+    """Whether the gate fails on a row, by today's rule (reports written before the minor-spill rule
+    counted every spill)."""
+    other = [f for f in row["findings"] if not f.startswith("spills")]
+    spill, regs = row["spill_bytes"] or 0, row["registers"] or 0
+    return bool(other) or spill > kinspect.MINOR_SPILL_BYTES or (spill > 0 and regs >= kinspect.MAX_REGS_PER_THREAD - 8)
 
 
 def _cfg_dict(text: str) -> dict:

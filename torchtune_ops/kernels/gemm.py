@@ -68,6 +68,14 @@ def _epilogue(acc, rm, rn, M, N, bias_ptr, stride_xm, stride_xn, beta, bias_valu
 
 
 @triton.jit
+def _known_multiple(x, DIV: tl.constexpr):
+    """``x`` with the compiler told that the power of two DIV divides it (it must)."""
+    if DIV > 1:
+        x = (x // DIV) * DIV
+    return x
+
+
+@triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr,
     M, N, K,
@@ -90,21 +98,18 @@ def _gemm_kernel(
     # does not tell the compiler (Triton only specialises integers on divisibility by 16); multiplying
     # back by the constexpr does, so rows stay aligned and loads/stores vectorise (e.g. 8-byte loads of
     # fp16 rows with a leading dimension of 4100).
-    if A_DIV > 1:
-        stride_ab = (stride_ab // A_DIV) * A_DIV
-        if A_ROW:
-            stride_am = (stride_am // A_DIV) * A_DIV
-        else:
-            stride_ak = (stride_ak // A_DIV) * A_DIV
-    if B_DIV > 1:
-        stride_bb = (stride_bb // B_DIV) * B_DIV
-        if B_ROW:
-            stride_bk = (stride_bk // B_DIV) * B_DIV
-        else:
-            stride_bn = (stride_bn // B_DIV) * B_DIV
-    if C_DIV > 1:
-        stride_cb = (stride_cb // C_DIV) * C_DIV
-        stride_cm = (stride_cm // C_DIV) * C_DIV
+    stride_ab = _known_multiple(stride_ab, A_DIV)
+    if A_ROW:
+        stride_am = _known_multiple(stride_am, A_DIV)
+    else:
+        stride_ak = _known_multiple(stride_ak, A_DIV)
+    stride_bb = _known_multiple(stride_bb, B_DIV)
+    if B_ROW:
+        stride_bk = _known_multiple(stride_bk, B_DIV)
+    else:
+        stride_bn = _known_multiple(stride_bn, B_DIV)
+    stride_cb = _known_multiple(stride_cb, C_DIV)
+    stride_cm = _known_multiple(stride_cm, C_DIV)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tiles = num_pid_m * num_pid_n
