@@ -81,8 +81,13 @@ def run(tasks: list, workers: int) -> list[dict]:
     if workers <= 1 or len(tasks) < 4:
         return [_compile_row(t) for t in tasks]
     # Interleave so that each process gets a mix of cheap and costly compiles.
+    rows = []
     with cf.ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_compile_row, tasks, chunksize=1))
+        for row in pool.map(_compile_row, tasks, chunksize=1):
+            rows.append(row)
+            if len(rows) % 50 == 0:
+                print(f"[compile_report] {len(rows)}/{len(tasks)} built", file=sys.stderr, flush=True)
+    return rows
 
 
 def environment() -> dict:
