@@ -1,5 +1,8 @@
 """Kernel benchmark: PyTorch's kernel vs the best well-known Triton configuration vs a sweep of the space.
 
+Expected time on an H100 (estimate, not yet measured): 20-30 minutes for every suite with the default
+128-configuration sweep; one ``--suite`` per 10-minute device call. docs/gpu.md: run gpu_quick.sh first.
+
 For each shape of a named suite it prints and saves the TFLOP/s of
 
 * ``aten``:  PyTorch's own kernel (cuBLAS / cuDNN on a GPU), the family's ``reference``;

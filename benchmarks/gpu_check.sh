@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The first command to run whenever a CUDA GPU is available (about 8 minutes on an H100):
+# Expected time: about 8 minutes on an H100 (estimate). Since issue 18 the first command on a GPU is
+# benchmarks/gpu_quick.sh (docs/gpu.md); this one is a follow-up for a second session:
 #   1. the kernel tests on the GPU: the normal suite plus the @pytest.mark.gpu realistic sizes;
 #   2. the other @pytest.mark.gpu tests of the project;
 #   3. benchmarks/bench_kernels.py on the full suite (a reduced sweep: SWEEP=32 configs per shape,

@@ -1,5 +1,8 @@
 """The GPU evidence suite: us against cuBLAS/cuDNN, Inductor max-autotune and Triton's autotune (issue 9).
 
+Expected time on an H100: each call at most --budget-s (540 s; scripts/gpu_run.sh uses 480 s + 60 s);
+the whole suite about 55 minutes (estimate), one call per 15-minute GPU session. Run gpu_quick.sh first.
+
     python benchmarks/gpu_suite.py --section kernels     # one section, resumable, at most --budget-s (540 s)
     python benchmarks/gpu_suite.py --section search      # record spaces on the GPU, then replay tune() on them
     python benchmarks/gpu_suite.py --section e2e         # GPT-2 small and ResNet-50, end to end

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What a lent GPU session runs: one section of benchmarks/gpu_suite.py per device call, each well inside the
-# device tool's 10 minutes (docs/gpu.md lists the exact calls and the order).
+# One section of benchmarks/gpu_suite.py per device call. Expected time: 9 minutes per call (BUDGET_S 480 s
+# + 60 s), one call per 15-minute GPU session, after benchmarks/gpu_quick.sh (docs/gpu.md).
 #
 #   scripts/gpu_run.sh kernels|search|e2e|report [extra gpu_suite.py arguments]
 #

@@ -45,6 +45,25 @@ def test_known_configurations_compile_for_hopper_without_spills(tmp_path):
         assert "num_warps=2" not in row["config"], row
 
 
+def test_hopper_variants_compile(tmp_path):
+    """The first persistent and the first warp-specialised known configurations of a large fp16 GEMM
+    compile for sm_90a without findings (the rest is in the slow test)."""
+    import torch  # noqa: F401  (the kernels package needs it; cheap here)
+    from torchtune_ops.kernels import inspect as kinspect
+    from torchtune_ops.kernels.gemm import GEMM, GemmProblem
+
+    p = GemmProblem("mm", 1, 4096, 4096, 4096, "float16")
+    known = GEMM.known_configs(p, kinspect.TARGETS["sm_90a"][1])
+    chosen = [next(c for c in known if c["PERSISTENT"]), next(c for c in known if c["WARP_SPEC"])]
+    args = ["--arch", "sm_90a", "--workers", "1", "--gate",
+            "--problem", "gemm:" + json.dumps(GEMM.problem_to_dict(p))]
+    for c in chosen:
+        args += ["--config", c.to_json()]
+    r, doc = _report(tmp_path, *args)
+    rows = _assert_gate(r, doc)
+    assert len(rows) == 2 and all(row["tma"] and row["mma"] == "wgmma" for row in rows)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 def test_all_representative_problems(tmp_path, arch):

@@ -873,3 +873,61 @@ def test_lead_div():
     assert gemm_mod._lead_div(2, 511, 0) == 1
     assert gemm_mod._lead_div(4, 1000, 0) == 4  # 16 bytes of float32
     assert gemm_mod._lead_div(2, 1000, 1000 * 3) == 8
+
+
+# --- Hopper variants of the descriptor path: persistent programs and warp specialisation --------------
+
+@pytest.mark.parametrize("variant", [dict(PERSISTENT=1), dict(WARP_SPEC=1), dict(PERSISTENT=1, WARP_SPEC=1)],
+                         ids=["persistent", "warp_spec", "both"])
+@pytest.mark.parametrize("mnk", [(1, 8, 16), (37, 40, 72), (65, 33, 24), (129, 17, 40)], ids=str)
+def test_descriptor_variants_odd_shapes(device, variant, mnk):
+    """Correct through the interpreter (which emulates descriptors) on odd shapes: a persistent program
+    walks several tiles (3 programs under the interpreter), with bias, activation and alpha/beta."""
+    M, N, K = mnk
+    gen = torch.Generator(device=device).manual_seed(M)
+    a = torch.randn(M, K, dtype=torch.bfloat16, device=device, generator=gen)
+    w = torch.randn(N, K, dtype=torch.bfloat16, device=device, generator=gen)
+    bias = torch.randn(N, dtype=torch.bfloat16, device=device, generator=gen)
+    c = Config.of(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=2, SPLIT_K=1, TMA=1,
+                  **variant)
+    launches = gemm_mod._plan(a, w.t(), c, bias, 0.5, 2.0, "silu", None, None, True)[1]
+    consts = launches[0][3]
+    assert consts["USE_TMA"] and consts["PERSISTENT"] == bool(variant.get("PERSISTENT"))
+    if consts["PERSISTENT"]:
+        assert launches[0][1][0] == min(3, -(-M // 16) * -(-N // 16))
+    out = poisoned((M, N), torch.bfloat16, device)
+    gemm(a, w.t(), config=c, bias=bias, alpha=0.5, beta=2.0, activation="silu", out=out)
+    assert_close(out, ref64(a, w.t(), bias, 0.5, 2.0, "silu"), torch.bfloat16)
+
+
+def test_persistent_falls_back_for_batches_and_split_k(device):
+    """Batched or split-K launches of a persistent config run one program per tile, still correct."""
+    a = torch.randn(3, 21, 32, device=device)
+    b = torch.randn(3, 32, 24, device=device)
+    c = Config.of(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2, SPLIT_K=1, TMA=1,
+                  PERSISTENT=1)
+    assert not gemm_mod._plan(a, b, c, None, 1.0, 1.0, "none", None, None, True)[1][0][3]["PERSISTENT"]
+    assert_close(gemm(a, b, config=c), ref64(a, b), torch.float32)
+    c2 = c.replace(SPLIT_K=2)
+    assert not gemm_mod._plan(a[0], b[0], c2, None, 1.0, 1.0, "none", None, None, True)[1][0][3]["PERSISTENT"]
+    assert_close(gemm(a[0], b[0], config=c2), ref64(a[0], b[0]), torch.float32)
+
+
+def test_descriptor_variant_rules():
+    big_ws = cfg(128, 128, 64, warps=4, stages=3, tma=1).replace(WARP_SPEC=1, PERSISTENT=0)
+    assert GEMM.check(big_ws, BIG, H100) is None
+    assert GEMM.check(big_ws.replace(num_warps=8), BIG, H100) is not None  # ignored with 8 warps
+    assert GEMM.check(big_ws.replace(TMA=0), BIG, H100) is not None
+    assert GEMM.check(big_ws.replace(BLOCK_N=256, BLOCK_M=64), BIG, H100) is not None  # does not compile
+    tf32 = GemmProblem("mm", 1, 2048, 2048, 2048, "float32", precision="tf32")
+    assert GEMM.check(big_ws, tf32, H100) is not None and GEMM.check(big_ws.replace(WARP_SPEC=0), tf32, H100) is None
+    pers = big_ws.replace(WARP_SPEC=0, PERSISTENT=1)
+    assert GEMM.check(pers, BIG, H100) is None
+    assert GEMM.check(pers, GemmProblem("mm", 1, 512, 512, 4096, "float16"), H100) is not None  # 16 tiles
+    assert GEMM.check(pers, GemmProblem("bmm", 4, 4096, 4096, 64, "float16"), H100) is not None
+    assert GEMM.check(pers, BIG, A100) is not None  # no descriptors before Hopper
+    known = GEMM.known_configs(BIG, H100)
+    assert any(c["PERSISTENT"] for c in known[:16]) and any(c["WARP_SPEC"] for c in known[:16])
+    assert all(c["num_warps"] == 4 for c in known if c["WARP_SPEC"])
+    assert "WARP_SPEC" in GEMM.space(BIG) and "WARP_SPEC" not in GEMM.space(GemmProblem("mm", 1, 5, 7, 9, "float16"))
+    assert all(set(c.as_dict()) == set(GEMM.space(BIG)) for c in known + GEMM.known_configs(BIG, A100))

@@ -68,6 +68,14 @@ def _epilogue(acc, rm, rn, M, N, bias_ptr, stride_xm, stride_xn, beta, bias_valu
 
 
 @triton.jit
+def _known_multiple(x, DIV: tl.constexpr):
+    """``x`` with the compiler told that the power of two DIV divides it (it must)."""
+    if DIV > 1:
+        x = (x // DIV) * DIV
+    return x
+
+
+@triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr,
     M, N, K,
@@ -82,6 +90,7 @@ def _gemm_kernel(
     BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, INDEX_64: tl.constexpr,
     A_DIV: tl.constexpr = 1, B_DIV: tl.constexpr = 1, C_DIV: tl.constexpr = 1,
+    WARP_SPEC: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
 ):
     # A_ROW: A's K dim is contiguous; A_COL: its M dim is (A transposed). At most one is set.
     # B_ROW: B's N dim is contiguous; B_COL: its K dim is (B transposed, e.g. a linear weight).
@@ -89,119 +98,173 @@ def _gemm_kernel(
     # does not tell the compiler (Triton only specialises integers on divisibility by 16); multiplying
     # back by the constexpr does, so rows stay aligned and loads/stores vectorise (e.g. 8-byte loads of
     # fp16 rows with a leading dimension of 4100).
-    if A_DIV > 1:
-        stride_ab = (stride_ab // A_DIV) * A_DIV
-        if A_ROW:
-            stride_am = (stride_am // A_DIV) * A_DIV
-        else:
-            stride_ak = (stride_ak // A_DIV) * A_DIV
-    if B_DIV > 1:
-        stride_bb = (stride_bb // B_DIV) * B_DIV
-        if B_ROW:
-            stride_bk = (stride_bk // B_DIV) * B_DIV
-        else:
-            stride_bn = (stride_bn // B_DIV) * B_DIV
-    if C_DIV > 1:
-        stride_cb = (stride_cb // C_DIV) * C_DIV
-        stride_cm = (stride_cm // C_DIV) * C_DIV
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    stride_ab = _known_multiple(stride_ab, A_DIV)
+    if A_ROW:
+        stride_am = _known_multiple(stride_am, A_DIV)
+    else:
+        stride_ak = _known_multiple(stride_ak, A_DIV)
+    stride_bb = _known_multiple(stride_bb, B_DIV)
+    if B_ROW:
+        stride_bk = _known_multiple(stride_bk, B_DIV)
+    else:
+        stride_bn = _known_multiple(stride_bn, B_DIV)
+    stride_cb = _known_multiple(stride_cb, C_DIV)
+    stride_cm = _known_multiple(stride_cm, C_DIV)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tiles = num_pid_m * num_pid_n
-    pid_b = (pid // tiles).to(tl.int64)
-    pid_m, pid_n = tile_order(pid % tiles, num_pid_m, num_pid_n, GROUP_M)
-    a_ptr += pid_b * stride_ab
-    b_ptr += pid_b * stride_bb
+    if PERSISTENT:
+        # One program per SM walks the output tiles (TMA, batch 1, SPLIT_K 1; the launcher ensures it):
+        # the descriptors are made once per program, not once per tile.
+        a_desc, b_desc = _descriptors(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                                      BLOCK_M, BLOCK_N, BLOCK_K, A_ROW, B_ROW)
+        for t in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
+            pid_m, pid_n = tile_order(t, num_pid_m, num_pid_n, GROUP_M)
+            acc = _tma_mainloop(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, 0, K, BLOCK_M, BLOCK_N,
+                                BLOCK_K, 1, A_ROW, B_ROW, PRECISION, UPCAST, WARP_SPEC)
+            _store_tile(acc, pid_m, pid_n, 0, c_ptr, bias_ptr, M, N, stride_cb, stride_cm, stride_cn,
+                        stride_xb, stride_xm, stride_xn, alpha, beta, bias_value, BLOCK_M, BLOCK_N, 1,
+                        BIAS, ACT, INDEX_64)
+    else:
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_b = (pid // tiles).to(tl.int64)
+        pid_m, pid_n = tile_order(pid % tiles, num_pid_m, num_pid_n, GROUP_M)
+        a_ptr += pid_b * stride_ab
+        b_ptr += pid_b * stride_bb
+        if USE_TMA:
+            # Descriptors zero-fill out-of-bounds reads: no masks, no wrapping.
+            a_desc, b_desc = _descriptors(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                                          BLOCK_M, BLOCK_N, BLOCK_K, A_ROW, B_ROW)
+            acc = _tma_mainloop(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, pid_k, K, BLOCK_M, BLOCK_N,
+                                BLOCK_K, SPLIT_K, A_ROW, B_ROW, PRECISION, UPCAST, WARP_SPEC)
+        else:
+            acc = _pointer_mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                                    pid_m, pid_n, pid_k, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_K,
+                                    A_COL, B_ROW, PRECISION, UPCAST, INDEX_64)
+        _store_tile(acc, pid_m, pid_n, pid_b, c_ptr, bias_ptr, M, N, stride_cb, stride_cm, stride_cn,
+                    stride_xb, stride_xm, stride_xn, alpha, beta, bias_value, BLOCK_M, BLOCK_N, SPLIT_K,
+                    BIAS, ACT, INDEX_64)
 
+
+@triton.jit
+def _descriptors(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 A_ROW: tl.constexpr, B_ROW: tl.constexpr):
+    """Device-side tensor descriptors of A and B (a column-major operand is described transposed)."""
+    if A_ROW:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    else:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[K, M], strides=[stride_ak, 1],
+                                           block_shape=[BLOCK_K, BLOCK_M])
+    if B_ROW:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    return a_desc, b_desc
+
+
+@triton.jit
+def _tma_mainloop(a_desc, b_desc, off_m, off_n, pid_k, K,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                  A_ROW: tl.constexpr, B_ROW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  WARP_SPEC: tl.constexpr):
+    """The K loop through descriptors; WARP_SPEC lets Triton split it into producer (TMA) and consumer
+    (wgmma) warps (honoured on Hopper with 4 warps in Triton 3.6, ignored elsewhere)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    STEP: tl.constexpr = BLOCK_K * SPLIT_K
+    for ki in tl.range(0, tl.cdiv(K, STEP), warp_specialize=WARP_SPEC):
+        off_k = (ki * SPLIT_K + pid_k) * BLOCK_K
+        if A_ROW:
+            a = a_desc.load([off_m, off_k])
+        else:
+            a = a_desc.load([off_k, off_m]).T
+        if B_ROW:
+            b = b_desc.load([off_k, off_n])
+        else:
+            b = b_desc.load([off_n, off_k]).T
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _pointer_mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n, pid_k,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, A_COL: tl.constexpr, B_ROW: tl.constexpr,
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, INDEX_64: tl.constexpr):
+    """The K loop through pointers (any strides)."""
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     STEP: tl.constexpr = BLOCK_K * SPLIT_K
-
-    if USE_TMA:
-        # Descriptors zero-fill out-of-bounds reads: no masks, no wrapping.
-        if A_ROW:
-            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
-                                               block_shape=[BLOCK_M, BLOCK_K])
-        else:
-            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[K, M], strides=[stride_ak, 1],
-                                               block_shape=[BLOCK_K, BLOCK_M])
-        if B_ROW:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
-                                               block_shape=[BLOCK_K, BLOCK_N])
-        else:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_K])
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        for ki in range(0, tl.cdiv(K, STEP)):
-            off_k = (ki * SPLIT_K + pid_k) * BLOCK_K
-            if A_ROW:
-                a = a_desc.load([off_m, off_k])
-            else:
-                a = a_desc.load([off_k, off_m]).T
-            if B_ROW:
-                b = b_desc.load([off_k, off_n])
-            else:
-                b = b_desc.load([off_n, off_k]).T
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    # On an operand's contiguous dim keep offsets contiguous (vector loads) and mask the edge;
+    # on its strided dim wrap the edge instead (wrapped rows/columns are never stored).
+    if A_COL:
+        am = tl.max_contiguous(tl.multiple_of(rm, BLOCK_M), BLOCK_M)
     else:
-        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        # On an operand's contiguous dim keep offsets contiguous (vector loads) and mask the edge;
-        # on its strided dim wrap the edge instead (wrapped rows/columns are never stored).
+        am = rm % M
+    if B_ROW:
+        bn = tl.max_contiguous(tl.multiple_of(rn, BLOCK_N), BLOCK_N)
+    else:
+        bn = rn % N
+    if INDEX_64:
+        am = am.to(tl.int64)
+        bn = bn.to(tl.int64)
+        rk_off = rk.to(tl.int64)
+    else:
+        rk_off = rk
+    a_ptrs = a_ptr + am[:, None] * stride_am + rk_off[None, :] * stride_ak
+    b_ptrs = b_ptr + rk_off[:, None] * stride_bk + bn[None, :] * stride_bn
+    a_step = STEP * stride_ak
+    b_step = STEP * stride_bk
+    k_full = K // STEP
+    for _ in range(0, k_full):
         if A_COL:
-            am = tl.max_contiguous(tl.multiple_of(rm, BLOCK_M), BLOCK_M)
+            a = tl.load(a_ptrs, mask=(rm < M)[:, None], other=0.0)
         else:
-            am = rm % M
+            a = tl.load(a_ptrs)
         if B_ROW:
-            bn = tl.max_contiguous(tl.multiple_of(rn, BLOCK_N), BLOCK_N)
+            b = tl.load(b_ptrs, mask=(rn < N)[None, :], other=0.0)
         else:
-            bn = rn % N
-        if INDEX_64:
-            am = am.to(tl.int64)
-            bn = bn.to(tl.int64)
-            rk_off = rk.to(tl.int64)
+            b = tl.load(b_ptrs)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += a_step
+        b_ptrs += b_step
+    if not EVEN_K:  # the K remainder: one masked iteration
+        k_ok = rk < K - k_full * STEP
+        if A_COL:
+            a = tl.load(a_ptrs, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
         else:
-            rk_off = rk
-        a_ptrs = a_ptr + am[:, None] * stride_am + rk_off[None, :] * stride_ak
-        b_ptrs = b_ptr + rk_off[:, None] * stride_bk + bn[None, :] * stride_bn
-        a_step = STEP * stride_ak
-        b_step = STEP * stride_bk
-        k_full = K // STEP
-        for _ in range(0, k_full):
-            if A_COL:
-                a = tl.load(a_ptrs, mask=(rm < M)[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs)
-            if B_ROW:
-                b = tl.load(b_ptrs, mask=(rn < N)[None, :], other=0.0)
-            else:
-                b = tl.load(b_ptrs)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            a_ptrs += a_step
-            b_ptrs += b_step
-        if not EVEN_K:  # the K remainder: one masked iteration
-            k_ok = rk < K - k_full * STEP
-            if A_COL:
-                a = tl.load(a_ptrs, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            if B_ROW:
-                b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
-            else:
-                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        if B_ROW:
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
 
+
+@triton.jit
+def _store_tile(acc, pid_m, pid_n, pid_b, c_ptr, bias_ptr, M, N, stride_cb, stride_cm, stride_cn,
+                stride_xb, stride_xm, stride_xn, alpha, beta, bias_value,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BIAS: tl.constexpr,
+                ACT: tl.constexpr, INDEX_64: tl.constexpr):
+    """alpha, the epilogue and the masked store of one tile (atomic fp32 adds when SPLIT_K > 1)."""
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     if INDEX_64:
         cm = rm.to(tl.int64)
@@ -253,7 +316,7 @@ def _splitk_epilogue_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 _DOT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
-# Config -> (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SPLIT_K, TMA)
+# Config -> (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SPLIT_K, TMA, WARP_SPEC, PERSISTENT)
 _PARSED: dict[Config, tuple[int, ...]] = {}
 _TORCH_ACT = {1: F.relu, 2: lambda x: F.gelu(x, approximate="tanh"), 3: F.silu}
 
@@ -265,7 +328,7 @@ def _parse(config: Config | Mapping[str, Value]) -> tuple[int, ...]:
         try:
             p = (int(key["BLOCK_M"]), int(key["BLOCK_N"]), int(key["BLOCK_K"]), int(key.get("GROUP_M", 8)),
                  int(key.get("num_warps", 4)), int(key.get("num_stages", 3)), int(key.get("SPLIT_K", 1)),
-                 int(key.get("TMA", 0)))
+                 int(key.get("TMA", 0)), int(key.get("WARP_SPEC", 0)), int(key.get("PERSISTENT", 0)))
         except KeyError as e:
             raise ValueError(f"GEMM config {key} lacks {e}") from None
         _PARSED[key] = p
@@ -293,6 +356,15 @@ def _tma_usable(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 9
     return _compat.INTERPRET  # the interpreter emulates descriptors: lets CPU tests cover the path
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """Programs of a persistent launch: the SM count; 3 under the interpreter, so that small test
+    problems make each program walk several tiles."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3
 
 
 def _tma_aligned(t: torch.Tensor, lead: int, batch_stride: int) -> bool:
@@ -373,7 +445,7 @@ def _plan(a, b, config, bias, alpha, beta, activation, out, precision, tma_capab
     (kernel, grid, args, constexprs, num_warps, num_stages); none when nothing is left to compute.
     ``tma_capable`` None asks the operands' device; True/False stands for a compile target
     (``kernels.inspect`` plans launches for a GPU with CPU tensors)."""
-    bm, bn, bk, gm, warps, stages, sk, tma = _parse(config)
+    bm, bn, bk, gm, warps, stages, sk, tma, warp_spec, persistent = _parse(config)
     if sk > 1 and torch.are_deterministic_algorithms_enabled():
         raise InvalidConfig("SPLIT_K > 1 sums with atomics: not allowed under deterministic algorithms")
     act = ACTIVATIONS.get(activation)
@@ -468,6 +540,11 @@ def _plan(a, b, config, bias, alpha, beta, activation, out, precision, tma_capab
     b_div = _lead_div(es, sbk if b_row else sbn, sbb) if (b_row or b_col) else 1
     c_div = _lead_div(c.element_size(), scm, scb) if scn == 1 else 1
     grid = (_cdiv(M, bm) * _cdiv(N, bn) * batch, sk)
+    # persistent: descriptors, one output (batch 1) and no split-K; else the same config runs one
+    # program per tile
+    persistent = bool(persistent and use_tma and sk == 1 and batch == 1)
+    if persistent:
+        grid = (min(grid[0], _num_sms(device)),)
     main = (_gemm_kernel, grid, (
         a, b, c, bias_t, M, N, K,
         sab, sam, sak, sbb, sbk, sbn, scb, scm, scn, sxb, sxm, sxn,
@@ -476,7 +553,8 @@ def _plan(a, b, config, bias, alpha, beta, activation, out, precision, tma_capab
         A_ROW=a_row, A_COL=a_col, B_ROW=b_row, B_COL=b_col, BIAS=bias_kind, ACT=act,
         PRECISION=_dot_precision(dtype, precision),
         UPCAST=_compat.UPCAST_BF16_DOT and dtype == torch.bfloat16,
-        USE_TMA=use_tma, INDEX_64=index_64, A_DIV=a_div, B_DIV=b_div, C_DIV=c_div), warps, stages)
+        USE_TMA=use_tma, INDEX_64=index_64, A_DIV=a_div, B_DIV=b_div, C_DIV=c_div,
+        WARP_SPEC=bool(warp_spec and use_tma), PERSISTENT=persistent), warps, stages)
     if sk == 1:
         return out, (main,)
     eg = (_cdiv(M, _EPILOGUE_BLOCK) * _cdiv(N, _EPILOGUE_BLOCK) * batch,)
@@ -522,6 +600,27 @@ class GemmFamily(KernelFamily):
 
     def known_configs(self, problem: GemmProblem, limits: DeviceLimits) -> list[Config]:
         return known_configs(problem, limits)
+
+    def valid_configs(self, problem: GemmProblem, limits: DeviceLimits) -> list[Config]:
+        """As the generic enumeration (same configurations, same order), but the descriptor-only axes
+        (WARP_SPEC, PERSISTENT) are varied only where TMA=1: the rest of the product is invalid anyway,
+        and checking it would quadruple the time a tuning run spends here."""
+        import itertools
+
+        sp = space(problem)
+        extra = [sp.pop(k) for k in ("WARP_SPEC", "PERSISTENT") if k in sp]
+        names = list(sp)
+        out = []
+        for values in itertools.product(*sp.values()):
+            cfg = dict(zip(names, values))
+            if not extra:
+                variants = [cfg]
+            elif cfg["TMA"]:
+                variants = [dict(cfg, WARP_SPEC=w, PERSISTENT=p) for w in extra[0] for p in extra[1]]
+            else:
+                variants = [dict(cfg, WARP_SPEC=0, PERSISTENT=0)]
+            out += [Config.from_dict(v) for v in variants if check(v, problem, limits) is None]
+        return out
 
     def make_inputs(self, problem: GemmProblem, device: torch.device | str, *, seed: int = 0) -> tuple:
         """(a, b, bias) with the problem's layouts; 3-D operands for bmm/baddbmm or batch > 1; bias as a

@@ -192,14 +192,21 @@ def space(problem: GemmProblem) -> dict[str, tuple[Value, ...]]:
         splits = (1,)
     else:
         splits = tuple(s for s in SPLIT_KS if s == 1 or problem.K // s >= 16)
-    return {"BLOCK_M": bms, "BLOCK_N": bns, "BLOCK_K": _blocks_for(problem.K), "GROUP_M": GROUP_MS,
-            "num_warps": WARPS, "num_stages": STAGES, "SPLIT_K": splits, "TMA": TMAS}
+    sp = {"BLOCK_M": bms, "BLOCK_N": bns, "BLOCK_K": _blocks_for(problem.K), "GROUP_M": GROUP_MS,
+          "num_warps": WARPS, "num_stages": STAGES, "SPLIT_K": splits, "TMA": TMAS}
+    if _descriptors_fit(problem):  # descriptor-only axes, only where descriptors can serve the problem
+        sp.update(WARP_SPEC=(0, 1), PERSISTENT=(0, 1))
+    return sp
 
 
 def tma_possible(problem: GemmProblem, limits: DeviceLimits) -> bool:
     """Whether tensor descriptors can serve this problem on this device, assuming operands that are
     contiguous in their layout (``launch`` re-checks the real strides and falls back to pointers)."""
-    if not limits.is_hopper or "strided" in (problem.a_layout, problem.b_layout):
+    return limits.is_hopper and _descriptors_fit(problem)
+
+
+def _descriptors_fit(problem: GemmProblem) -> bool:
+    if "strided" in (problem.a_layout, problem.b_layout):
         return False
     if problem.dtype == "float32" and problem.precision == "ieee":
         # No tensor cores for IEEE float32: the FMA dot on descriptor-loaded tiles spills 5-40 KB per
@@ -287,6 +294,25 @@ def check(config: Mapping[str, Value], problem: GemmProblem, limits: DeviceLimit
         return "GROUP_M=4 orders tiles like GROUP_M=8 here"
     if tma and not tma_possible(problem, limits):
         return "tensor descriptors need Hopper, row/col layouts and 16-byte aligned leading strides"
+    ws, persistent = int(config.get("WARP_SPEC", 0)), int(config.get("PERSISTENT", 0))
+    if ws or persistent:
+        if not tma:
+            return "WARP_SPEC and PERSISTENT are variants of the descriptor (TMA) path"
+        if ws and warps != 4:
+            # Triton 3.6 and 3.9 honour warp_specialize on sm_90a with 4 warps and silently ignore it
+            # with 8 (no setmaxnreg in the PTX): the 8-warp variant would only repeat the plain one.
+            return "warp specialisation is honoured with 4 warps only"
+        if ws and (problem.element_size != 2 or bn > 128):
+            # Both Triton 3.6 and 3.9 fail to compile the warp-specialised loop for sm_90a with float32
+            # (tf32) operands and with BLOCK_N = 256 ("failed to find valid wgmma layout"), compile gate.
+            return "warp specialisation compiles only for 16-bit operands and BLOCK_N <= 128"
+        if persistent:
+            if sk > 1 or problem.batch > 1:
+                return "the persistent variant walks the tiles of one output without split-K"
+            sms = NOMINAL_SMS if limits.interpreter else limits.num_sms
+            if _cdiv(M, bm) * _cdiv(N, bn) <= sms:
+                # one tile per program anyway: persistence only pays with several tiles per SM
+                return "the persistent variant needs more output tiles than SMs"
     return None
 
 
@@ -325,9 +351,16 @@ def known_configs(problem: GemmProblem, limits: DeviceLimits) -> list[Config]:
     if problem.M <= 64:
         entries = list(INDUCTOR_SKINNY) + entries
     base = [_fit(e, problem, limits) for e in entries]
+    if _descriptors_fit(problem):  # the space has the descriptor-only axes: so must its configs
+        base = [dict(c, WARP_SPEC=0, PERSISTENT=0) for c in base]
     ordered: list[dict[str, Value]] = []
     if tma_possible(problem, limits):
-        ordered += [dict(c, TMA=1) for c in base]
+        tma = [dict(c, TMA=1) for c in base]
+        # Hopper's variants early enough for a short budget: Inductor's persistent-TMA list as persistent
+        # programs (large problems), and warp specialisation of the first 4-warp entries.
+        persistent = [dict(_fit(e, problem, limits), TMA=1, WARP_SPEC=0, PERSISTENT=1) for e in INDUCTOR_PERSISTENT]
+        ws = [dict(c, WARP_SPEC=1) for c in tma if c["num_warps"] == 4][:4]
+        ordered += tma[:8] + persistent[:4] + ws + tma[8:] + persistent[4:]
         ordered += base[:8]  # the pointer path too, in case descriptors lose on this shape
     else:
         ordered += base
