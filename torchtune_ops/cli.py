@@ -278,7 +278,7 @@ def cmd_cache_stats(args: argparse.Namespace, out: TextIO) -> int:
     from .storage.store import unwritable
 
     why = "read-only mode (TORCHTUNE_OPS_READONLY=1)" if settings.current().readonly else unwritable(store.path)
-    st["writable"] = why is None if why is None else f"False ({why})"
+    st["writable"] = True if why is None else f"False ({why})"
     for k in ("path", "writable", "schema", "entries", "fingerprints", "trials", "claims", "bytes"):
         out.write(f"{k:<13} {st.get(k)}\n")
     for fam, (n, won) in sorted(by_family.items()):
@@ -572,7 +572,10 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
         size = sum(os.path.getsize(f"{path}{sfx}") for sfx in ("", "-wal") if os.path.exists(f"{path}{sfx}"))
         row("cache size", f"{size} bytes, {st['entries']} entries, {st['fingerprints']} device(s), "
                           f"{st['trials']} measurements")
-        row("cache writable", os.access(path.parent, os.W_OK) and not settings.current().readonly)
+        from .storage.store import unwritable
+
+        why = "read-only mode (TORCHTUNE_OPS_READONLY=1)" if settings.current().readonly else unwritable(path)
+        row("cache writable", True if why is None else f"False ({why})")
     else:
         row("cache size", "no cache yet")
     s = settings.current()
