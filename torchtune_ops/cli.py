@@ -4,6 +4,7 @@ bundles, report, and check an installation.
     torchtune-ops tune --shapes shapes.jsonl          # problems recorded with TORCHTUNE_OPS_RECORD
     torchtune-ops tune --model mypkg.models:build      # build() returns (model, example inputs)
     torchtune-ops tune --shapes shapes.jsonl --retune # tune again what the cache already has
+    torchtune-ops tune --cached --family gemm --retune # tune chosen cache entries again
     torchtune-ops cache list | show ID | export PATH | import PATH [--force] | merge PATH... -o OUT
     torchtune-ops cache delete --family F [--problem KEY | --id ID] [--all-matching] | clear --yes | stats
     torchtune-ops report [--plot speedups.png]
@@ -440,8 +441,9 @@ def cmd_tune(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if s.readonly:
         raise CliError("read-only mode (TORCHTUNE_OPS_READONLY=1): tuning is off")
     if args.storage:  # one worker of a fleet sharing the database (docs/fleet.md)
-        if args.model or args.retune:
-            raise CliError("--storage tunes a shape file (--shapes) once per problem: not --model or --retune")
+        if not args.shapes or args.retune:
+            raise CliError("--storage tunes a shape file (--shapes) once per problem: not --model, --cached or "
+                           "--retune")
         return _fleet().cli_tune(storage=args.storage, shapes=args.shapes, job=args.job, device=args.device,
                                  max_trials=args.max_trials, time_budget_s=args.time_budget,
                                  lease_s=args.lease, out=out, err=err)
@@ -450,15 +452,22 @@ def cmd_tune(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .storage import record
 
     device = _default_device(args.device)
+    if (args.id or args.problem or args.family) and not args.cached:
+        raise CliError("--id, --problem and --family choose cache entries: use them with --cached")
     # read the work first, so that a bad file or entry point fails before anything else happens
-    work = record.read_shapes(args.shapes) if args.shapes else _load_entry_point(args.model)
+    if args.cached:
+        args.all_matching = True
+        with contextlib.closing(_open_store(write=False)) as cache:
+            work = [(e.family, json.loads(e.problem)) for e in _chosen(cache, args)]
+    else:
+        work = record.read_shapes(args.shapes) if args.shapes else _load_entry_point(args.model)
     if torch.device(device).type == "cpu":
         err.write("note: no GPU: kernels run through the Triton interpreter; timings are not GPU timings\n")
     store = _open_store(write=True)
     fp = _local_fingerprint(device).key
     before = {e.key: e for e in store.entries(fp)}
     t0 = time.perf_counter()
-    if args.shapes:
+    if not args.model:
         results = _tune_shapes(work, store, device, args, err)
     else:
         results = _tune_model(work, device, args, err)
@@ -608,6 +617,11 @@ def build_parser() -> argparse.ArgumentParser:
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--shapes", help="a shape file written with TORCHTUNE_OPS_RECORD")
     src.add_argument("--model", help="MODULE:FUNCTION returning (model, inputs)")
+    src.add_argument("--cached", action="store_true", help="the cache's own entries of this device, chosen "
+                     "with --id/--problem/--family (with --retune: tune them again)")
+    t.add_argument("--id", help="with --cached: an entry id from 'cache list' (a prefix will do)")
+    t.add_argument("--problem", metavar="KEY", help="with --cached: a problem key")
+    t.add_argument("--family", help="with --cached: a kernel family")
     t.add_argument("--max-trials", type=int, default=None, help="most configurations measured per problem")
     t.add_argument("--time-budget", type=float, default=None, help="most seconds per problem")
     t.add_argument("--retune", action="store_true", help="tune again problems the cache already has (the "
