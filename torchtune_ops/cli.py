@@ -625,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-trials", type=int, default=None, help="most configurations measured per problem")
     t.add_argument("--time-budget", type=float, default=None, help="most seconds per problem")
     t.add_argument("--retune", action="store_true", help="tune again problems the cache already has (the "
-                   "faster answer is kept); without it, only those tuned with a smaller budget are")
+                   "new answer replaces the old); without it, only those tuned with a smaller budget (or without "
+                   "trials) are, the faster answer kept")
     t.add_argument("--storage", metavar="URL", help="tune together with other workers through this database "
                    "(postgresql://... or sqlite:///...; needs torchtune-ops[fleet]; docs/fleet.md)")
     t.add_argument("--job", help="with --storage: the fleet job's name (default: derived from the shapes)")
