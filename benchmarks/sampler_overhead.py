@@ -12,8 +12,8 @@ identical. The objective is a dictionary lookup; the time spent in the strategy 
 is counted and set aside, so what is compared is the rest: the loop's bookkeeping, and Optuna's and the
 sampler's. Times are CPU seconds of this process (``time.process_time``: other processes on a shared
 machine do not inflate them); "added" is the difference per trial between each path's least disturbed
-repeat; the JSON also holds the difference of the medians. Optuna is imported before the first run. Prints a table and writes JSON (machine,
-versions, load average) under benchmarks/results/.
+repeat; the JSON also holds the difference of the medians. Optuna is imported before the first run.
+Prints a table and writes JSON (machine, versions, load average) under benchmarks/results/.
 """
 from __future__ import annotations
 

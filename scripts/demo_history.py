@@ -38,8 +38,8 @@ def main(argv=None) -> int:
         space = load_space(os.path.join(a.datasets, name + ".json.gz"), name=name)
         r = tune(Space(space.params), space.time_of, candidates=space.configs(), max_trials=a.trials, seed=0)
         family = name.split("/")[0]
-        entry = Entry(f"{gpu}|replayed", family, problem_key({"space": name}), json.dumps(r.best_config, sort_keys=True),
-                      r.best_value, r.best_value, len(r.trials))
+        entry = Entry(f"{gpu}|replayed", family, problem_key({"space": name}),
+                      json.dumps(r.best_config, sort_keys=True), r.best_value, r.best_value, len(r.trials))
         store.put(entry, trials=r.trials, policy="replace")
         print(f"{name}: {len(r.trials)} trials, best {r.best_value:.4g} ms (optimum {space.optimum:.4g} ms)")
     store.close()

@@ -18,5 +18,6 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
     "$VPY" -m pip install -q torch==2.13.0
   fi
 fi
-# fleet: the fleet tests need SQLAlchemy and psycopg; dashboard: tests/test_dashboard.py serves optuna-dashboard
-"$VPY" -m pip install -q -e ".[test,fleet,dashboard]"
+# fleet: SQLAlchemy and psycopg (fleet tests); dashboard: optuna-dashboard (tests/test_dashboard.py);
+# train: scikit-learn (the GEMM prior's export test, benchmarks/perfmodel_eval.py)
+"$VPY" -m pip install -q -e ".[test,fleet,dashboard,train]"

@@ -83,3 +83,52 @@ def test_cost_model_eval_repeats_lopo_over_independent_history_draws():
     assert summ["draws"] == 2 and len(summ["ratio_per_draw"]) == 2
     capped = [min(r["median_without"], 16) for r in res], [min(r["median_with"], 16) for r in res]
     assert summ["ratio_of_sums"] == pytest.approx(sum(capped[0]) / sum(capped[1]))
+
+
+def _inductor_files(folder: Path) -> None:
+    """The four development files' names, in AutoHeuristic's mm format, with made-up timings: 12 shapes,
+    12 Triton configurations and cuBLAS each (one configuration timed twice)."""
+    import gzip
+    import random
+
+    header = ("m,k,n,mat1_dtype,mat2_dtype,mat1_stride_0,mat1_stride_1,mat2_stride_0,mat2_stride_1,mat1_iscontig,"
+              "mat2_iscontig,using_tf32,choice,feedback")
+    configs = [(bm, bk, bn, st, w) for bm in (16, 64, 128) for bn in (32, 128) for bk, st, w in ((32, 3, 4), (64, 4, 8))]
+    rng = random.Random(0)
+    for name, meta in (("a100_mm", ((8, 0), 166912)), ("a100_hf_train_mm", ((8, 0), 166912)),
+                       ("a100_timm_train_mm", ((8, 0), 166912)), ("h100_hf_train_mm", ((9, 0), 232448))):
+        lines = [json.dumps({"shared_memory": meta[1], "device_capa": list(meta[0]), "name": "mm"}), header]
+        sizes = [(m, k, n) for m in (1, 17, 256, 1000, 4096) for k in (64, 257, 4096) for n in (80, 1024, 3000)]
+        for m, k, n in rng.sample(sizes, 12):
+            shape = f"{m},{k},{n},torch.float16,torch.float16,{k},1,1,{k},True,False,not_float_32"
+            lines.append(f"{shape},extern_mm,{m * n * k * 1e-9 + 0.01:.6f}")
+            for bm, bk, bn, st, w in configs + configs[:1]:
+                waste = (-(-m // bm) * bm / m) * (-(-n // bn) * bn / n)
+                t = m * n * k * 1e-9 * waste * (1 + 0.1 * rng.random()) + 0.005 * st + 0.002 * w
+                lines.append(f"{shape},type=triton_BLOCK-M={bm}_BLOCK-K={bk}_BLOCK-N={bn}_numstages={st}"
+                             f"_numwarps={w},{t:.6f}")
+        with gzip.open(folder / f"{name}.txt.gz", "wt") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def test_perfmodel_eval_smoke_and_shipped_prior_on_any_file(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _inductor_files(data)
+    out = tmp_path / "results"
+    out.mkdir()
+    r = _run(["benchmarks/perfmodel_eval.py", "--smoke", "--no-cache", "--data", str(data), "--out", str(out)],
+             tmp_path)
+    assert "across-GPUs" in r.stdout and "tuner across-GPUs" in r.stdout
+    (res,) = _json_files(out)
+    assert "machine" in res and {row["protocol"] for row in res["rows"]} >= {
+        "baseline", "leave-shapes-out", "across-workloads", "across-GPUs", "tuner across-GPUs"}
+    js = tmp_path / "scores.json"
+    _run(["benchmarks/perfmodel_eval.py", "--prior", "shipped", "--no-cache", "--test",
+          str(data / "h100_hf_train_mm.txt.gz"), "--json", str(js)], tmp_path)
+    scores = json.loads(js.read_text())
+    assert scores["shapes"] == 12
+    for key in ("geomean", "within5"):
+        assert set(scores[key]) == {"0", "1", "3", "5", "10"}
+        assert all(0 < v <= 1 for v in scores[key].values())
+    assert scores["geomean"]["10"] >= scores["geomean"]["0"]

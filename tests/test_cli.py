@@ -84,6 +84,7 @@ def test_doctor(tmp_path):
                  str(tmp_path / "c")):
         assert word in out
     assert not (tmp_path / "c").exists()  # doctor creates nothing
+    assert "GEMM prior" in out and "gemm_inductor_v1" in out and "not used on this device (no GPU)" in out
 
 
 def test_list_show_stats_report(cache):

@@ -235,6 +235,13 @@ def test_single_worker_then_nothing_left(db_url, tmp_path, caplog):
     loaded = {(e.device, e.family, e.problem_key): e.winner for e in bundles.load(path).entries()}
     assert loaded == {e.key: e.winner for e in store.entries(FP)}
 
+    # search_studies=False: the search runs in memory, no study is added beside the job's
+    before = len(optuna.get_all_study_summaries(fleet._optuna_storage(db_url, heartbeat_s=None, lease_s=None)))
+    quiet = fleet.run_worker(storage=db_url, problems=PROBLEMS[8:9], device="cpu", timer=sleeping_timer(),
+                             max_trials=4, heartbeat_s=1, lease_s=2, search_studies=False)
+    after = len(optuna.get_all_study_summaries(fleet._optuna_storage(db_url, heartbeat_s=None, lease_s=None)))
+    assert len(quiet.tuned) == 1 and after == before + 1  # the new job's queue study only
+
 
 def test_failing_problem_is_recorded_and_the_worker_goes_on(db_url):
     from torchtune_ops.kernels.gemm import GEMM

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import torchtune_ops.runtime.ops  # noqa: F401  (registers the ops)
-from torchtune_ops.runtime import dispatch, launch as runtime_launch
+from torchtune_ops.runtime import dispatch, launch
 from torchtune_ops.tuning import perfmodel
 from torchtune_ops import settings
 from torchtune_ops.kernels.base import Config, DeviceLimits, KernelFamily
@@ -443,7 +443,7 @@ def _fake_choice(wrong: bool):
     """A predicted choice for a fake "mm" whose launch adds 1 when ``wrong``."""
     calls = []
 
-    def launch(a, b, *, config):
+    def fake_launch(a, b, *, config):
         calls.append(config)
         return torch.mm(a, b) + (1.0 if wrong else 0.0)
 
@@ -454,8 +454,8 @@ def _fake_choice(wrong: bool):
             return 1e-4
 
     base = dict(op="mm", aten=torch.mm, problem="p", family=Fam(), problem_key="k")
-    entry = runtime_launch._Predicted(winner=json.dumps({"BLOCK": 4}), vs_aten=0.5)
-    c = runtime_launch._predicted_choice("mm", launch, entry, base, torch.device("cpu"), settings.current())
+    entry = launch._Predicted(winner=json.dumps({"BLOCK": 4}), vs_aten=0.5)
+    c = launch._predicted_choice("mm", fake_launch, entry, base, torch.device("cpu"), settings.current())
     return c, calls
 
 

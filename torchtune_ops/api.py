@@ -146,6 +146,10 @@ def explain_text() -> str:
             cols = " ".join(f"{c['by_source'].get(s, 0):>{max(7, len(s))}}" for s in used)
             lines.append(f"{op:<9} {c['calls']:>8} {c['hits']:>8} {c.get('misses', 0):>7} {cols} "
                          f"{c['aten_calls']:>8}")
+    from .tuning.perfmodel import prior_notes
+
+    for fp, note in sorted(prior_notes().items()):
+        lines.append(f"performance prior on {fp.split('|', 1)[0]}: {note}")
     if st["problems"]:
         lines.append("")
         lines.append(f"{'op':<9} {'graph':<14} {'dtype':<9} {'shape':<40} {'source':<12} {'calls':>7}  kernel")
@@ -168,13 +172,17 @@ def explain(*, file: TextIO | None = None, print_it: bool = True) -> dict[str, A
         PyTorch at compile time (``backend.skipped()``), per-op run-time counts (calls; ``by_source``: the
         calls of each source, which add up to calls; ``aten_calls``; hits, misses and the keys resolved
         per source; see ``runtime.choices.stats``) and one row per problem (op, graph, shape, dtype,
-        kernel: "aten" or the configuration, source, calls, times and trials when tuned).
+        kernel: "aten" or the configuration, source, calls, times and trials when tuned);
+        ``"prior"``: per device fingerprint the shipped GEMM prior used, and which GPU's data it rests on.
     """
     from .runtime import backend, dispatch
 
     data = dict(dispatch.stats())
     data["intercepted"] = backend.intercepted()
     data["skipped"] = backend.skipped()
+    from .tuning.perfmodel import prior_notes
+
+    data["prior"] = prior_notes()
     if print_it:
         print(explain_text(), file=file or sys.stdout)
     return data

@@ -527,6 +527,29 @@ def _tune_model(work: tuple, device: str, args: argparse.Namespace, err: TextIO)
 
 
 # ----------------------------------------------------------------------------------------------- doctor
+def _prior_line(fp_key: str, device: Any) -> str:
+    """What the shipped GEMM performance prior is and what it rests on for this device."""
+    from .tuning import gemm_prior, perfmodel
+
+    prior = gemm_prior.shipped()
+    if prior is None:
+        return f"none ({gemm_prior.SHIPPED_PATH} missing or unreadable)"
+    gpus = ", ".join(g["name"] for g in prior.gpus)
+    head = f"{prior.meta.get('version')} (trained on {gpus}, {prior.meta.get('date')})"
+    if not settings.current().perfmodel_prior:
+        return f"{head}; off (TORCHTUNE_OPS_PERFMODEL_PRIOR=0)"
+    try:
+        from .kernels.base import device_limits
+
+        limits = device_limits(device)
+    except Exception:  # noqa: BLE001 - doctor reports, it does not fail
+        limits = None
+    model = perfmodel.prior_for(fp_key, "gemm", limits)
+    if model is None:
+        return f"{head}; not used on this device (no GPU)"
+    return f"{head}; {model.note}"
+
+
 def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
     import platform
 
@@ -587,6 +610,7 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
         row("cache writable", True if why is None else f"False ({why})")
     else:
         row("cache size", "no cache yet")
+    row("GEMM prior", _prior_line(fp.key, device))
     s = settings.current()
     for p in s.bundles:
         row("bundle", p)

@@ -152,6 +152,9 @@ DECLARED: tuple[Setting, ...] = (
     Setting("perfmodel", True, _bool,
             "Learn from the trial history: warm-start and prune searches, and with tuning off run a confident "
             "prediction (verified against PyTorch at first use) for unseen problems. 0: off."),
+    Setting("perfmodel_prior", True, _bool,
+            "Start GEMM searches (and zero-shot predictions) from the performance prior shipped with the package "
+            "(trained on A100/H100 timings) while the device's own history is short. 0: off."),
 )
 
 _BY_NAME = {s.name: s for s in DECLARED}
@@ -176,6 +179,7 @@ class Settings:
     bench_subprocess: bool = True
     use_shipped: bool = True
     perfmodel: bool = True
+    perfmodel_prior: bool = True
 
     @property
     def tuning(self) -> bool:

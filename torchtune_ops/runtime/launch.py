@@ -49,10 +49,11 @@ def _predict(family, problem, fp: str, device: torch.device, store) -> _Predicte
     from ..kernels.base import Config, device_limits
 
     try:
-        model = perfmodel.model_for(store, fp, family.name, reuse=True)
+        limits = device_limits(device)
+        model = perfmodel.model_with_prior(store, fp, family.name, limits=limits, reuse=True)
         if model is None or not model.confident():
             return None
-        cands = [c.as_dict() for c in family.valid_configs(problem, device_limits(device))]
+        cands = [c.as_dict() for c in family.valid_configs(problem, limits)]
         pred = perfmodel.zero_shot(model, family.problem_to_dict(problem), cands)
     except Exception as e:  # noqa: BLE001 - a model problem means PyTorch's kernel, never a crash
         log.info("torchtune_ops: no zero-shot prediction for %s (%s: %s)", family.name, type(e).__name__, e)

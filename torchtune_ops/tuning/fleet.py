@@ -112,11 +112,11 @@ def _optuna_storage(url: str, *, heartbeat_s: int | None, lease_s: int | None) -
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     url = normalize_url(url)
-    beat = {} if heartbeat_s is None else dict(
-        heartbeat_interval=heartbeat_s, grace_period=lease_s,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        beat = {} if heartbeat_s is None else dict(
+            heartbeat_interval=heartbeat_s, grace_period=lease_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
         storage = _retry("opening the Optuna storage", lambda: RDBStorage(
             url, engine_kwargs=_engine_kwargs(url), **beat))
     if storage.engine.dialect.name == "sqlite":
@@ -219,7 +219,8 @@ def run_worker(*, storage: str, problems: Iterable[tuple[str, Mapping[str, Any]]
                heartbeat_s: float = DEFAULT_HEARTBEAT_S, lease_s: float = DEFAULT_LEASE_S,
                poll_s: float = 1.0, wait_ready_s: float = 300.0, fingerprint: Any = None,
                families: Mapping[str, Any] | None = None, max_problems: int | None = None,
-               on_problem: Callable[[str, str, str], None] | None = None) -> WorkerReport:
+               on_problem: Callable[[str, str, str], None] | None = None,
+               search_studies: bool = True) -> WorkerReport:
     """Tune a shared problem list together with every other worker on the same database, until nothing
     is left: no problem waiting and none being tuned by a live worker.
 
@@ -251,6 +252,9 @@ def run_worker(*, storage: str, problems: Iterable[tuple[str, Mapping[str, Any]]
         max_problems: stop after this many problems (tuned, reused or failed); None (default): no limit.
         on_problem: called as ``on_problem(event, family, problem_key)`` with event "start", "tuned",
             "reused" or "failed" (default none); for progress displays.
+        search_studies: run each problem's search as a study of its own in the database
+            (``search_study_name``; optuna-dashboard shows it live). Each measurement then costs a few
+            database transactions (docs/fleet.md has the figures). Default True; False searches in memory.
 
     Returns:
         A ``WorkerReport``.
@@ -293,7 +297,7 @@ def run_worker(*, storage: str, problems: Iterable[tuple[str, Mapping[str, Any]]
         with _schema_lock(storage):
             ostorage = _optuna_storage(storage, heartbeat_s=heartbeat_i, lease_s=lease_i)
             # each problem's search runs as its own study on the same database, sampled by search.Sampler
-            search_storage = _optuna_storage(storage, heartbeat_s=None, lease_s=None)
+            search_storage = _optuna_storage(storage, heartbeat_s=None, lease_s=None) if search_studies else None
         study = _open_job(ostorage, results, name=name, fingerprint=fp, problems=keys, force=force,
                           wait_ready_s=wait_ready_s)
         local = Store.open(os.path.join(tmp, "tuning.sqlite"), readonly=False)
@@ -312,11 +316,13 @@ def run_worker(*, storage: str, problems: Iterable[tuple[str, Mapping[str, Any]]
                 notify("reused", fam_name, key)
                 return done.time_ms
             try:
-                search = search_study_name(fp, fam_name, key)
-                trial.set_user_attr("search_study", search)
+                search = None
+                if search_storage is not None:
+                    search = (search_storage, search_study_name(fp, fam_name, key))
+                    trial.set_user_attr("search_study", search[1])
                 entry = _tune_one(fams[fam_name], key, local=local, device=device, timer=timer,
                                   max_trials=max_trials, time_budget_s=time_budget_s, seed=seed,
-                                  progress=progress, fp=fp, search_study=(search_storage, search))
+                                  progress=progress, fp=fp, search_study=search)
                 history = [(t.config, t.value_ms) for t in local.trials(fp, fam_name, problem=key)]
                 stored = results.put(entry, history, worker=worker)
                 local.delete(fp, fam_name, key)
@@ -376,7 +382,8 @@ def search_study_name(fingerprint: str, family: str, key: str) -> str:
     device as ``torchtune-ops dashboard`` names them, and a fresh id (a retried problem gets a new study)."""
     from ..storage.dashboard import study_name as problem_study_name
 
-    return f"{STUDY_PREFIX}:search: {problem_study_name(fingerprint, family, key)} #{uuid.uuid4().hex[:8]}"
+    name = f"{STUDY_PREFIX}:search: {problem_study_name(fingerprint, family, key)}"
+    return f"{name[:490]} #{uuid.uuid4().hex[:8]}"  # Optuna's RDB storage keeps 512 characters
 
 
 def _tune_one(family: Any, key: str, *, local: Store, device: Any, timer: Any, max_trials: int | None,

@@ -34,7 +34,7 @@ log = logging.getLogger("torchtune_ops")
 
 __all__ = ["PerfModel", "PerfModelWarning", "Hints", "Prediction", "featurize", "model_for", "model_path",
            "history_rows", "search_hints", "related_hints", "zero_shot", "nearest_winners", "spearman", "SCHEMA",
-           "NOMINAL_SMS"]
+           "NOMINAL_SMS", "prior_for", "prior_notes", "model_with_prior", "Blended", "PRIOR_HALF_WEIGHT"]
 
 #: format version of the saved model files (a different version is retrained, not read)
 SCHEMA = 1
@@ -822,3 +822,97 @@ def zero_shot(model: PerfModel | None, problem: Mapping[str, Any], candidates: S
     if ratio > 1.0 - margin:
         return None
     return Prediction(config=cands[best], vs_aten=ratio)
+
+
+# ------------------------------------------------------------------------------------ the shipped prior
+
+#: local problems at which the device's own history weighs as much as the shipped prior
+PRIOR_HALF_WEIGHT = 8
+_prior_notes: dict[str, str] = {}
+
+
+def _fingerprint_limits(fingerprint: str) -> tuple[tuple[int, int], int] | None:
+    """(capability, SMs) read from a fingerprint key ("...|cc9.0|sm132|..."); None for the interpreter."""
+    m = re.search(r"\|cc(\d+)\.(\d+)\|sm(\d+)\|", "|" + fingerprint + "|")
+    if m is None:
+        return None
+    cap, sms = (int(m.group(1)), int(m.group(2))), int(m.group(3))
+    return None if cap == (0, 0) or sms <= 0 else (cap, sms)
+
+
+def prior_for(fingerprint: str, family: str, limits: Any = None) -> Any:
+    """The shipped prior (``gemm_prior``) on the device of ``fingerprint``, or None (another family, the
+    interpreter, no prior shipped). Its SMs and capability come from the fingerprint, its shared memory
+    from ``limits`` (a ``kernels.base.DeviceLimits`` of a GPU) or else from the nearest GPU the prior knows.
+    ``.note`` says which GPU's data it rests on (``prior_notes()``, ``explain()``, ``doctor``)."""
+    from .. import settings
+
+    if family != "gemm" or not settings.current().perfmodel_prior:
+        return None
+    dev = _fingerprint_limits(fingerprint)
+    if dev is None:
+        return None
+    from . import gemm_prior
+
+    prior = gemm_prior.shipped()
+    if prior is None:
+        return None
+    cap, sms = dev
+    smem = int(getattr(limits, "smem_per_block", 0) or 0) if limits is not None and not getattr(
+        limits, "interpreter", True) else 0
+    if smem <= 0:
+        near = prior.nearest_gpu(sms=sms, capability=cap)
+        smem = int(near["smem"]) if near else 166912
+    name = fingerprint.split("|", 1)[0]
+    model = prior.for_device(sms=sms, smem=smem, capability=cap, name=name)
+    _prior_notes[fingerprint] = model.note
+    return model
+
+
+def prior_notes() -> dict[str, str]:
+    """Per fingerprint key, what the shipped prior said about the device it was used on in this process."""
+    return dict(_prior_notes)
+
+
+class Blended:
+    """The device's own model and the shipped prior, weighed by how much the device has measured: the own
+    model's weight is n / (n + ``PRIOR_HALF_WEIGHT``) for n problems in its history. The quality and the
+    aten margin are the own model's when it has them."""
+
+    def __init__(self, own: PerfModel, prior: Any, *, half: float = PRIOR_HALF_WEIGHT) -> None:
+        self.own, self.prior = own, prior
+        self.weight = own.n_problems / (own.n_problems + half)
+        self.family = own.family
+        self.note = getattr(prior, "note", "")
+
+    @property
+    def quality(self) -> dict[str, float]:
+        return self.own.quality or self.prior.quality
+
+    def predict(self, problem: Mapping[str, Any], configs: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        return self.weight * self.own.predict(problem, configs) + (1 - self.weight) * self.prior.predict(problem,
+                                                                                                          configs)
+
+    def predict_vs_aten(self, problem: Mapping[str, Any], configs: Sequence[Mapping[str, Any]]) -> np.ndarray | None:
+        own = self.own.predict_vs_aten(problem, configs)
+        return own if own is not None else self.prior.predict_vs_aten(problem, configs)
+
+    def confident(self) -> bool:
+        return self.own.confident() if self.own.quality else self.prior.confident()
+
+
+def model_with_prior(store: Any, fingerprint: str, family: str, *, limits: Any = None, reuse: bool = False) -> Any:
+    """What the tuner and the zero-shot path use: the device's own model (``model_for``) blended with the
+    shipped prior (``prior_for``); the prior alone with an empty history; the own model alone for families
+    and devices the prior does not cover; None when there is neither."""
+    own = model_for(store, fingerprint, family, reuse=reuse)
+    try:
+        prior = prior_for(fingerprint, family, limits)
+    except Exception as e:  # noqa: BLE001 - a broken prior must not stop tuning
+        log.info("shipped performance prior unavailable (%s: %s)", type(e).__name__, e)
+        prior = None
+    if prior is None:
+        return own
+    if own is None:
+        return prior
+    return Blended(own, prior)

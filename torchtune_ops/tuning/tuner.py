@@ -298,7 +298,7 @@ def _tune_claimed(store: Store, key: tuple[str, str, str], family: Any, problem:
         try:
             run = _Run(family, problem, pdict, device=device, timer=timer or own_timer or make_timer(device),
                        limits=device_limits(device), strict=strict, seed=seed)
-            hints = _model_hints(store, key, pdict) if model else None
+            hints = _model_hints(store, key, pdict, run.limits) if model else None
             entry, history = run.tune(key, max_trials=max_trials, time_budget_s=time_budget_s, prior=prior,
                                       patience=patience, progress=progress, hints=hints,
                                       renew=lambda: store.claim(*key, lease_s=lease_s),
@@ -311,14 +311,14 @@ def _tune_claimed(store: Store, key: tuple[str, str, str], family: Any, problem:
         store.release(*key)
 
 
-def _model_hints(store: Store, key: tuple[str, str, str], pdict: dict) -> Callable | None:
-    """``hints(candidates, known) -> perfmodel.Hints`` from the device's trial history (None on failure:
-    a model problem never stops tuning)."""
+def _model_hints(store: Store, key: tuple[str, str, str], pdict: dict, limits: Any = None) -> Callable | None:
+    """``hints(candidates, known) -> perfmodel.Hints`` from the device's trial history and, for GEMM on a GPU,
+    the shipped prior (``perfmodel.model_with_prior``; None on failure: a model problem never stops tuning)."""
     from . import perfmodel
 
     fp, fam, _ = key
     try:
-        model = perfmodel.model_for(store, fp, fam)
+        model = perfmodel.model_with_prior(store, fp, fam, limits=limits)
         neighbours = perfmodel.nearest_winners(store, fp, fam, pdict)
     except Exception as e:  # noqa: BLE001 - a broken history or model must not stop tuning
         log.info("performance model unavailable for %s (%s: %s)", fam, type(e).__name__, e)
