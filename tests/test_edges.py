@@ -574,3 +574,21 @@ def test_a_table_of_this_version_without_the_budget_columns_gets_them(tmp_path):
     assert (old.trials, old.max_trials, old.time_budget_s) == (3, 0, 0.0)
     st.put(Entry("fp", "gemm", '{"M":1}', "aten", 1.0, 1.0, 2, max_trials=5, time_budget_s=1.5))
     assert Store.open(path, readonly=True).get("fp", "gemm", '{"M":1}').max_trials == 5
+
+
+def test_cli_tune_cached_retunes_chosen_cache_entries(tmp_path, fake_timer, monkeypatch):
+    monkeypatch.setattr(tuner, "make_timer", lambda device: fake_timer)
+    d = tmp_path / "cache"
+    fp = fingerprint("cpu").key
+    keys = []
+    for m in (3, 4):
+        p = GEMM.problem_to_dict(GEMM.problem_type("mm", 1, m, 5, 7, "float32"))
+        keys.append(problem_key(p))
+        Store.open(d / "tuning.sqlite").put(Entry(fp, "gemm", keys[-1], "aten", 1.0, 1.0, 5, max_trials=40,
+                                                  time_budget_s=30.0))
+    assert main("tune", "--cached", cache=d)[0] == 1                # which entries? an error, not all of them
+    rc, out, err = main("tune", "--cached", "--problem", keys[0], "--retune", "--max-trials", "2", cache=d)
+    assert rc == 0 and "1 problems" in out and "tuned" in out, (out, err)
+    got = {e.problem: e for e in Store.open(d / "tuning.sqlite").entries()}
+    assert got[keys[1]].trials == 5 and got[keys[1]].max_trials == 40      # not chosen: untouched
+    assert got[keys[0]].max_trials == 2 and got[keys[0]].winner != "aten"   # chosen: tuned again (replaced)

@@ -4,6 +4,7 @@ bundles, report, and check an installation.
     torchtune-ops tune --shapes shapes.jsonl          # problems recorded with TORCHTUNE_OPS_RECORD
     torchtune-ops tune --model mypkg.models:build      # build() returns (model, example inputs)
     torchtune-ops tune --shapes shapes.jsonl --retune # tune again what the cache already has
+    torchtune-ops tune --cached --family gemm --retune # tune chosen cache entries again
     torchtune-ops cache list | show ID | export PATH | import PATH [--force] | merge PATH... -o OUT
     torchtune-ops cache delete --family F [--problem KEY | --id ID] [--all-matching] | clear --yes | stats
     torchtune-ops report [--plot speedups.png]
@@ -278,7 +279,7 @@ def cmd_cache_stats(args: argparse.Namespace, out: TextIO) -> int:
     from .storage.store import unwritable
 
     why = "read-only mode (TORCHTUNE_OPS_READONLY=1)" if settings.current().readonly else unwritable(store.path)
-    st["writable"] = why is None if why is None else f"False ({why})"
+    st["writable"] = True if why is None else f"False ({why})"
     for k in ("path", "writable", "schema", "entries", "fingerprints", "trials", "claims", "bytes"):
         out.write(f"{k:<13} {st.get(k)}\n")
     for fam, (n, won) in sorted(by_family.items()):
@@ -440,8 +441,9 @@ def cmd_tune(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if s.readonly:
         raise CliError("read-only mode (TORCHTUNE_OPS_READONLY=1): tuning is off")
     if args.storage:  # one worker of a fleet sharing the database (docs/fleet.md)
-        if args.model or args.retune:
-            raise CliError("--storage tunes a shape file (--shapes) once per problem: not --model or --retune")
+        if not args.shapes or args.retune:
+            raise CliError("--storage tunes a shape file (--shapes) once per problem: not --model, --cached or "
+                           "--retune")
         return _fleet().cli_tune(storage=args.storage, shapes=args.shapes, job=args.job, device=args.device,
                                  max_trials=args.max_trials, time_budget_s=args.time_budget,
                                  lease_s=args.lease, out=out, err=err)
@@ -450,15 +452,22 @@ def cmd_tune(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .storage import record
 
     device = _default_device(args.device)
+    if (args.id or args.problem or args.family) and not args.cached:
+        raise CliError("--id, --problem and --family choose cache entries: use them with --cached")
     # read the work first, so that a bad file or entry point fails before anything else happens
-    work = record.read_shapes(args.shapes) if args.shapes else _load_entry_point(args.model)
+    if args.cached:
+        args.all_matching = True
+        with contextlib.closing(_open_store(write=False)) as cache:
+            work = [(e.family, json.loads(e.problem)) for e in _chosen(cache, args)]
+    else:
+        work = record.read_shapes(args.shapes) if args.shapes else _load_entry_point(args.model)
     if torch.device(device).type == "cpu":
         err.write("note: no GPU: kernels run through the Triton interpreter; timings are not GPU timings\n")
     store = _open_store(write=True)
     fp = _local_fingerprint(device).key
     before = {e.key: e for e in store.entries(fp)}
     t0 = time.perf_counter()
-    if args.shapes:
+    if not args.model:
         results = _tune_shapes(work, store, device, args, err)
     else:
         results = _tune_model(work, device, args, err)
@@ -595,7 +604,10 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
         size = sum(os.path.getsize(f"{path}{sfx}") for sfx in ("", "-wal") if os.path.exists(f"{path}{sfx}"))
         row("cache size", f"{size} bytes, {st['entries']} entries, {st['fingerprints']} device(s), "
                           f"{st['trials']} measurements")
-        row("cache writable", os.access(path.parent, os.W_OK) and not settings.current().readonly)
+        from .storage.store import unwritable
+
+        why = "read-only mode (TORCHTUNE_OPS_READONLY=1)" if settings.current().readonly else unwritable(path)
+        row("cache writable", True if why is None else f"False ({why})")
     else:
         row("cache size", "no cache yet")
     row("GEMM prior", _prior_line(fp.key, device))
@@ -629,10 +641,16 @@ def build_parser() -> argparse.ArgumentParser:
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--shapes", help="a shape file written with TORCHTUNE_OPS_RECORD")
     src.add_argument("--model", help="MODULE:FUNCTION returning (model, inputs)")
+    src.add_argument("--cached", action="store_true", help="the cache's own entries of this device, chosen "
+                     "with --id/--problem/--family (with --retune: tune them again)")
+    t.add_argument("--id", help="with --cached: an entry id from 'cache list' (a prefix will do)")
+    t.add_argument("--problem", metavar="KEY", help="with --cached: a problem key")
+    t.add_argument("--family", help="with --cached: a kernel family")
     t.add_argument("--max-trials", type=int, default=None, help="most configurations measured per problem")
     t.add_argument("--time-budget", type=float, default=None, help="most seconds per problem")
     t.add_argument("--retune", action="store_true", help="tune again problems the cache already has (the "
-                   "faster answer is kept); without it, only those tuned with a smaller budget are")
+                   "new answer replaces the old); without it, only those tuned with a smaller budget (or without "
+                   "trials) are, the faster answer kept")
     t.add_argument("--storage", metavar="URL", help="tune together with other workers through this database "
                    "(postgresql://... or sqlite:///...; needs torchtune-ops[fleet]; docs/fleet.md)")
     t.add_argument("--job", help="with --storage: the fleet job's name (default: derived from the shapes)")
