@@ -125,6 +125,9 @@ def explain_text() -> str:
     counts = backend.intercepted()
     if counts:
         lines.append("intercepted at compile time: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    for why, n in sorted(backend.passthrough().items()):
+        lines.append(f"left to Inductor unchanged: {n} graph{'s' if n != 1 else ''} ({why}; no kernel of ours "
+                     "could run there)")
     lines.append(f"{'op':<9} {'calls':>8} {'hits':>8} {'misses':>7} {'tuned':>6} {'store':>6} {'aten':>6} "
                  f"{'failed':>6}")
     for op, c in sorted(st["ops"].items()):
@@ -149,8 +152,9 @@ def explain(*, file: TextIO | None = None, print_it: bool = True) -> dict[str, A
         print_it: False returns the data without printing (default True).
 
     Returns:
-        ``{"intercepted": {...}, "ops": {...}, "problems": [...]}``: the compile-time interception counts
-        (``backend.intercepted()``), per-op run-time counts (calls, hits, misses, and how each miss was
+        ``{"intercepted": {...}, "passthrough": {...}, "ops": {...}, "problems": [...]}``: the compile-time
+        interception counts (``backend.intercepted()``), the graphs left to Inductor unchanged because no
+        Triton kernel can run on their devices, by reason (``backend.passthrough()``), per-op run-time counts (calls, hits, misses, and how each miss was
         resolved: tuned, store, untuned, unsupported, failed, background) and one row per problem (op,
         shape, dtype, kernel: "aten" or the configuration, source, calls, times and trials when tuned).
     """
@@ -158,6 +162,7 @@ def explain(*, file: TextIO | None = None, print_it: bool = True) -> dict[str, A
 
     data = dict(dispatch.stats())
     data["intercepted"] = backend.intercepted()
+    data["passthrough"] = backend.passthrough()
     if print_it:
         print(explain_text(), file=file or sys.stdout)
     return data

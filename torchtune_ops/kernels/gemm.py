@@ -17,8 +17,13 @@ Kernel design (for Hopper and Ampere):
   tensor descriptors (``tl.make_tensor_descriptor``), whose out-of-bounds zero fill needs no masks;
   ``gemm()`` falls back to pointers when the strides or the alignment do not allow descriptors;
 - epilogue fused: alpha, bias (scalar, row, column or full, any strides, in fp32), activation, cast on
-  store; SPLIT_K > 1 adds fp32 partial sums atomically into a zeroed workspace and a second small
-  kernel applies the epilogue (nondeterministic, so the space drops it under deterministic algorithms).
+  store; SPLIT_K > 1 stores each split's fp32 partial sum into its slice of a workspace (no zeroing, no
+  atomics) and a second small kernel adds them up in split order and applies the epilogue (the space
+  still drops SPLIT_K under deterministic algorithms, as when the partials were added atomically).
+
+``gemm()`` works out every argument at each call; ``bind()`` does it once for calls that differ only in
+their tensors (the run-time dispatch's key fixes sizes, strides, dtypes and scalars) and returns a
+``BoundGemm`` that launches the compiled kernel directly (``_launch.Launcher``).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from .base import Config, DeviceLimits, KernelFamily, Value
 from .gemm_space import (TORCH_DTYPES, GemmProblem, check, gemm_problem, known_configs,
                          space)
 
-__all__ = ["gemm", "GemmFamily", "GemmProblem", "gemm_problem", "GEMM", "ACTIVATIONS"]
+__all__ = ["gemm", "bind", "BoundGemm", "GemmFamily", "GemmProblem", "gemm_problem", "GEMM", "ACTIVATIONS"]
 
 ACTIVATIONS = ACTIVATION_CODES
 # BIAS constexpr: how the epilogue reads the bias.
@@ -195,8 +200,13 @@ def _gemm_kernel(
         acc = _epilogue(acc, cm, cn, M, N, bias_ptr + pid_b * stride_xb, stride_xm, stride_xn, beta,
                         bias_value, BIAS, ACT)
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-    else:  # c_ptr is the zeroed fp32 workspace; _splitk_epilogue_kernel finishes
-        tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
+    else:  # c_ptr is the fp32 workspace [batch, SPLIT_K, M, N]: this split's partial sum, which
+        # _splitk_epilogue_kernel adds up in a fixed order (no zeroing, no atomics)
+        if INDEX_64:
+            c_ptrs += pid_k.to(tl.int64) * M * N
+        else:
+            c_ptrs += pid_k * M * N
+        tl.store(c_ptrs, acc, mask=mask)
 
 
 @triton.jit
@@ -207,9 +217,10 @@ def _splitk_epilogue_kernel(
     stride_xb, stride_xm, stride_xn,
     beta, bias_value,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BIAS: tl.constexpr, ACT: tl.constexpr, INDEX_64: tl.constexpr,
+    BIAS: tl.constexpr, ACT: tl.constexpr, INDEX_64: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Bias, activation and cast of the summed split-K workspace (contiguous B x M x N, fp32)."""
+    """Sum of the split-K partials (contiguous fp32 workspace B x SPLIT_K x M x N, in split order), then
+    bias, activation and cast."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tiles = tl.cdiv(M, BLOCK_M) * num_pid_n
@@ -221,7 +232,11 @@ def _splitk_epilogue_kernel(
         rm = rm.to(tl.int64)
         rn = rn.to(tl.int64)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    acc = tl.load(ws_ptr + pid_b * M * N + rm[:, None] * N + rn[None, :], mask=mask, other=0.0)
+    ws_ptrs = ws_ptr + pid_b * SPLIT_K * M * N + rm[:, None] * N + rn[None, :]
+    acc = tl.load(ws_ptrs, mask=mask, other=0.0)
+    for _ in tl.static_range(1, SPLIT_K):
+        ws_ptrs += M * N
+        acc += tl.load(ws_ptrs, mask=mask, other=0.0)
     acc = _epilogue(acc, rm, rn, M, N, bias_ptr + pid_b * stride_xb, stride_xm, stride_xn, beta,
                     bias_value, BIAS, ACT)
     c_ptrs = c_ptr + pid_b * stride_cb + rm[:, None] * stride_cm + rn[None, :] * stride_cn
@@ -317,9 +332,27 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
         UnsupportedProblem: dtypes, devices or ranks the kernel does not cover.
         ValueError: mismatched shapes, a bad ``out``, activation or config.
     """
+    plan = _plan(a, b, config, bias, alpha, beta, activation, out, precision)
+    if plan.launch is not None:
+        _launch_unbound(plan, a, b)
+    return plan.out
+
+
+class _Plan:
+    """Everything one GEMM call launches: the output, the workspace shape, the kernels' grids and their
+    arguments after the leading tensors (a, b, c, bias for the GEMM; workspace, out, bias for the split-K
+    epilogue). ``launch`` is None when nothing is left to launch (``out`` already holds the result)."""
+
+    __slots__ = ("out", "bias_t", "launch", "epilogue", "ws_shape", "use_tma", "device")
+
+    def __init__(self, out):
+        self.out, self.launch, self.epilogue, self.ws_shape = out, None, None, None
+
+
+def _plan(a, b, config, bias, alpha, beta, activation, out, precision) -> _Plan:
     bm, bn, bk, gm, warps, stages, sk, tma = _parse(config)
     if sk > 1 and torch.are_deterministic_algorithms_enabled():
-        raise InvalidConfig("SPLIT_K > 1 sums with atomics: not allowed under deterministic algorithms")
+        raise InvalidConfig("SPLIT_K > 1 is not allowed under deterministic algorithms")
     act = ACTIVATIONS.get(activation)
     if act is None:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
@@ -355,8 +388,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
     elif tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
         raise ValueError(f"out must be {shape} {dtype} on {device}, got {tuple(out.shape)} {out.dtype} "
                          f"on {out.device}")
+    plan = _Plan(out)
     if M == 0 or N == 0 or batch == 0:
-        return out
+        return plan
 
     # Bias: how the epilogue reads it.
     bias_t, bias_value, sxb, sxm, sxn = a, 0.0, 0, 0, 0
@@ -386,7 +420,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
             out.fill_(float(_apply_torch_act(torch.tensor(bias_value), act)))
         else:
             out.copy_(_apply_torch_act(float(beta) * bias_t.float(), act).expand(shape))
-        return out
+        return plan
 
     a_row = sak == 1
     a_col = not a_row and sam == 1
@@ -401,41 +435,123 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
     bm1, m1, n1, k1 = batch - 1, M - 1, N - 1, K - 1
     index_64 = max(bm1 * sab + m1 * sam + k1 * sak, bm1 * sbb + k1 * sbk + n1 * sbn,
                    bm1 * sxb + m1 * sxm + n1 * sxn, bm1 * ocb + m1 * ocm + n1 * ocn,
-                   batch * M * N) > _INT32_MAX
+                   batch * sk * M * N) > _INT32_MAX
     if sk > 1:
-        c = torch.zeros((batch, M, N), dtype=torch.float32, device=device)
-        scb, scm, scn = M * N, N, 1
+        plan.ws_shape = (batch, sk, M, N)
+        scb, scm, scn = sk * M * N, N, 1
     else:
-        c, scb, scm, scn = out, ocb, ocm, ocn
+        scb, scm, scn = ocb, ocm, ocn
     grid = (_cdiv(M, bm) * _cdiv(N, bn) * batch, sk)
+    plan.launch = (grid, (M, N, K, sab, sam, sak, sbb, sbk, sbn, scb, scm, scn, sxb, sxm, sxn,
+                          float(alpha), float(beta), bias_value),
+                   dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, SPLIT_K=sk, EVEN_K=K % (bk * sk) == 0,
+                        A_ROW=a_row, A_COL=a_col, B_ROW=b_row, B_COL=b_col, BIAS=bias_kind, ACT=act,
+                        PRECISION=_dot_precision(dtype, precision),
+                        UPCAST=_compat.UPCAST_BF16_DOT and dtype == torch.bfloat16,
+                        USE_TMA=use_tma, INDEX_64=index_64), warps, stages)
+    if sk > 1:
+        eg = (_cdiv(M, _EPILOGUE_BLOCK) * _cdiv(N, _EPILOGUE_BLOCK) * batch,)
+        plan.epilogue = (eg, (M, N, ocb, ocm, ocn, sxb, sxm, sxn, float(beta), bias_value),
+                         dict(BLOCK_M=_EPILOGUE_BLOCK, BLOCK_N=_EPILOGUE_BLOCK, BIAS=bias_kind, ACT=act,
+                              INDEX_64=index_64, SPLIT_K=sk), 4, 1)
+    plan.bias_t, plan.use_tma, plan.device = bias_t, use_tma, device
+    return plan
+
+
+def _launch_unbound(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Launch ``plan`` through Triton's JIT (``kernel[grid](...)``, every argument bound at this call)."""
+    device, out = plan.device, plan.out
+    c = out if plan.ws_shape is None else torch.empty(plan.ws_shape, dtype=torch.float32, device=device)
     dev_guard = device.type == "cuda" and device.index != torch.cuda.current_device()
     if dev_guard:
         guard = torch.cuda.device(device)
         guard.__enter__()
     try:
-        if use_tma and device.type == "cuda":
+        if plan.use_tma and device.type == "cuda":
             _compat.ensure_tma_allocator()
-        _gemm_kernel[grid](
-            a, b, c, bias_t, M, N, K,
-            sab, sam, sak, sbb, sbk, sbn, scb, scm, scn, sxb, sxm, sxn,
-            float(alpha), float(beta), bias_value,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, SPLIT_K=sk, EVEN_K=K % (bk * sk) == 0,
-            A_ROW=a_row, A_COL=a_col, B_ROW=b_row, B_COL=b_col, BIAS=bias_kind, ACT=act,
-            PRECISION=_dot_precision(dtype, precision),
-            UPCAST=_compat.UPCAST_BF16_DOT and dtype == torch.bfloat16,
-            USE_TMA=use_tma, INDEX_64=index_64, num_warps=warps, num_stages=stages,
-        )
-        if sk > 1:
-            eg = (_cdiv(M, _EPILOGUE_BLOCK) * _cdiv(N, _EPILOGUE_BLOCK) * batch,)
-            _splitk_epilogue_kernel[eg](
-                c, out, bias_t, M, N, ocb, ocm, ocn, sxb, sxm, sxn, float(beta), bias_value,
-                BLOCK_M=_EPILOGUE_BLOCK, BLOCK_N=_EPILOGUE_BLOCK, BIAS=bias_kind, ACT=act,
-                INDEX_64=index_64, num_warps=4,
-            )
+        grid, fixed, consts, warps, stages = plan.launch
+        _gemm_kernel[grid](a, b, c, plan.bias_t, *fixed, **consts, num_warps=warps, num_stages=stages)
+        if plan.epilogue is not None:
+            grid, fixed, consts, warps, stages = plan.epilogue
+            _splitk_epilogue_kernel[grid](c, out, plan.bias_t, *fixed, **consts, num_warps=warps,
+                                          num_stages=stages)
     finally:
         if dev_guard:
             guard.__exit__(None, None, None)
-    return out
+
+
+def bind(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Value], bias=None,
+         alpha: float = 1.0, beta: float = 1.0, activation: str = "none",
+         precision: str | None = None) -> "BoundGemm | None":
+    """``gemm()`` bound once for calls whose operands differ from ``a``, ``b`` and ``bias`` only in their
+    data: the same sizes, strides, dtypes and device, and the same ``alpha``, ``beta``, ``activation``,
+    ``precision`` and float32 matmul precision (what the run-time dispatch's key fixes).
+
+    Args:
+        a, b, bias, config, alpha, beta, activation, precision: as ``gemm()`` (bias a tensor or None).
+
+    Returns:
+        A ``BoundGemm`` (``bound(a, b, bias)`` returns a new result tensor), or None where a call has
+        nothing to launch (zero-size, K = 0): ``gemm()`` serves those.
+
+    Raises:
+        What ``gemm()`` raises for these inputs.
+    """
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError("bind() takes a tensor bias or None")
+    plan = _plan(a, b, config, bias, alpha, beta, activation, None, precision)
+    if plan.launch is None:
+        return None
+    return BoundGemm(plan, a, b, bias, dict(config=config, alpha=alpha, beta=beta, activation=activation,
+                                            precision=precision))
+
+
+class BoundGemm:
+    """A GEMM launch bound by ``bind()``: per call only the output (and split-K workspace) is allocated
+    and the kernels are launched with the new tensors. A call whose operand or bias pointers differ from
+    the bound ones in divisibility by 16 (what the compiled kernel and the TMA choice assumed), or that
+    runs with another current CUDA device, goes through ``gemm()``."""
+
+    __slots__ = ("main", "epilogue", "shape", "dtype", "device", "ws_shape", "align", "kwargs", "has_bias",
+                 "split", "tma", "cuda", "index")
+
+    def __init__(self, plan: _Plan, a, b, bias, kwargs: dict) -> None:
+        from ._launch import Launcher, aligned
+
+        grid, fixed, consts, warps, stages = plan.launch
+        self.main = Launcher(_gemm_kernel, grid, fixed, consts, num_warps=warps, num_stages=stages)
+        self.epilogue = None
+        if plan.epilogue is not None:
+            grid, fixed, consts, warps, stages = plan.epilogue
+            self.epilogue = Launcher(_splitk_epilogue_kernel, grid, fixed, consts, num_warps=warps,
+                                     num_stages=stages)
+        self.shape, self.dtype, self.device = tuple(plan.out.shape), plan.out.dtype, plan.device
+        self.ws_shape, self.split, self.tma = plan.ws_shape, plan.ws_shape is not None, plan.use_tma
+        self.has_bias = isinstance(bias, torch.Tensor) and kwargs["beta"] != 0
+        self.align = aligned((a, b, plan.bias_t))
+        self.kwargs = kwargs
+        self.cuda = plan.device.type == "cuda"
+        self.index = plan.device.index
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        bt = bias if self.has_bias else a
+        align = self.align
+        if ((a.data_ptr() % 16 == 0) is not align[0] or (b.data_ptr() % 16 == 0) is not align[1]
+                or (bt.data_ptr() % 16 == 0) is not align[2]
+                or (self.cuda and torch.cuda.current_device() != self.index)):
+            return gemm(a, b, bias=bias, **self.kwargs)
+        if self.split and torch.are_deterministic_algorithms_enabled():
+            raise InvalidConfig("SPLIT_K > 1 is not allowed under deterministic algorithms")
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if self.tma and self.cuda:
+            _compat.ensure_tma_allocator()
+        if self.split:
+            ws = torch.empty(self.ws_shape, dtype=torch.float32, device=self.device)
+            self.main((a, b, ws, bt))
+            self.epilogue((ws, out, bt))
+        else:
+            self.main((a, b, out, bt))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,11 @@ Backend options (``options={...}`` of torch.compile, or keyword arguments when c
 ``compiler`` ("inductor" or "eager"), ``settings`` (a dict of settings overrides, see settings.DECLARED;
 ``optimize()`` fills it), any other key is an Inductor config patch. ``settings.disable`` (env
 TORCHTUNE_OPS_DISABLE=1) makes the backend plain Inductor / plain AOT eager: no custom op appears.
+
+Nothing to win, nothing changed: a graph whose example inputs are all on devices where no Triton kernel can
+run (a CPU without TRITON_INTERPRET=1, a device without a Triton backend) is compiled exactly as
+torch.compile would compile it, without our ops (they could only call PyTorch's kernel, through Python);
+one INFO log line says so, ``passthrough()`` counts such graphs, and nothing is recorded.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ import torch.nn.functional as F
 from .. import settings
 
 __all__ = ["torchtune_ops_backend", "rewrite_graph", "prefuse_linear_activation", "intercepted", "reset_counts",
-           "RewritePass"]
+           "passthrough", "RewritePass"]
 
 _counts: collections.Counter = collections.Counter()
 _counts_lock = threading.Lock()
@@ -59,9 +64,10 @@ def intercepted() -> dict[str, int]:
 
 
 def reset_counts() -> None:
-    """Zero the counts of ``intercepted()``."""
+    """Zero the counts of ``intercepted()`` and ``passthrough()``."""
     with _counts_lock:
         _counts.clear()
+        _passthrough.clear()
 
 
 _ACTIVATIONS = {"relu", "silu", "gelu"}
@@ -361,11 +367,55 @@ def torchtune_ops_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
     with settings.override(**overrides):
         s = settings.current()
     op_opts = dispatch.encode_opts(overrides)
-    if not s.disable and not _wants_grad(example_inputs):
+    rewrite = not s.disable and _kernels_can_run(example_inputs)
+    if rewrite and not _wants_grad(example_inputs):
         prefuse_linear_activation(gm, opts=op_opts)
     if compiler == "eager":
-        return _eager(gm, example_inputs, None if s.disable else op_opts)
-    return _inductor(gm, example_inputs, None if s.disable else op_opts, mode, opts_in)
+        return _eager(gm, example_inputs, op_opts if rewrite else None)
+    return _inductor(gm, example_inputs, op_opts if rewrite else None, mode, opts_in)
+
+
+# Graphs left to Inductor (or AOT eager) untouched because no Triton kernel could run on their devices.
+_passthrough: dict[str, int] = {}
+
+
+def passthrough() -> dict[str, int]:
+    """Graphs compiled without our ops because no Triton kernel can run on their devices, by reason
+    (e.g. ``{"Triton cannot run on cpu here": 2}``); what ``explain()`` and ``doctor`` report."""
+    with _counts_lock:
+        return dict(_passthrough)
+
+
+def _kernels_can_run(example_inputs: Sequence[Any]) -> bool:
+    """Whether a Triton kernel could run on the devices of a graph's example inputs (a graph without
+    tensor inputs: on the default device). Where none could, the graph is left to Inductor exactly as
+    torch.compile would compile it: our ops could only run PyTorch's kernel, at the cost of a Python call.
+    Says so once per reason (INFO log) and counts it (``passthrough()``)."""
+    from .resolve import _triton_usable
+
+    devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor)}
+    if not devices:
+        devices = {torch.device("cuda" if torch.cuda.is_available() else "cpu")}
+    if any(_triton_usable(d) for d in devices):
+        return True
+    names = ", ".join(sorted(str(d.type) for d in devices))
+    reason = f"Triton cannot run on {names} here"
+    with _counts_lock:
+        first = reason not in _passthrough
+        _passthrough[reason] = _passthrough.get(reason, 0) + 1
+    if first:
+        from .resolve import log, _configure_logging
+
+        _configure_logging()
+        log.info("torchtune_ops: %s (%s); the graph is compiled by Inductor as torch.compile would, without "
+                 "our ops", reason, _no_triton_hint(devices))
+    return False
+
+
+def _no_triton_hint(devices) -> str:
+    if any(d.type == "cpu" for d in devices):
+        return "no CUDA device; TRITON_INTERPRET=1 runs the kernels on CPU through the interpreter, slowly"
+    return "no Triton backend for this device"
 
 
 def _eager(gm, example_inputs, opts: str | None) -> Callable:
