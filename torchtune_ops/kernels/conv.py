@@ -546,8 +546,8 @@ class BoundConv:
         self.shape, self.strides, self.dtype, self.device = tuple(out.shape), out.stride(), out.dtype, out.device
         self.has_bias = bias is not None
         self.align = aligned((x, w) + ((bias,) if bias is not None else ()))
-        self.precision = (_compat.conv_fp32_precision() if x.dtype == torch.float32 and precision is None
-                          else None)
+        self.precision = (_compat.conv_fp32_precision() if x.dtype == torch.float32
+                          and kwargs["precision"] is None else None)
         self.kwargs = kwargs
         self.cuda, self.index = x.is_cuda, x.device.index
 
