@@ -193,7 +193,7 @@ def test_entries_filter_delete_clear_and_stats(st):
     assert [e.problem for e in st.entries("gpu-a")] == sorted(entry(i).problem for i in range(3))
     assert len(st.entries()) == 4 and len(st.entries(family="conv2d")) == 0
     s = st.stats()
-    assert (s["entries"], s["fingerprints"], s["trials"], s["mode"], s["schema"]) == (4, 2, 3, "disk", 1)
+    assert (s["entries"], s["fingerprints"], s["trials"], s["mode"], s["schema"]) == (4, 2, 3, "disk", store_mod.SCHEMA_VERSION)
     assert s["bytes"] > 0
     assert st.delete(*entry(1).key) and not st.delete(*entry(1).key)
     assert st.get(*entry(1).key) is None and len(st.trials("gpu-a")) == 2
@@ -454,21 +454,22 @@ def test_readonly_mode_with_a_corrupt_file_warns_and_moves_nothing(path):
 
 
 def test_schema_version_bump_ignores_old_tables(path, monkeypatch):
+    v = store_mod.SCHEMA_VERSION
     with Store.open(path) as s:
         s.put(entry(0), [({"B": 1}, 1.0)])
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", v + 1)
     with Store.open(path) as s:
         assert s.get(*entry(0).key) is None and s.entries() == [] and s.trials() == []
         s.put(entry(1))
-        assert s.stats()["schema"] == 2 and s.stats()["entries"] == 1
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 1)
+        assert s.stats()["schema"] == v + 1 and s.stats()["entries"] == 1
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", v)
     with Store.open(path) as s:  # the old tables were left alone (no migration, no loss)
         assert [e.problem for e in s.entries()] == [entry(0).problem]
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", v + 1)
     with Store.open(path) as s:
         s.clear()  # clearing everything drops the old version's tables
         names = {r[0] for r in s._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert names == {"entries_v2", "trials_v2", "claims_v2"}
+    assert names == {f"entries_v{v + 1}", f"trials_v{v + 1}", f"claims_v{v + 1}"}
 
 
 def test_ctrl_c_during_a_write_rolls_back(st):
@@ -610,7 +611,7 @@ def test_malformed_rows_are_ignored_with_one_warning(st):
     st._conn.execute(f"UPDATE entries_v{store_mod.SCHEMA_VERSION} SET winner='__import__(\"os\")' "
                      "WHERE problem=?", (entry(1).problem,))
     st._conn.execute(f"INSERT INTO entries_v{store_mod.SCHEMA_VERSION} VALUES "
-                     "('gpu-a','gemm','{\"M\":99}','aten',-5.0,1.0,1,'x','tuned')")
+                     "('gpu-a','gemm','{\"M\":99}','aten',-5.0,1.0,1,'x','tuned',0,0,'')")
     with pytest.warns(CacheWarning) as rec:
         assert st.get(*entry(1).key, refresh=True) is None
         assert [e.problem for e in st.entries()] == [entry(0).problem]

@@ -137,10 +137,10 @@ def explain_text() -> str:
                      f"{c.get('failed', 0) + c.get('failures', 0):>6}")
     if st["problems"]:
         lines.append("")
-        lines.append(f"{'op':<9} {'dtype':<9} {'shape':<40} {'source':<12} {'calls':>7}  kernel")
+        lines.append(f"{'op':<9} {'dtype':<9} {'shape':<40} {'source':<12} {'calls':>7} {'decided':<8} kernel")
         for p in st["problems"]:
-            lines.append(f"{p['op']:<9} {p['dtype']:<9} {p['shape']:<40} {p['source']:<12} {p['calls']:>7}  "
-                         f"{p['kernel']}")
+            lines.append(f"{p['op']:<9} {p['dtype']:<9} {p['shape']:<40} {p['source']:<12} {p['calls']:>7} "
+                         f"{p.get('decided') or '-':<8} {p['kernel']}")
     return "\n".join(lines)
 
 

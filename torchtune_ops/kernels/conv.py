@@ -512,15 +512,15 @@ class BoundConv:
     divisibility by 16, that runs under another float32 convolution precision than the bound one, or on
     another current CUDA device, goes through ``conv2d()``."""
 
-    __slots__ = ("launches", "shape", "strides", "dtype", "device", "ws_shape", "align", "kwargs", "has_bias",
-                 "precision", "cuda", "index")
+    __slots__ = ("launches", "shape", "strides", "dtype", "device", "ws_shape", "ws_strides", "align", "kwargs",
+                 "has_bias", "precision", "cuda", "index", "alloc")
 
     _ROLES = ("x", "w", "b", "out", "ws")
 
     def __init__(self, x, w, bias, out, launches, kwargs: dict) -> None:
         import operator
 
-        from ._launch import Launcher, aligned
+        from ._launch import Launcher, aligned, allocator, contiguous_strides
 
         self.ws_shape = None
         self.launches = []
@@ -544,6 +544,8 @@ class BoundConv:
             self.launches.append((pick, Launcher(kernel, grid, args[len(picks):], consts, num_warps=num_warps,
                                                  num_stages=num_stages)))
         self.shape, self.strides, self.dtype, self.device = tuple(out.shape), out.stride(), out.dtype, out.device
+        self.ws_strides = None if self.ws_shape is None else contiguous_strides(self.ws_shape)
+        self.alloc = allocator(out.device)
         self.has_bias = bias is not None
         self.align = aligned((x, w) + ((bias,) if bias is not None else ()))
         self.precision = (_compat.conv_fp32_precision() if x.dtype == torch.float32
@@ -558,8 +560,8 @@ class BoundConv:
                 or (self.precision is not None and _compat.conv_fp32_precision() != self.precision)
                 or (self.cuda and torch.cuda.current_device() != self.index)):
             return conv2d(x, w, bias=bias, **self.kwargs)
-        out = torch.empty_strided(self.shape, self.strides, dtype=self.dtype, device=self.device)
-        ws = out if self.ws_shape is None else torch.empty(self.ws_shape, dtype=torch.float32, device=self.device)
+        out = self.alloc(self.shape, self.strides, self.dtype)
+        ws = out if self.ws_shape is None else self.alloc(self.ws_shape, self.ws_strides, torch.float32)
         vals = (x, w, bias if self.has_bias else out, out, ws)
         for pick, launch in self.launches:
             t = pick(vals)
@@ -834,6 +836,15 @@ class ConvFamily(KernelFamily):
         return conv2d(x, w, config=config, bias=b, stride=problem.stride, padding=problem.padding,
                       dilation=problem.dilation, groups=problem.groups, activation=problem.activation,
                       out=out, precision=problem.precision)
+
+    def bound_launch(self, config: Config | Mapping[str, Value], problem: ConvProblem, inputs: tuple):
+        x, w, b = inputs
+        bound = bind(x, w, config=config, bias=b, stride=problem.stride, padding=problem.padding,
+                     dilation=problem.dilation, groups=problem.groups, activation=problem.activation,
+                     precision=problem.precision)
+        if bound is None:
+            return super().bound_launch(config, problem, inputs)
+        return lambda: bound(x, w, b)
 
     def flops(self, problem: ConvProblem) -> float:
         m, n, k = problem.gemm_mnk

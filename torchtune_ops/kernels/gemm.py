@@ -512,11 +512,11 @@ class BoundGemm:
     the bound ones in divisibility by 16 (what the compiled kernel and the TMA choice assumed), or that
     runs with another current CUDA device, goes through ``gemm()``."""
 
-    __slots__ = ("main", "epilogue", "shape", "dtype", "device", "ws_shape", "align", "kwargs", "has_bias",
-                 "split", "tma", "cuda", "index")
+    __slots__ = ("main", "epilogue", "shape", "strides", "dtype", "device", "ws_shape", "ws_strides", "align",
+                 "kwargs", "has_bias", "split", "tma", "cuda", "index", "alloc")
 
     def __init__(self, plan: _Plan, a, b, bias, kwargs: dict) -> None:
-        from ._launch import Launcher, aligned
+        from ._launch import Launcher, aligned, allocator, contiguous_strides
 
         grid, fixed, consts, warps, stages = plan.launch
         self.main = Launcher(_gemm_kernel, grid, fixed, consts, num_warps=warps, num_stages=stages)
@@ -526,27 +526,34 @@ class BoundGemm:
             self.epilogue = Launcher(_splitk_epilogue_kernel, grid, fixed, consts, num_warps=warps,
                                      num_stages=stages)
         self.shape, self.dtype, self.device = tuple(plan.out.shape), plan.out.dtype, plan.device
+        self.strides = contiguous_strides(self.shape)
         self.ws_shape, self.split, self.tma = plan.ws_shape, plan.ws_shape is not None, plan.use_tma
+        self.ws_strides = None if plan.ws_shape is None else contiguous_strides(plan.ws_shape)
         self.has_bias = isinstance(bias, torch.Tensor) and kwargs["beta"] != 0
         self.align = aligned((a, b, plan.bias_t))
+        self.alloc = allocator(plan.device)
         self.kwargs = kwargs
         self.cuda = plan.device.type == "cuda"
         self.index = plan.device.index
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        bt = bias if self.has_bias else a
         align = self.align
+        if self.has_bias:
+            bt = bias
+            if (bias.data_ptr() % 16 == 0) is not align[2]:
+                return gemm(a, b, bias=bias, **self.kwargs)
+        else:
+            bt = a
         if ((a.data_ptr() % 16 == 0) is not align[0] or (b.data_ptr() % 16 == 0) is not align[1]
-                or (bt.data_ptr() % 16 == 0) is not align[2]
                 or (self.cuda and torch.cuda.current_device() != self.index)):
             return gemm(a, b, bias=bias, **self.kwargs)
         if self.split and torch.are_deterministic_algorithms_enabled():
             raise InvalidConfig("SPLIT_K > 1 is not allowed under deterministic algorithms")
-        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        out = self.alloc(self.shape, self.strides, self.dtype)
         if self.tma and self.cuda:
             _compat.ensure_tma_allocator()
         if self.split:
-            ws = torch.empty(self.ws_shape, dtype=torch.float32, device=self.device)
+            ws = self.alloc(self.ws_shape, self.ws_strides, torch.float32)
             self.main((a, b, ws, bt))
             self.epilogue((ws, out, bt))
         else:
@@ -637,6 +644,16 @@ class GemmFamily(KernelFamily):
         a, b, bias, alpha, beta = _unpack(inputs)
         return gemm(a, b, config=config, bias=bias, alpha=alpha, beta=beta, activation=problem.activation,
                     out=out, precision=problem.precision)
+
+    def bound_launch(self, config: Config | Mapping[str, Value], problem: GemmProblem, inputs: tuple):
+        a, b, bias, alpha, beta = _unpack(inputs)
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            return super().bound_launch(config, problem, inputs)
+        bound = bind(a, b, config=config, bias=bias, alpha=alpha, beta=beta, activation=problem.activation,
+                     precision=problem.precision)
+        if bound is None:
+            return super().bound_launch(config, problem, inputs)
+        return lambda: bound(a, b, bias)
 
     def flops(self, problem: GemmProblem) -> float:
         return 2.0 * problem.batch * problem.M * problem.N * problem.K

@@ -18,11 +18,12 @@ class Choice:
     """What one key runs: ``fn`` (the kernel call or PyTorch's op) and what explain() shows."""
 
     __slots__ = ("fn", "op", "kernel", "source", "problem", "calls", "family", "problem_key", "aten",
-                 "time_ms", "aten_ms", "trials", "strict")
+                 "time_ms", "aten_ms", "trials", "strict", "decided")
 
     def __init__(self, fn: Callable, *, op: str, kernel: str, source: str, aten: Callable,
                  problem: Any = None, family: Any = None, problem_key: str | None = None,
-                 time_ms: float | None = None, aten_ms: float | None = None, trials: int = 0):
+                 time_ms: float | None = None, aten_ms: float | None = None, trials: int = 0,
+                 decided: str = ""):
         self.fn = fn
         self.op = op
         self.kernel = kernel          # "aten" or the config string
@@ -37,6 +38,7 @@ class Choice:
         self.aten_ms = aten_ms
         self.trials = trials
         self.strict = False           # re-raise kernel failures (the settings in force when resolved)
+        self.decided = decided        # which time decided the tuned entry: "device", "host" or "" (store.Entry)
 
 
 _memo: dict[tuple, Choice] = {}
@@ -65,7 +67,8 @@ def stats() -> dict[str, Any]:
 
     Returns ``{"ops": {op: {"calls", "hits", "misses", <source>: n, "failures"}}, "problems": [...]}``;
     each problem row has op, shape, dtype, kernel ("aten" or the configuration), source (unsupported,
-    store, tuned, untuned, failed, background, broadcast, invalid, too-large, claimed-elsewhere), calls and, when tuned, time_ms, aten_ms, trials.
+    store, tuned, untuned, failed, background, broadcast, invalid, too-large, claimed-elsewhere), calls and, when tuned, time_ms, aten_ms, trials and decided ("device": the GPU time chose,
+    "host": the host-inclusive time of an eager call overruled it, "": not measured).
     """
     with _lock:
         ops: dict[str, dict[str, int]] = {op: dict(c) for op, c in _counts.items()}
@@ -76,7 +79,7 @@ def stats() -> dict[str, Any]:
             problems.append({"op": c.op, "shape": _shape_text(key) + _layout_text(c.problem),
                              "dtype": str(key[1]).replace("torch.", ""),
                              "kernel": c.kernel, "source": c.source, "calls": c.calls, "time_ms": c.time_ms,
-                             "aten_ms": c.aten_ms, "trials": c.trials})
+                             "aten_ms": c.aten_ms, "trials": c.trials, "decided": c.decided})
         for o in ops.values():
             o.setdefault("calls", 0)
             o["hits"] = max(o["calls"] - o.get("misses", 0), 0)

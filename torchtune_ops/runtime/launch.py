@@ -156,6 +156,19 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.
 
     bound[0] = first
 
+    if op in ("mm", "bmm"):
+        def guarded(a, b):
+            if b.device != device or a.is_neg() or b.is_neg() or a.is_conj() or b.is_conj():
+                return c.aten(a, b)   # a's device is the key's
+            try:
+                return bound[0](a, b)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # never crash the model: PyTorch's kernel takes over for this problem
+                return _kernel_failed(c, (a, b), e)
+
+        return guarded
+
     def guarded(*args):
         # Same key as the kernel's inputs but not fit for it: a lazy view (the kernel would read the raw
         # memory) or a tensor on another device (a meta tensor's null pointer, a CPU bias beside CUDA

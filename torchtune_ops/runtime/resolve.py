@@ -222,7 +222,7 @@ def _decide(op: str, args: tuple, device: torch.device, aten: Callable, capturin
             return Choice(aten, kernel="aten", source="background", **base)
         return Choice(aten, kernel="aten", source="untuned", **base)
     info = dict(time_ms=getattr(entry, "time_ms", None), aten_ms=getattr(entry, "aten_ms", None),
-                trials=_ntrials(entry))
+                trials=_ntrials(entry), decided=getattr(entry, "decided", ""))
     winner = entry.winner
     beat = (winner != "aten" and info["time_ms"] is not None and info["aten_ms"] is not None
             and info["time_ms"] < info["aten_ms"])

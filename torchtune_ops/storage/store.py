@@ -47,7 +47,7 @@ __all__ = ["SCHEMA_VERSION", "DB_NAME", "Entry", "Trial", "Store", "CacheWarning
            "default_store", "problem_key", "canonical_json"]
 
 #: version of the table layout; bump it to start from empty tables (old ones are ignored)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: file name of the database inside the cache directory
 DB_NAME = "tuning.sqlite"
 
@@ -96,6 +96,12 @@ class Entry:
     trials: int = 0
     created: str = ""
     source: str = "tuned"
+    # per call with the host's cost included (back-to-back calls, no flush, as a model run eagerly): the
+    # best Triton configuration's and aten's; 0 when not measured. ``decided``: "device" when the GPU time
+    # (time_ms against aten_ms) decided, "host" when the host-inclusive times overruled it, "" unmeasured.
+    host_ms: float = 0.0
+    aten_host_ms: float = 0.0
+    decided: str = ""
 
     def __post_init__(self) -> None:
         if not self.created:
@@ -136,7 +142,9 @@ class Entry:
             v = kw.get(name, "")
             if not isinstance(v, str) or len(v) > 10000:
                 raise ValueError(f"entry field {name!r} must be a string, got {v!r:.80}")
-        for name in ("time_ms", "aten_ms"):
+        for name in ("time_ms", "aten_ms", "host_ms", "aten_host_ms"):
+            if name not in kw:
+                continue
             v = kw[name]
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"entry field {name!r} must be a finite non-negative number, got {v!r}")
@@ -155,7 +163,7 @@ class Entry:
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Entry))
 _REQUIRED = frozenset(("fingerprint", "family", "problem", "winner", "time_ms", "aten_ms"))
-_STRINGS = ("fingerprint", "family", "problem", "winner", "created", "source")
+_STRINGS = ("fingerprint", "family", "problem", "winner", "created", "source", "decided")
 _PROBLEM_VALUES = (int, float, str, bool, list, type(None))
 _CONFIG_VALUES = (int, str, bool)
 
@@ -276,6 +284,7 @@ CREATE TABLE IF NOT EXISTS entries_v{v} (
     fingerprint TEXT NOT NULL, family TEXT NOT NULL, problem TEXT NOT NULL,
     winner TEXT NOT NULL, time_ms REAL NOT NULL, aten_ms REAL NOT NULL, trials INTEGER NOT NULL,
     created TEXT NOT NULL, source TEXT NOT NULL,
+    host_ms REAL NOT NULL DEFAULT 0, aten_host_ms REAL NOT NULL DEFAULT 0, decided TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (fingerprint, family, problem)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS trials_v{v} (
     fingerprint TEXT NOT NULL, family TEXT NOT NULL, problem TEXT NOT NULL, run TEXT NOT NULL,
@@ -287,8 +296,10 @@ CREATE TABLE IF NOT EXISTS claims_v{v} (
     PRIMARY KEY (fingerprint, family, problem)) WITHOUT ROWID;
 """
 
-_ENTRY_COLS = "fingerprint, family, problem, winner, time_ms, aten_ms, trials, created, source"
+_ENTRY_COLS = ("fingerprint, family, problem, winner, time_ms, aten_ms, trials, created, source, host_ms, "
+               "aten_host_ms, decided")
 _ENTRY_FIELDS = tuple(c.strip() for c in _ENTRY_COLS.split(","))
+_ENTRY_MARKS = ",".join("?" * len(_ENTRY_FIELDS))
 
 
 @contextlib.contextmanager
@@ -553,7 +564,7 @@ class Store:
         try:
             with _tx(self._conn):
                 self._conn.executemany(f"INSERT OR IGNORE INTO entries_v{v} ({_ENTRY_COLS}) "
-                                       "VALUES (?,?,?,?,?,?,?,?,?)", entries)
+                                       f"VALUES ({_ENTRY_MARKS})", entries)
                 self._conn.executemany(f"INSERT OR IGNORE INTO trials_v{v} VALUES (?,?,?,?,?,?,?)", trials)
         except sqlite3.Error as e:  # the new file fails too: the caller's next operation handles it
             self._warn("salvage", f"torchtune_ops cache: could not write the rows recovered from the "
@@ -741,7 +752,7 @@ class Store:
                                             (policy == "faster" and old.time_ms <= entry.time_ms))
                 if not keep:
                     c.execute(f"INSERT OR REPLACE INTO entries_v{v} ({_ENTRY_COLS}) "
-                              "VALUES (?,?,?,?,?,?,?,?,?)", dataclasses.astuple(entry))
+                              f"VALUES ({_ENTRY_MARKS})", dataclasses.astuple(entry))
                 if rows:
                     c.executemany(f"INSERT INTO trials_v{v} VALUES (?,?,?,?,?,?,?)", rows)
             return old if keep else entry
