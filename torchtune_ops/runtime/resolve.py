@@ -36,7 +36,7 @@ from ..errors import TorchTuneOpsError, UnsupportedProblem
 
 from .choices import (Choice, _count, _counts, _failed, _layout_text, _lock, _memo, _shape_text, _warn_once,
                       _warned)
-from .aten import ATEN
+from .aten import aten_for
 from .launch import _capturing, _kernel_fn, _plain, _predict, _predicted_choice
 
 log = logging.getLogger("torchtune_ops")
@@ -77,7 +77,7 @@ def _triton_usable(device: torch.device) -> bool:
 
 
 def _resolve(key: tuple, op: str, args: tuple, opts: str) -> Choice:
-    aten = ATEN[op]
+    aten = aten_for(op, args)
     device = args[1].device if op in ("addmm", "baddbmm") else args[0].device
     if not _plain(args, device):
         # Tensors on several devices (PyTorch accepts a meta tensor beside CPU ones) or a lazy view share the
