@@ -432,9 +432,56 @@ def _eager(gm, example_inputs, opts: str | None) -> Callable:
         gm, example_inputs)
 
 
+_LOWERED: set[str] = set()
+
+
+def _register_lowerings() -> None:
+    """Inductor lowerings of our ops to extern kernels: where a node's output shape is static, Inductor's
+    generated code calls the op's implementation (the run-time dispatch) as a plain Python function,
+    ``extern_kernels.torchtune_ops_<op>(...)``, as it calls its own extern kernels (``extern_kernels.mm``),
+    instead of ``torch.ops.torchtune_ops.<op>.default(...)`` through the dispatcher and the autograd kernel
+    (a few microseconds per op; compiled graphs need neither, AOT autograd already differentiated them).
+    Dynamic shapes keep the dispatcher call. Registered once per process, before any graph is lowered or a
+    cached one loaded (its code names these functions)."""
+    from torch._inductor import ir
+    from torch._inductor.lowering import fallback_handler, lowerings, register_lowering
+    from torch._inductor.select_algorithm import extern_kernels
+    from torch._inductor.virtualized import V
+
+    from . import ops as ours
+
+    for name, impl in ours._IMPLS.items():
+        if name in _LOWERED:
+            continue
+        overload = ours.op(name)
+        if overload in lowerings:   # someone else's lowering: leave it
+            continue
+        call_name = f"torchtune_ops_{name}"
+        setattr(extern_kernels, call_name, impl)
+
+        def lower(*args, _overload=overload, _call=call_name, **kwargs):
+            val = V.graph.current_node.meta.get("val") if V.graph.current_node is not None else None
+            n = 0
+            while n < len(args) and isinstance(args[n], ir.IRNode):
+                n += 1
+            static = (isinstance(val, torch.Tensor) and not any(isinstance(a, ir.IRNode) for a in args[n:])
+                      and all(isinstance(d, int) for d in (*val.shape, *val.stride())))
+            if not static:
+                return fallback_handler(_overload, add_to_fallback_set=False)(*args, **kwargs)
+            inputs = [ir.ExternKernel.realize_input(a) for a in args[:n]]
+            layout = ir.FixedLayout(inputs[0].get_device(), val.dtype, list(val.shape), list(val.stride()))
+            return ir.TensorBox.create(ir.ExternKernelAlloc(layout=layout, inputs=inputs, constant_args=args[n:],
+                                                            kwargs=kwargs, python_kernel_name=f"extern_kernels.{_call}"))
+
+        register_lowering(overload, type_promotion_kind=None)(lower)
+        _LOWERED.add(name)
+
+
 def _inductor(gm, example_inputs, opts: str | None, mode: str | None, patches: dict[str, Any]) -> Callable:
     from torch._inductor import config as iconfig
     from torch._inductor.compile_fx import compile_fx
+
+    _register_lowerings()
 
     config_patches: dict[str, Any] = {}
     if mode not in (None, "default"):
