@@ -19,7 +19,13 @@ Three figures, each measured in child processes (TRITON_INTERPRET is read when t
   ``Library.impl`` plus our Autograd kernel, ``torch.library.custom_op``), against calling the body.
 
 Timings are per call, medians over interleaved rounds (each round runs every contender once in turn), as
-wall time and thread CPU time. Results go to benchmarks/results/bench_hotpath-<label>-<host>-<date>.json.
+wall time and thread CPU time (the CPU time leaves out time the thread spent descheduled: on a shared,
+loaded machine it is the figure to read). Results go to
+benchmarks/results/bench_hotpath-<label>-<host>-<date>.json (smoke runs: benchmarks/out/).
+
+To measure a "before": ``PYTHONPATH=<older checkout> python benchmarks/bench_hotpath.py --label before``
+(the script needs only the package's public ops, ``runtime.resolve._triton_usable``, ``kernels.gemm`` and
+``storage``, so it runs against older code as well).
 """
 from __future__ import annotations
 
@@ -283,9 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     results["targets"] = {"added_us_per_intercepted_op": 3.0, "hit_added_us": 5.0,
                           "no_interpreter_ratio_max": 1.02}
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    smoke = "-smoke" if args.smoke else ""
-    out = args.out or os.path.join(HERE, "results",
-                                   f"bench_hotpath{smoke}-{args.label}-{platform.node() or 'host'}-{stamp}.json")
+    folder = "out" if args.smoke else "results"   # smoke runs go to the ignored benchmarks/out/
+    out = args.out or os.path.join(HERE, folder, f"bench_hotpath-{args.label}-{platform.node() or 'host'}-{stamp}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
