@@ -147,10 +147,10 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.
     bound: list = [None]
 
     def unbound(*args):
-        return _run_unbound(op, launch, config, args)
+        return _with_op_args(op, launch, config, args)
 
     def first(*args):   # bind at the first call (the arguments of the key), then launch through it
-        b = None if bind is None else _bind(op, bind, config, args)
+        b = None if bind is None else _with_op_args(op, bind, config, args)
         bound[0] = run = unbound if b is None else _bound_call(op, b)
         return run(*args)
 
@@ -185,34 +185,21 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.
     return guarded
 
 
-def _run_unbound(op: str, launch: Callable, config: Any, args: tuple) -> torch.Tensor:
+def _with_op_args(op: str, fn: Callable, config: Any, args: tuple) -> Any:
+    """``fn(operand, operand, config=..., <the op's other arguments as keywords>)``: how the family's
+    launcher (``gemm``, ``conv2d``) and its ``bind`` both take a call of ``op``."""
     if op in ("mm", "bmm"):
         a, b = args
-        return launch(a, b, config=config)
+        return fn(a, b, config=config)
     if op in ("addmm", "baddbmm"):
         bias, a, b, beta, alpha = args
-        return launch(a, b, config=config, bias=bias, alpha=alpha, beta=beta)
+        return fn(a, b, config=config, bias=bias, alpha=alpha, beta=beta)
     if op == "mm_act":
         a, b, bias, activation = args
-        return launch(a, b, config=config, bias=bias, activation=activation)
+        return fn(a, b, config=config, bias=bias, activation=activation)
     x, w, bias, stride, padding, dilation, groups = args
-    return launch(x, w, config=config, bias=bias, stride=tuple(stride), padding=tuple(padding),
-                  dilation=tuple(dilation), groups=groups)
-
-
-def _bind(op: str, bind: Callable, config: Any, args: tuple) -> Any:
-    if op in ("mm", "bmm"):
-        a, b = args
-        return bind(a, b, config=config)
-    if op in ("addmm", "baddbmm"):
-        bias, a, b, beta, alpha = args
-        return bind(a, b, config=config, bias=bias, alpha=alpha, beta=beta)
-    if op == "mm_act":
-        a, b, bias, activation = args
-        return bind(a, b, config=config, bias=bias, activation=activation)
-    x, w, bias, stride, padding, dilation, groups = args
-    return bind(x, w, config=config, bias=bias, stride=tuple(stride), padding=tuple(padding),
-                dilation=tuple(dilation), groups=groups)
+    return fn(x, w, config=config, bias=bias, stride=tuple(stride), padding=tuple(padding),
+              dilation=tuple(dilation), groups=groups)
 
 
 def _bound_call(op: str, bound: Callable) -> Callable:
