@@ -443,7 +443,7 @@ def _fake_choice(wrong: bool):
     """A predicted choice for a fake "mm" whose launch adds 1 when ``wrong``."""
     calls = []
 
-    def launch(a, b, *, config):
+    def fake_launch(a, b, *, config):
         calls.append(config)
         return torch.mm(a, b) + (1.0 if wrong else 0.0)
 
@@ -455,7 +455,7 @@ def _fake_choice(wrong: bool):
 
     base = dict(op="mm", aten=torch.mm, problem="p", family=Fam(), problem_key="k")
     entry = launch._Predicted(winner=json.dumps({"BLOCK": 4}), vs_aten=0.5)
-    c = launch._predicted_choice("mm", launch, entry, base, torch.device("cpu"), settings.current())
+    c = launch._predicted_choice("mm", fake_launch, entry, base, torch.device("cpu"), settings.current())
     return c, calls
 
 
