@@ -171,3 +171,25 @@ def test_inductor_cache_hit_in_a_new_process_runs_our_ops(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         calls = int(r.stdout.split("CALLS ", 1)[1].split()[0])
         assert calls == 2, r.stdout        # the two linears' addmm
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_inductor_calls_our_ops_as_extern_kernels_where_shapes_are_static(dynamic, no_compile_caches):
+    """Static shapes: Inductor's code calls the run-time dispatch directly (extern_kernels.torchtune_ops_*),
+    not through the dispatcher; dynamic shapes keep the op call. Results and calls are the same."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(2)
+    m, x = Net().eval(), torch.randn(3, 3, 5, 5)
+    compiled = torch.compile(m, backend="torchtune_ops", dynamic=dynamic)
+    with torch.no_grad():
+        out, code = run_and_get_code(compiled, x)
+        ref = m(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    text = "\n".join(code)
+    extern, dispatched = text.count("= extern_kernels.torchtune_ops_"), text.count("= torch.ops.torchtune_ops.")
+    if dynamic:
+        assert dispatched >= 1
+    else:
+        assert extern >= 5 and dispatched == 0, text
+    assert dispatch.stats()["ops"]["conv2d"]["calls"] == 2

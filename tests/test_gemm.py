@@ -752,7 +752,7 @@ for name, cap, dt, bm, bn, bk, warps, stages, sk, tma, a_row, b_row, even_k, bia
                        options=dict(num_warps=warps, num_stages=stages))
     es = 4 if dt == "fp32" else 2
     out.append((name, k.metadata.shared, stages * (bm * bk + bk * bn) * es))
-const = dict(BLOCK_M=64, BLOCK_N=64, BIAS=5, ACT=2, INDEX_64=False)
+const = dict(BLOCK_M=64, BLOCK_N=64, BIAS=5, ACT=2, INDEX_64=False, SPLIT_K=2)
 triton.compile(build(G._splitk_epilogue_kernel, {"ws_ptr": "*fp32", "c_ptr": "*bf16", "bias_ptr": "*bf16"}, const),
                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 print(json.dumps(out))

@@ -242,3 +242,59 @@ def test_no_tuning_and_no_state_change_inside_cuda_graph_capture(fake_timer):
         torch.cuda.synchronize()
     torch.testing.assert_close(out, a @ b, rtol=1e-2, atol=1e-2)
     assert dispatch.stats()["problems"] == [] and _tuned() == 0
+
+
+_NO_TRITON_SCRIPT = textwrap.dedent("""
+    import io, json, logging, os, sys, torch
+    sys.path.insert(0, os.environ["TEST_DIR"])
+    from test_optimize import Net
+    import torchtune_ops
+    from torchtune_ops.runtime import backend, dispatch
+    from torch._inductor.utils import run_and_get_code
+
+    logging.basicConfig(level=logging.INFO, format="LOG %(message)s")
+    torch.manual_seed(0)
+    m = Net()
+    x = torch.randn(3, 3, 4, 4)
+    results = {}
+    for train in (False, True):
+        torch._dynamo.reset()
+        theirs, ours = torch.compile(m), torchtune_ops.optimize(m, autotune=True)
+        m.train(train)
+        if train:
+            outs = []
+            for model in (theirs, ours):
+                m.zero_grad()
+                y = model(x)
+                y.square().sum().backward()
+                outs.append((y.detach(), m.l1.weight.grad.clone(), m.conv.weight.grad.clone()))
+            assert all(torch.equal(p, q) for p, q in zip(*outs)), "training differs from torch.compile"
+        else:
+            with torch.no_grad():
+                ref, code_theirs = run_and_get_code(theirs, x)
+                got, code_ours = run_and_get_code(ours, x)
+            assert torch.equal(got, ref), (got - ref).abs().max()
+            assert not any("torchtune_ops" in c for c in code_ours), "our op is in the generated code"
+            assert [c.count("extern_kernels") for c in code_ours] == [c.count("extern_kernels") for c in code_theirs]
+    buf = io.StringIO()
+    data = torchtune_ops.explain(file=buf)
+    print("RESULT", json.dumps({"intercepted": data["intercepted"], "passthrough": data["passthrough"],
+                                "problems": len(data["problems"]), "text": buf.getvalue()}))
+""")
+
+
+def test_no_triton_device_leaves_graphs_to_inductor_unchanged(tmp_path):
+    """On a CPU without TRITON_INTERPRET no Triton kernel can run: optimize() compiles as torch.compile
+    (no op of ours in Inductor's code, the same results forward and backward), says so once, stores nothing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHTUNE_OPS_") and k != "TRITON_INTERPRET"}
+    env.update(TEST_DIR=HERE, TORCHTUNE_OPS_CACHE_DIR=str(tmp_path / "cache"), TORCHTUNE_OPS_LOG="INFO")
+    r = subprocess.run([sys.executable, "-c", _NO_TRITON_SCRIPT], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(r.stdout.split("RESULT ", 1)[1])
+    assert data["intercepted"] == {} and data["problems"] == 0
+    assert sum(data["passthrough"].values()) == 2  # one Dynamo graph for inference, one for training
+    assert "left to Inductor unchanged" in data["text"]
+    said = [line for line in (r.stdout + r.stderr).splitlines() if "compiled by Inductor as torch.compile" in line]
+    assert len(said) == 1, said
+    assert not (tmp_path / "cache" / "tuning.sqlite").exists()

@@ -454,6 +454,7 @@ def test_readonly_mode_with_a_corrupt_file_warns_and_moves_nothing(path):
 
 
 def test_schema_version_bump_ignores_old_tables(path, monkeypatch):
+    v = store_mod.SCHEMA_VERSION
     with Store.open(path) as s:
         s.put(entry(0), [({"B": 1}, 1.0)])
     OLD = store_mod.SCHEMA_VERSION
@@ -612,7 +613,7 @@ def test_malformed_rows_are_ignored_with_one_warning(st):
     st._conn.execute(f"UPDATE entries_v{store_mod.SCHEMA_VERSION} SET winner='__import__(\"os\")' "
                      "WHERE problem=?", (entry(1).problem,))
     st._conn.execute(f"INSERT INTO entries_v{store_mod.SCHEMA_VERSION} VALUES "
-                     "('gpu-a','gemm','{\"M\":99}','aten',-5.0,1.0,1,'x','tuned',0,0)")
+                     "('gpu-a','gemm','{\"M\":99}','aten',-5.0,1.0,1,'x','tuned',0,0,0,0,'')")
     with pytest.warns(CacheWarning) as rec:
         assert st.get(*entry(1).key, refresh=True) is None
         assert [e.problem for e in st.entries()] == [entry(0).problem]

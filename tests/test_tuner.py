@@ -500,3 +500,41 @@ def test_the_gate_uses_fresh_inputs(store):
     best = cfg(BLOCK=8, MODE="col", UNROLL=2)
     run(fam, store, FakeTimer({"aten": 1.0, **times({best: 0.5})}), seed=7)
     assert fam.seeds == [7, 8]  # timing inputs, then the correctness check's own
+
+
+@pytest.mark.parametrize("kernel_eager_ms, expect", [
+    (3.0, "host"),     # twice as fast on the device, three times slower called eagerly: aten
+    (0.6, "device"),   # faster both ways: the kernel
+    (1.02, "device"),  # eagerly within the noise of aten: the device's time decides
+])
+def test_host_cost_can_decide_the_choice(store, kernel_eager_ms, expect):
+    """The tuner times the best kernel and aten back to back as well (the timer's eager measure, host cost
+    included): a kernel faster on the device but slower eagerly loses; the entry keeps both measures and
+    which one decided."""
+    best = cfg(BLOCK=8, MODE="row", UNROLL=1)
+    timer = FakeTimer({"aten": 1.0, **times({best: 0.5})}, eager={"aten": 1.0, best: kernel_eager_ms})
+    e = run(ScaleFamily(), store, timer)
+    assert e.decided == expect
+    assert (e.host_ms, e.aten_host_ms) == (kernel_eager_ms, 1.0)
+    assert e.winner == ("aten" if expect == "host" else best)
+    assert e.time_ms == (1.0 if expect == "host" else 0.5) and e.aten_ms == 1.0
+    assert timer.calls.count("eager:" + best) == 1 and timer.calls.count("eager:aten") == 1
+    assert store.get(*e.key, refresh=True) == e      # the new fields round-trip through the store
+    assert Entry.from_dict(e.to_dict()) == e
+
+
+def test_no_eager_measure_leaves_the_device_time_to_decide(store):
+    best = cfg(BLOCK=8, MODE="row", UNROLL=1)
+    e = run(ScaleFamily(), store, FakeTimer({"aten": 1.0, **times({best: 0.5})}))
+    assert (e.winner, e.decided, e.host_ms, e.aten_host_ms) == (best, "", 0.0, 0.0)
+
+
+def test_eager_measure_runs_the_bound_launch(store):
+    """What is timed eagerly is the family's bound launch (as the run-time dispatch runs a cache hit)."""
+    best = cfg(BLOCK=8, MODE="row", UNROLL=1)
+    family = ScaleFamily()
+    bound = []
+    family.bound_launch = lambda config, problem, inputs: bound.append(config) or (
+        lambda: family.launch(config, problem, inputs))
+    run(family, store, FakeTimer({"aten": 1.0, **times({best: 0.5})}, eager={}))
+    assert [c.to_json() for c in bound] == [best]

@@ -134,6 +134,9 @@ def explain_text() -> str:
     counts = {k: v for k, v in backend.intercepted().items() if not k.startswith("skipped:")}
     if counts:
         lines.append("intercepted at compile time: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    for why, n in sorted(backend.passthrough().items()):
+        lines.append(f"left to Inductor unchanged: {n} graph{'s' if n != 1 else ''} ({why}; no kernel of ours "
+                     "could run there)")
     for why, n in sorted(backend.skipped().items()):
         lines.append(f"left to PyTorch at compile time: {why} (x{n})")
     used = [s for s in SOURCES if any(c["by_source"].get(s) for c in st["ops"].values())]
@@ -152,10 +155,10 @@ def explain_text() -> str:
         lines.append(f"performance prior on {fp.split('|', 1)[0]}: {note}")
     if st["problems"]:
         lines.append("")
-        lines.append(f"{'op':<9} {'graph':<14} {'dtype':<9} {'shape':<40} {'source':<12} {'calls':>7}  kernel")
+        lines.append(f"{'op':<9} {'graph':<14} {'dtype':<9} {'shape':<40} {'source':<12} {'calls':>7} {'decided':<8} kernel")
         for p in st["problems"]:
             lines.append(f"{p['op']:<9} {p['graph'] or '-':<14} {p['dtype']:<9} {p['shape']:<40} "
-                         f"{p['source']:<12} {p['calls']:>7}  {p['kernel']}")
+                         f"{p['source']:<12} {p['calls']:>7} {p.get('decided') or '-':<8} {p['kernel']}")
     return "\n".join(lines)
 
 
@@ -167,18 +170,20 @@ def explain(*, file: TextIO | None = None, print_it: bool = True) -> dict[str, A
         print_it: False returns the data without printing (default True).
 
     Returns:
-        ``{"intercepted": {...}, "skipped": {...}, "ops": {...}, "problems": [...]}``: the compile-time
+        ``{"intercepted": {...}, "skipped": {...}, "passthrough": {...}, "ops": {...}, "problems": [...]}``: the compile-time
         interception counts under the run-time op names (``backend.intercepted()``), why ops were left to
-        PyTorch at compile time (``backend.skipped()``), per-op run-time counts (calls; ``by_source``: the
+        PyTorch at compile time (``backend.skipped()``), the graphs left to Inductor unchanged because
+        no Triton kernel can run on their devices, by reason (``backend.passthrough()``), per-op run-time counts (calls; ``by_source``: the
         calls of each source, which add up to calls; ``aten_calls``; hits, misses and the keys resolved
         per source; see ``runtime.choices.stats``) and one row per problem (op, graph, shape, dtype,
-        kernel: "aten" or the configuration, source, calls, times and trials when tuned);
+        kernel: "aten" or the configuration, source, calls, times, trials and which time decided when tuned);
         ``"prior"``: per device fingerprint the shipped GEMM prior used, and which GPU's data it rests on.
     """
     from .runtime import backend, dispatch
 
     data = dict(dispatch.stats())
     data["intercepted"] = backend.intercepted()
+    data["passthrough"] = backend.passthrough()
     data["skipped"] = backend.skipped()
     from .tuning.perfmodel import prior_notes
 

@@ -587,7 +587,8 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
     elif interpret:
         usable = "usable on CPU through the Triton interpreter (slow; timings are not GPU timings)"
     else:
-        usable = "not usable here (no CUDA GPU and TRITON_INTERPRET is not set): PyTorch's kernels run"
+        usable = ("not usable here (no CUDA GPU and TRITON_INTERPRET is not set): optimize() and the "
+                  "torchtune_ops backend leave graphs to Inductor unchanged, as torch.compile")
     try:
         from .kernels.registry import families
 

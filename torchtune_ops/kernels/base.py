@@ -157,6 +157,11 @@ class KernelFamily(abc.ABC):
                out: torch.Tensor | None = None) -> torch.Tensor:
         """Run the Triton kernel with ``config`` on ``inputs`` (writing into ``out`` when given)."""
 
+    def bound_launch(self, config: Config | Mapping[str, Value], problem: Any, inputs: tuple) -> Any:
+        """A no-argument callable running the kernel on ``inputs`` as the run-time dispatch does at a cache
+        hit (bound once where the family can bind its launch); by default ``launch`` each time."""
+        return lambda: self.launch(config, problem, inputs)
+
     def plan_launches(self, config: Config | Mapping[str, Value], problem: Any, inputs: tuple,
                       capability: int) -> tuple:
         """The kernel launches ``launch`` would make on a GPU of compute ``capability`` (e.g. 90):

@@ -34,6 +34,11 @@ Backend options (``options={...}`` of torch.compile, or keyword arguments when c
 ``compiler`` ("inductor" or "eager"), ``settings`` (a dict of settings overrides, see settings.DECLARED;
 ``optimize()`` fills it), any other key is an Inductor config patch. ``settings.disable`` (env
 TORCHTUNE_OPS_DISABLE=1) makes the backend plain Inductor / plain AOT eager: no custom op appears.
+
+Nothing to win, nothing changed: a graph whose example inputs are all on devices where no Triton kernel can
+run (a CPU without TRITON_INTERPRET=1, a device without a Triton backend) is compiled exactly as
+torch.compile would compile it, without our ops (they could only call PyTorch's kernel, through Python);
+one INFO log line says so, ``passthrough()`` counts such graphs, and nothing is recorded.
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ import torch.nn.functional as F
 from .. import settings
 
 __all__ = ["torchtune_ops_backend", "rewrite_graph", "prefuse_linear_activation", "intercepted", "skipped",
-           "reset_counts", "RewritePass"]
+           "passthrough", "reset_counts", "RewritePass"]
 
 _counts: collections.Counter = collections.Counter()
 _skipped: collections.Counter = collections.Counter()
@@ -74,10 +79,11 @@ def skipped() -> dict[str, int]:
 
 
 def reset_counts() -> None:
-    """Zero the counts of ``intercepted()`` and ``skipped()``."""
+    """Zero the counts of ``intercepted()``, ``skipped()`` and ``passthrough()``."""
     with _counts_lock:
         _counts.clear()
         _skipped.clear()
+        _passthrough.clear()
 
 
 _ACTIVATIONS = {"relu", "silu", "gelu"}
@@ -450,11 +456,55 @@ def torchtune_ops_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
     with settings.override(**overrides):
         s = settings.current()
     op_opts = dispatch.encode_opts(overrides, graph=graph)
-    if not s.disable and not _wants_grad(example_inputs):
+    rewrite = not s.disable and _kernels_can_run(example_inputs)
+    if rewrite and not _wants_grad(example_inputs):
         prefuse_linear_activation(gm, opts=op_opts)
     if compiler == "eager":
-        return _eager(gm, example_inputs, None if s.disable else op_opts)
-    return _inductor(gm, example_inputs, None if s.disable else op_opts, mode, opts_in)
+        return _eager(gm, example_inputs, op_opts if rewrite else None)
+    return _inductor(gm, example_inputs, op_opts if rewrite else None, mode, opts_in)
+
+
+# Graphs left to Inductor (or AOT eager) untouched because no Triton kernel could run on their devices.
+_passthrough: dict[str, int] = {}
+
+
+def passthrough() -> dict[str, int]:
+    """Graphs compiled without our ops because no Triton kernel can run on their devices, by reason
+    (e.g. ``{"Triton cannot run on cpu here": 2}``); what ``explain()`` and ``doctor`` report."""
+    with _counts_lock:
+        return dict(_passthrough)
+
+
+def _kernels_can_run(example_inputs: Sequence[Any]) -> bool:
+    """Whether a Triton kernel could run on the devices of a graph's example inputs (a graph without
+    tensor inputs: on the default device). Where none could, the graph is left to Inductor exactly as
+    torch.compile would compile it: our ops could only run PyTorch's kernel, at the cost of a Python call.
+    Says so once per reason (INFO log) and counts it (``passthrough()``)."""
+    from .resolve import _triton_usable
+
+    devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor)}
+    if not devices:
+        devices = {torch.device("cuda" if torch.cuda.is_available() else "cpu")}
+    if any(_triton_usable(d) for d in devices):
+        return True
+    names = ", ".join(sorted(str(d.type) for d in devices))
+    reason = f"Triton cannot run on {names} here"
+    with _counts_lock:
+        first = reason not in _passthrough
+        _passthrough[reason] = _passthrough.get(reason, 0) + 1
+    if first:
+        from .resolve import log, _configure_logging
+
+        _configure_logging()
+        log.info("torchtune_ops: %s (%s); the graph is compiled by Inductor as torch.compile would, without "
+                 "our ops", reason, _no_triton_hint(devices))
+    return False
+
+
+def _no_triton_hint(devices) -> str:
+    if any(d.type == "cpu" for d in devices):
+        return "no CUDA device; TRITON_INTERPRET=1 runs the kernels on CPU through the interpreter, slowly"
+    return "no Triton backend for this device"
 
 
 def _eager(gm, example_inputs, opts: str | None) -> Callable:
@@ -471,9 +521,56 @@ def _eager(gm, example_inputs, opts: str | None) -> Callable:
         gm, example_inputs)
 
 
+_LOWERED: set[str] = set()
+
+
+def _register_lowerings() -> None:
+    """Inductor lowerings of our ops to extern kernels: where a node's output shape is static, Inductor's
+    generated code calls the op's implementation (the run-time dispatch) as a plain Python function,
+    ``extern_kernels.torchtune_ops_<op>(...)``, as it calls its own extern kernels (``extern_kernels.mm``),
+    instead of ``torch.ops.torchtune_ops.<op>.default(...)`` through the dispatcher and the autograd kernel
+    (a few microseconds per op; compiled graphs need neither, AOT autograd already differentiated them).
+    Dynamic shapes keep the dispatcher call. Registered once per process, before any graph is lowered or a
+    cached one loaded (its code names these functions)."""
+    from torch._inductor import ir
+    from torch._inductor.lowering import fallback_handler, lowerings, register_lowering
+    from torch._inductor.select_algorithm import extern_kernels
+    from torch._inductor.virtualized import V
+
+    from . import ops as ours
+
+    for name, impl in ours._IMPLS.items():
+        if name in _LOWERED:
+            continue
+        overload = ours.op(name)
+        if overload in lowerings:   # someone else's lowering: leave it
+            continue
+        call_name = f"torchtune_ops_{name}"
+        setattr(extern_kernels, call_name, impl)
+
+        def lower(*args, _overload=overload, _call=call_name, **kwargs):
+            val = V.graph.current_node.meta.get("val") if V.graph.current_node is not None else None
+            n = 0
+            while n < len(args) and isinstance(args[n], ir.IRNode):
+                n += 1
+            static = (isinstance(val, torch.Tensor) and not any(isinstance(a, ir.IRNode) for a in args[n:])
+                      and all(isinstance(d, int) for d in (*val.shape, *val.stride())))
+            if not static:
+                return fallback_handler(_overload, add_to_fallback_set=False)(*args, **kwargs)
+            inputs = [ir.ExternKernel.realize_input(a) for a in args[:n]]
+            layout = ir.FixedLayout(inputs[0].get_device(), val.dtype, list(val.shape), list(val.stride()))
+            return ir.TensorBox.create(ir.ExternKernelAlloc(layout=layout, inputs=inputs, constant_args=args[n:],
+                                                            kwargs=kwargs, python_kernel_name=f"extern_kernels.{_call}"))
+
+        register_lowering(overload, type_promotion_kind=None)(lower)
+        _LOWERED.add(name)
+
+
 def _inductor(gm, example_inputs, opts: str | None, mode: str | None, patches: dict[str, Any]) -> Callable:
     from torch._inductor import config as iconfig
     from torch._inductor.compile_fx import compile_fx
+
+    _register_lowerings()
 
     config_patches: dict[str, Any] = {}
     if mode not in (None, "default"):

@@ -18,11 +18,12 @@ class Choice:
     """What one key runs: ``fn`` (the kernel call or PyTorch's op) and what explain() shows."""
 
     __slots__ = ("fn", "op", "kernel", "source", "problem", "calls", "family", "problem_key", "aten",
-                 "time_ms", "aten_ms", "trials", "strict", "graph")
+                 "time_ms", "aten_ms", "trials", "strict", "graph", "decided")
 
     def __init__(self, fn: Callable, *, op: str, kernel: str, source: str, aten: Callable,
                  problem: Any = None, family: Any = None, problem_key: str | None = None,
-                 time_ms: float | None = None, aten_ms: float | None = None, trials: int = 0):
+                 time_ms: float | None = None, aten_ms: float | None = None, trials: int = 0,
+                 decided: str = ""):
         self.fn = fn
         self.op = op
         self.kernel = kernel          # "aten" or the config string
@@ -38,6 +39,7 @@ class Choice:
         self.trials = trials
         self.strict = False           # re-raise kernel failures (the settings in force when resolved)
         self.graph = ""               # the compiled graph whose op call met the key ("" for a direct call)
+        self.decided = decided        # which time decided the tuned entry: "device", "host" or "" (store.Entry)
 
 
 _memo: dict[tuple, Choice] = {}
@@ -87,7 +89,8 @@ def stats() -> dict[str, Any]:
     A call counts under its choice's source when ``stats()`` runs (a kernel that failed: "failed").
     Each problem row has op, graph (the compiled graph: optimize()'s model name and graph number, "" for a
     direct call), shape (convolutions: with stride, padding, dilation and groups), dtype, kernel ("aten"
-    or the configuration), source, calls and, when tuned, time_ms, aten_ms, trials.
+    or the configuration), source, calls and, when tuned, time_ms, aten_ms, trials. ``decided``: "device" (the GPU time chose),
+    "host" (the host-inclusive time of an eager call overruled it) or "" (not measured).
     """
     with _lock:
         ops: dict[str, dict[str, Any]] = {op: dict(c) for op, c in _counts.items()}
@@ -109,7 +112,7 @@ def stats() -> dict[str, Any]:
                              "shape": _shape_text(key) + _layout_text(c.problem) + _conv_text(key),
                              "dtype": str(key[1]).replace("torch.", ""),
                              "kernel": c.kernel, "source": c.source, "calls": c.calls, "time_ms": c.time_ms,
-                             "aten_ms": c.aten_ms, "trials": c.trials})
+                             "aten_ms": c.aten_ms, "trials": c.trials, "decided": c.decided})
         for op, r in _retired.items():
             for (source, aten), n in r.items():
                 add(op, source, aten, n)

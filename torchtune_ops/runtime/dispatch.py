@@ -18,7 +18,7 @@ from .aten import activation_ref
 __all__ = ["mm", "bmm", "addmm", "baddbmm", "mm_act", "conv2d", "stats", "reset", "set_tune_options",
            "wait_background", "encode_opts", "activation_ref"]
 
-_get_precision = torch.get_float32_matmul_precision
+_get_precision = getattr(torch._C, "_get_float32_matmul_precision", torch.get_float32_matmul_precision)
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, opts: str = "") -> torch.Tensor:

@@ -127,22 +127,48 @@ def _check_predicted(c: Choice, kernel: Callable, args: tuple, ref: torch.Tensor
 # ---------------------------------------------------------------------------------------------------------
 # Calling a tuned kernel, with the fall-back to PyTorch's kernel.
 
+def _binder(launch: Callable) -> Callable | None:
+    """``bind`` of the kernel module that defines ``launch`` (``gemm.bind``, ``conv.bind``), or None."""
+    import sys
+
+    module = getattr(launch, "__module__", "") or ""
+    if not module.startswith(__package__.rsplit(".", 1)[0] + ".kernels."):
+        return None
+    return getattr(sys.modules.get(module), "bind", None)
+
+
 def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.device) -> Callable:
     """The function a tuned choice runs: our kernel with the same arguments as PyTorch's op, launched only
-    on tensors that are all on ``device`` (the key's) and carry no negative or conjugate bit."""
+    on tensors that are all on ``device`` (the key's) and carry no negative or conjugate bit.
+
+    The first call binds the launch (``gemm.bind`` / ``conv.bind``: every argument but the tensors worked
+    out once, the compiled kernel kept); later calls of the key only allocate the output and launch. The key
+    fixes everything the binding assumed but the pointers, which the bound launcher checks itself."""
+    bind = _binder(launch)
+    bound: list = [None]
+
+    def unbound(*args):
+        return _with_op_args(op, launch, config, args)
+
+    def first(*args):   # bind at the first call (the arguments of the key), then launch through it
+        b = None if bind is None else _with_op_args(op, bind, config, args)
+        bound[0] = run = unbound if b is None else _bound_call(op, b)
+        return run(*args)
+
+    bound[0] = first
+
     if op in ("mm", "bmm"):
-        def run(a, b):
-            return launch(a, b, config=config)
-    elif op in ("addmm", "baddbmm"):
-        def run(bias, a, b, beta, alpha):
-            return launch(a, b, config=config, bias=bias, alpha=alpha, beta=beta)
-    elif op == "mm_act":
-        def run(a, b, bias, activation):
-            return launch(a, b, config=config, bias=bias, activation=activation)
-    else:
-        def run(x, w, bias, stride, padding, dilation, groups):
-            return launch(x, w, config=config, bias=bias, stride=tuple(stride), padding=tuple(padding),
-                          dilation=tuple(dilation), groups=groups)
+        def guarded(a, b):
+            if b.device != device or a.is_neg() or b.is_neg() or a.is_conj() or b.is_conj():
+                return c.aten(a, b)   # a's device is the key's
+            try:
+                return bound[0](a, b)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # never crash the model: PyTorch's kernel takes over for this problem
+                return _kernel_failed(c, (a, b), e)
+
+        return guarded
 
     def guarded(*args):
         # Same key as the kernel's inputs but not fit for it: a lazy view (the kernel would read the raw
@@ -151,13 +177,41 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.
         if not _plain(args, device):
             return c.aten(*args)
         try:
-            return run(*args)
+            return bound[0](*args)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # never crash the model: PyTorch's kernel takes over for this problem
             return _kernel_failed(c, args, e)
 
     return guarded
+
+
+def _with_op_args(op: str, fn: Callable, config: Any, args: tuple) -> Any:
+    """``fn(operand, operand, config=..., <the op's other arguments as keywords>)``: how the family's
+    launcher (``gemm``, ``conv2d``) and its ``bind`` both take a call of ``op``."""
+    if op in ("mm", "bmm"):
+        a, b = args
+        return fn(a, b, config=config)
+    if op in ("addmm", "baddbmm"):
+        bias, a, b, beta, alpha = args
+        return fn(a, b, config=config, bias=bias, alpha=alpha, beta=beta)
+    if op == "mm_act":
+        a, b, bias, activation = args
+        return fn(a, b, config=config, bias=bias, activation=activation)
+    x, w, bias, stride, padding, dilation, groups = args
+    return fn(x, w, config=config, bias=bias, stride=tuple(stride), padding=tuple(padding),
+              dilation=tuple(dilation), groups=groups)
+
+
+def _bound_call(op: str, bound: Callable) -> Callable:
+    """A function with the op's arguments calling ``bound(a, b, bias)`` / ``bound(x, w, bias)``."""
+    if op in ("mm", "bmm"):
+        return bound
+    if op in ("addmm", "baddbmm"):
+        return lambda bias, a, b, beta, alpha: bound(a, b, bias)
+    if op == "mm_act":
+        return lambda a, b, bias, activation: bound(a, b, bias)
+    return lambda x, w, bias, stride, padding, dilation, groups: bound(x, w, bias)
 
 
 def _kernel_failed(c: Choice, args: tuple, error: Exception) -> torch.Tensor:

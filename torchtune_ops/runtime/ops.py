@@ -89,7 +89,10 @@ def _linear_act(x, w, bias, activation, opts=""):
     flattened rows."""
     # Shapes F.linear takes but one matmul of the flattened rows does not (a 1-D weight, a bias of 2 or
     # more dims beside a vector or batched input) and its errors (0-d input): PyTorch's own.
-    if x.dim() == 0 or w.dim() != 2 or (bias is not None and bias.dim() > 1 and x.dim() != 2):
+    xd = x.dim()
+    if xd == 2 and w.dim() == 2:  # the common case: one mm_act as it is
+        return dispatch.mm_act(x, w.t(), bias, activation, opts)
+    if xd == 0 or w.dim() != 2 or (bias is not None and bias.dim() > 1 and xd != 2):
         return dispatch.activation_ref(torch.nn.functional.linear(x, w, bias), activation)
     out = dispatch.mm_act(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w.t(), bias, activation, opts)  # K = 0 included
     return out.reshape(*x.shape[:-1], w.shape[0])

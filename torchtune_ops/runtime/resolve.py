@@ -36,7 +36,7 @@ from ..errors import TorchTuneOpsError, UnsupportedProblem
 
 from .choices import (Choice, _count, _counts, _dtypes, _failed, _layout_text, _lock, _memo, _retire, _retired,
                       _shape_text, _warn_once, _warned)
-from .aten import ATEN
+from .aten import aten_for
 from .launch import _capturing, _kernel_fn, _plain, _predict, _predicted_choice
 
 log = logging.getLogger("torchtune_ops")
@@ -87,7 +87,7 @@ def _triton_usable(device: torch.device) -> bool:
 
 
 def _resolve(key: tuple, op: str, args: tuple, opts: str) -> Choice:
-    aten = ATEN[op]
+    aten = aten_for(op, args)
     device = args[1].device if op in ("addmm", "baddbmm") else args[0].device
     overrides, graph = _decode_opts(opts)
     if not _plain(args, device):
@@ -249,7 +249,7 @@ def _decide(op: str, args: tuple, device: torch.device, aten: Callable, capturin
             return Choice(aten, kernel="aten", source="background", **base)
         return Choice(aten, kernel="aten", source="untuned", **base)
     info = dict(time_ms=getattr(entry, "time_ms", None), aten_ms=getattr(entry, "aten_ms", None),
-                trials=_ntrials(entry))
+                trials=_ntrials(entry), decided=getattr(entry, "decided", ""))
     winner = entry.winner
     beat = (winner != "aten" and info["time_ms"] is not None and info["aten_ms"] is not None
             and info["time_ms"] < info["aten_ms"])

@@ -104,6 +104,12 @@ class Entry:
     source: str = "tuned"
     max_trials: int = 0
     time_budget_s: float = 0.0
+    # per call with the host's cost included (back-to-back calls, no flush, as a model run eagerly): the
+    # best Triton configuration's and aten's; 0 when not measured. ``decided``: "device" when the GPU time
+    # (time_ms against aten_ms) decided, "host" when the host-inclusive times overruled it, "" unmeasured.
+    host_ms: float = 0.0
+    aten_host_ms: float = 0.0
+    decided: str = ""
 
     def __post_init__(self) -> None:
         if not self.created:
@@ -158,7 +164,9 @@ class Entry:
             v = kw.get(name, "")
             if not isinstance(v, str) or len(v) > 10000:
                 raise ValueError(f"entry field {name!r} must be a string, got {v!r:.80}")
-        for name in ("time_ms", "aten_ms"):
+        for name in ("time_ms", "aten_ms", "host_ms", "aten_host_ms"):
+            if name not in kw:
+                continue
             v = kw[name]
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"entry field {name!r} must be a finite non-negative number, got {v!r}")
@@ -182,7 +190,7 @@ class Entry:
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Entry))
 _REQUIRED = frozenset(("fingerprint", "family", "problem", "winner", "time_ms", "aten_ms"))
-_STRINGS = ("fingerprint", "family", "problem", "winner", "created", "source")
+_STRINGS = ("fingerprint", "family", "problem", "winner", "created", "source", "decided")
 _PROBLEM_VALUES = (int, float, str, bool, list, type(None))
 _CONFIG_VALUES = (int, str, bool)
 
@@ -316,7 +324,9 @@ CREATE TABLE IF NOT EXISTS claims_v{v} (
 
 #: entry columns after ``source``, each with a default: a table of this schema version made without one of
 #: them (by a build that added its columns in another order of development) gets it added at open
-_ENTRY_DEFAULTED = {"max_trials": "INTEGER NOT NULL DEFAULT 0", "time_budget_s": "REAL NOT NULL DEFAULT 0"}
+_ENTRY_DEFAULTED = {"max_trials": "INTEGER NOT NULL DEFAULT 0", "time_budget_s": "REAL NOT NULL DEFAULT 0",
+                   "host_ms": "REAL NOT NULL DEFAULT 0", "aten_host_ms": "REAL NOT NULL DEFAULT 0",
+                   "decided": "TEXT NOT NULL DEFAULT ''"}
 _ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(Entry))
 _ENTRY_COLS = ", ".join(_ENTRY_FIELDS)
 _ENTRY_VALUES = "VALUES (" + ",".join("?" * len(_ENTRY_FIELDS)) + ")"

@@ -1,7 +1,8 @@
 """Measuring kernels: one CUDA timer, one CPU timer, one fake, all behind the same call.
 
 A *timer* is any callable ``timer(fn, *, key) -> Timing``: it runs ``fn`` (a no-argument closure that
-launches one kernel) enough times to measure it and returns the summary. ``key`` names what is measured
+launches one kernel) enough times to measure it and returns the summary; its optional ``eager`` method
+measures calls back to back without flushing (``benchmark_eager``), the host's cost of a call included. ``key`` names what is measured
 ("aten" or a configuration's JSON); real timers ignore it, ``FakeTimer`` uses it to return predetermined
 times, so the tuner's tests and the replay benchmarks are exact and fast.
 
@@ -23,7 +24,7 @@ import math
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-__all__ = ["Timing", "Timer", "benchmark", "make_timer", "FakeTimer", "L2_FLUSH_BYTES"]
+__all__ = ["Timing", "Timer", "benchmark", "benchmark_eager", "make_timer", "FakeTimer", "L2_FLUSH_BYTES"]
 
 #: bytes written between CUDA repetitions to evict the L2 cache (larger than any current GPU's L2)
 L2_FLUSH_BYTES = 256 * 1024 * 1024
@@ -76,7 +77,9 @@ def _quantile(sorted_samples: Sequence[float], q: float) -> float:
 
 
 class Timer(Protocol):
-    """What the tuner calls to measure one candidate: ``timer(fn, key=...) -> Timing``."""
+    """What the tuner calls to measure one candidate: ``timer(fn, key=...) -> Timing``. A timer may also
+    have ``eager(fn, key=...) -> Timing | None``: the time of a call as a model run eagerly pays it, host
+    cost included (``benchmark_eager``); the tuner then judges the final choice on both."""
 
     def __call__(self, fn: Callable[[], Any], *, key: str) -> Timing: ...
 
@@ -107,6 +110,48 @@ def benchmark(fn: Callable[[], Any], *, warmup_ms: float = 25.0, rep_ms: float =
     if dev.type == "cuda":
         return _bench_cuda(fn, dev, warmup_ms, rep_ms, min_reps, max_reps, flush_l2)
     return _bench_cpu(fn, warmup_ms, rep_ms, min_reps, max_reps)
+
+
+def benchmark_eager(fn: Callable[[], Any], *, device: Any = None, calls: int = 20, rep_ms: float = 20.0,
+                    min_reps: int = 3, max_reps: int = 50) -> Timing:
+    """Time ``fn`` as a model running eagerly calls it: ``calls`` back-to-back calls, no flush and no
+    synchronisation between them, timed on the host's clock up to the device finishing; the host's cost
+    of a call (Python, binding, launch) is included wherever it exceeds the device's time.
+
+    Args:
+        fn: a no-argument callable launching the work once.
+        device: where ``fn`` runs (None: CUDA when available, else CPU).
+        calls: calls per repetition (default 20).
+        rep_ms: budget of the measured repetitions (default 20 ms), clamped to ``[min_reps, max_reps]``.
+        min_reps, max_reps: fewest (default 3) and most (default 50) repetitions.
+
+    Returns:
+        Timing of one call (each sample is a repetition's time divided by ``calls``).
+    """
+    dev = _resolve_device(device)
+    if dev.type == "cuda":
+        import torch
+
+        sync = torch.cuda.synchronize
+    else:
+        def sync() -> None:
+            return None
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    first = (time.perf_counter() - t0) * 1e3
+    n = max(min_reps, min(max_reps, int(rep_ms / max(first, 1e-6))))
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - t) * 1e3 / calls)
+    return Timing.from_samples(samples)
 
 
 def _resolve_device(device: Any):
@@ -203,6 +248,10 @@ def make_timer(device: Any = None, *, warmup_ms: float | None = None, rep_ms: fl
     def timer(fn: Callable[[], Any], *, key: str = "") -> Timing:
         return benchmark(fn, warmup_ms=w, rep_ms=r, device=dev, min_reps=m)
 
+    def eager(fn: Callable[[], Any], *, key: str = "") -> Timing:
+        return benchmark_eager(fn, device=dev, rep_ms=r / 2)
+
+    timer.eager = eager  # type: ignore[attr-defined]
     return timer
 
 
@@ -227,12 +276,15 @@ class FakeTimer:
         default: time for keys not in ``times``; None (default) raises KeyError for them.
         spread: relative noise reported with every timing (p80 - p20 over the median; default 0).
         run: call ``fn`` once before answering (default True), so a failing launch still raises.
+        eager: key -> milliseconds per call with the host's cost included, answered by ``eager()``; None
+            (default): ``eager()`` answers None (not measured). Keys missing there take their ``times``.
 
-    ``calls`` lists the keys in the order they were timed.
+    ``calls`` lists the keys in the order they were timed (``eager:<key>`` for the eager measure).
     """
 
     def __init__(self, times: Mapping[Any, float | Sequence[float]], *, default: float | None = None,
-                 spread: float = 0.0, run: bool = True) -> None:
+                 spread: float = 0.0, run: bool = True, eager: Mapping[Any, float] | None = None) -> None:
+        self.eager_times = None if eager is None else {key_of(k): float(v) for k, v in eager.items()}
         self.times = {key_of(k): v for k, v in times.items()}
         self.default = default
         self.spread = spread
@@ -253,4 +305,18 @@ class FakeTimer:
             seq = list(v)
             v = seq[min(self.calls.count(k), len(seq) - 1)]
         self.calls.append(k)
+        return Timing.exact(float(v), spread=self.spread)
+
+    def eager(self, fn: Callable[[], Any], *, key: str) -> Timing | None:
+        if self.eager_times is None:
+            return None
+        k = key_of(key)
+        if self.run:
+            fn()
+        v = self.eager_times.get(k)
+        if v is None:
+            v = self.times[k] if k in self.times else self.default
+            if not isinstance(v, (int, float)):
+                v = list(v)[-1]
+        self.calls.append("eager:" + k)
         return Timing.exact(float(v), spread=self.spread)
