@@ -834,13 +834,14 @@ def test_float32_highest_keeps_tiles_that_fit_registers():
 
 def test_rows_not_16_byte_aligned_keep_small_tiles():
     """Odd leading dimensions in 16-bit load element by element: only small tiles (accumulator +
-    operand elements a thread <= 64); 8-byte aligned rows allow up to 192, aligned rows anything."""
+    operand elements a thread <= 64); 8-byte aligned rows allow up to 128, aligned rows anything."""
     odd = GemmProblem("mm", 1, 4095, 4097, 511, "float16")
     align8 = GemmProblem("mm", 1, 2048, 4100, 4100, "float16")
     assert gemm_space.vector_bytes(odd) == 2 and gemm_space.vector_bytes(align8) == 8
     assert gemm_space.vector_bytes(BIG) == 16
     big_tile = cfg(128, 128, 64, warps=4, stages=3)  # 128 + 128
-    mid_tile = cfg(128, 128, 32, warps=4, stages=3)  # 128 + 64
+    mid_tile = cfg(128, 128, 64, warps=8, stages=3)  # 64 + 64
+    assert GEMM.check(cfg(128, 128, 32, warps=4, stages=3), align8, H100) is not None  # 128 + 64
     small = cfg(64, 64, 32, warps=4, stages=2)  # 32 + 32
     assert GEMM.check(big_tile, odd, H100) and GEMM.check(mid_tile, odd, H100) and not GEMM.check(small, odd, H100)
     assert GEMM.check(big_tile, align8, H100) and not GEMM.check(mid_tile, align8, H100)

@@ -41,8 +41,9 @@ MAX_ACC_REGS = 255
 #: float32 "ieee" (FMA, no tensor cores): most accumulator registers a thread that do not spill
 FMA_MAX_ACC_REGS = 64
 #: rows not 16-byte aligned (pointer path): most accumulator + operand elements a thread, by the
-#: widest aligned load, that did not spill on sm_90a (2-byte loads: 64; 4- and 8-byte: 192)
-NARROW_MAX_TILE_REGS = ((4, 64), (16, 192))
+#: widest aligned load, that did not spill on sm_90a with Triton 3.6 and 3.9 (2-byte loads: 64; 4- and
+#: 8-byte: 128, where 3.6's ptxas spilled from 160 and 3.9's from 208)
+NARROW_MAX_TILE_REGS = ((4, 64), (16, 128))
 
 
 def _max_tile_regs(vector_bytes: int) -> int:
