@@ -932,3 +932,16 @@ def test_descriptor_variant_rules():
     assert all(c["num_warps"] == 4 for c in known if c["WARP_SPEC"])
     assert "WARP_SPEC" in GEMM.space(BIG) and "WARP_SPEC" not in GEMM.space(GemmProblem("mm", 1, 5, 7, 9, "float16"))
     assert all(set(c.as_dict()) == set(GEMM.space(BIG)) for c in known + GEMM.known_configs(BIG, A100))
+
+
+def test_ampere_and_fma_fragment_caps():
+    """Register rules from compiling for sm_80: mma.sync holds operand fragments in registers, so large
+    tiles spill before Hopper (not on it); float32 'ieee' FMA tiles with many operand elements too."""
+    bf16 = GemmProblem("bmm", 32, 1024, 1024, 128, "bfloat16", "col", "row")
+    huge = cfg(128, 128, 128, warps=4, stages=2)  # 128 + 256
+    assert GEMM.check(huge, bf16, A100) is not None and GEMM.check(huge, bf16, H100) is None
+    assert GEMM.check(cfg(128, 128, 64, warps=4, stages=3), bf16, A100) is None  # 128 + 128
+    ieee = GemmProblem("mm", 1, 2048, 2048, 2048, "float32", precision="ieee")
+    assert GEMM.check(cfg(128, 32, 64, warps=4, stages=4), ieee, H100) is not None  # 80 operand elements
+    assert GEMM.check(cfg(128, 64, 32, warps=4, stages=4), ieee, H100) is None  # 48
+    assert len(GEMM.known_configs(ieee, A100)) >= 10 and len(GEMM.known_configs(bf16, A100)) >= 20
