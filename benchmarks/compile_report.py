@@ -217,8 +217,9 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} builds for {args.arch} in {wall:.0f} s; {len(bad)} known configurations with findings")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(environment(), arch=args.arch, wall_s=round(wall, 1), rows=rows),
-                                        indent=1))
+        head = json.dumps(dict(environment(), arch=args.arch, wall_s=round(wall, 1)), sort_keys=True)[:-1]
+        body = ",\n".join(json.dumps(r, sort_keys=True, separators=(",", ":")) for r in rows)
+        args.json.write_text(head + ', "rows": [\n' + body + "\n]}\n")  # one row a line: small diffs
     return 1 if args.gate and bad else 0
 
 

@@ -414,3 +414,18 @@ def test_times_are_stored_with_six_significant_digits(tmp_path):
     (got,) = B.validate(p).entries()
     assert (got.time_ms, got.aten_ms) == (0.0123457, 0.0123457)  # still not slower than aten
     assert got.winner == e.winner
+
+
+def test_configs_written_before_the_descriptor_variants_still_validate():
+    """A GEMM winner stored before WARP_SPEC/PERSISTENT existed (issue 18) is the same config with 0s."""
+    from torchtune_ops.bundles import check_config
+    from torchtune_ops.kernels.base import DeviceLimits
+    from torchtune_ops.kernels.gemm import GemmProblem
+
+    h100 = DeviceLimits(name="fake-H100", smem_per_block=232448, num_sms=132, capability=(9, 0))
+    p = GemmProblem("mm", 1, 4096, 4096, 4096, "float16")
+    old = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, SPLIT_K=1, TMA=1)
+    text = check_config("gemm", old, p, h100, "test")
+    assert json.loads(text) == dict(old, WARP_SPEC=0, PERSISTENT=0)
+    with pytest.raises(BundleError):
+        check_config("gemm", dict(old, WARP_SPEC=1, num_warps=8), p, h100, "test")  # WS needs 4 warps

@@ -834,13 +834,14 @@ def test_float32_highest_keeps_tiles_that_fit_registers():
 
 def test_rows_not_16_byte_aligned_keep_small_tiles():
     """Odd leading dimensions in 16-bit load element by element: only small tiles (accumulator +
-    operand elements a thread <= 64); 8-byte aligned rows allow up to 192, aligned rows anything."""
+    operand elements a thread <= 64); 8-byte aligned rows allow up to 128, aligned rows anything."""
     odd = GemmProblem("mm", 1, 4095, 4097, 511, "float16")
     align8 = GemmProblem("mm", 1, 2048, 4100, 4100, "float16")
     assert gemm_space.vector_bytes(odd) == 2 and gemm_space.vector_bytes(align8) == 8
     assert gemm_space.vector_bytes(BIG) == 16
     big_tile = cfg(128, 128, 64, warps=4, stages=3)  # 128 + 128
-    mid_tile = cfg(128, 128, 32, warps=4, stages=3)  # 128 + 64
+    mid_tile = cfg(128, 128, 64, warps=8, stages=3)  # 64 + 64
+    assert GEMM.check(cfg(128, 128, 32, warps=4, stages=3), align8, H100) is not None  # 128 + 64
     small = cfg(64, 64, 32, warps=4, stages=2)  # 32 + 32
     assert GEMM.check(big_tile, odd, H100) and GEMM.check(mid_tile, odd, H100) and not GEMM.check(small, odd, H100)
     assert GEMM.check(big_tile, align8, H100) and not GEMM.check(mid_tile, align8, H100)
@@ -931,3 +932,16 @@ def test_descriptor_variant_rules():
     assert all(c["num_warps"] == 4 for c in known if c["WARP_SPEC"])
     assert "WARP_SPEC" in GEMM.space(BIG) and "WARP_SPEC" not in GEMM.space(GemmProblem("mm", 1, 5, 7, 9, "float16"))
     assert all(set(c.as_dict()) == set(GEMM.space(BIG)) for c in known + GEMM.known_configs(BIG, A100))
+
+
+def test_ampere_and_fma_fragment_caps():
+    """Register rules from compiling for sm_80: mma.sync holds operand fragments in registers, so large
+    tiles spill before Hopper (not on it); float32 'ieee' FMA tiles with many operand elements too."""
+    bf16 = GemmProblem("bmm", 32, 1024, 1024, 128, "bfloat16", "col", "row")
+    huge = cfg(128, 128, 128, warps=4, stages=2)  # 128 + 256
+    assert GEMM.check(huge, bf16, A100) is not None and GEMM.check(huge, bf16, H100) is None
+    assert GEMM.check(cfg(128, 128, 64, warps=4, stages=3), bf16, A100) is None  # 128 + 128
+    ieee = GemmProblem("mm", 1, 2048, 2048, 2048, "float32", precision="ieee")
+    assert GEMM.check(cfg(128, 32, 64, warps=4, stages=4), ieee, H100) is not None  # 80 operand elements
+    assert GEMM.check(cfg(128, 64, 32, warps=4, stages=4), ieee, H100) is None  # 48
+    assert len(GEMM.known_configs(ieee, A100)) >= 10 and len(GEMM.known_configs(bf16, A100)) >= 20

@@ -125,6 +125,8 @@ class KernelFamily(abc.ABC):
     name: str = ""
     #: the problem dataclass of this family
     problem_type: type = object
+    #: parameters a stored configuration may lack (added later), with the value their absence means
+    optional_params: Mapping[str, Value] = {}
 
     @abc.abstractmethod
     def space(self, problem: Any) -> dict[str, tuple[Value, ...]]:

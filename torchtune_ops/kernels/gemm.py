@@ -591,6 +591,7 @@ class GemmFamily(KernelFamily):
 
     name = "gemm"
     problem_type = GemmProblem
+    optional_params = {"WARP_SPEC": 0, "PERSISTENT": 0}  # issue 18: older bundles lack them
 
     def space(self, problem: GemmProblem) -> dict[str, tuple[Value, ...]]:
         return space(problem)

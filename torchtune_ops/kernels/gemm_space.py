@@ -40,9 +40,14 @@ NOMINAL_SMS = 132
 MAX_ACC_REGS = 255
 #: float32 "ieee" (FMA, no tensor cores): most accumulator registers a thread that do not spill
 FMA_MAX_ACC_REGS = 64
+#: ... and operand elements a thread (one A and one B tile)
+FMA_MAX_OPERAND_REGS = 64
+#: before Hopper (mma.sync): most accumulator + operand elements a thread that did not spill on sm_80
+MMA_SYNC_MAX_TILE_REGS = 256
 #: rows not 16-byte aligned (pointer path): most accumulator + operand elements a thread, by the
-#: widest aligned load, that did not spill on sm_90a (2-byte loads: 64; 4- and 8-byte: 192)
-NARROW_MAX_TILE_REGS = ((4, 64), (16, 192))
+#: widest aligned load, that did not spill on sm_90a with Triton 3.6 and 3.9 (2-byte loads: 64; 4- and
+#: 8-byte: 128, where 3.6's ptxas spilled from 160 and 3.9's from 208)
+NARROW_MAX_TILE_REGS = ((4, 64), (16, 128))
 
 
 def _max_tile_regs(vector_bytes: int) -> int:
@@ -260,6 +265,14 @@ def check(config: Mapping[str, Value], problem: GemmProblem, limits: DeviceLimit
         # float32 "highest" runs on FMA units, whose dot keeps operand fragments in registers beside the
         # accumulator: 128 accumulator registers a thread spill on sm_90a and sm_80, 64 do not.
         return f"float32 'ieee' (FMA) tiles over {FMA_MAX_ACC_REGS} accumulator registers a thread spill"
+    if problem.dtype == "float32" and problem.precision == "ieee" and operand_regs > FMA_MAX_OPERAND_REGS:
+        # ... and over 64 operand elements a thread (e.g. 128x32x64 or 64x128x64 with 4 warps) they spilled
+        # 0.4-2 KB on sm_80 (compile gate, --arch sm_80).
+        return f"float32 'ieee' (FMA) tiles over {FMA_MAX_OPERAND_REGS} operand elements a thread spill"
+    if limits.capability[0] < 9 and not limits.interpreter and acc_regs + operand_regs > MMA_SYNC_MAX_TILE_REGS:
+        # Before Hopper, mma.sync takes its A and B fragments from registers (wgmma reads shared memory):
+        # on sm_80 tiles of 384+ accumulator + operand elements a thread spilled, 256 did not.
+        return "the tile's fragments would spill on mma.sync (before Hopper)"
     if not tma and acc_regs + operand_regs > _max_tile_regs(vector_bytes(problem)):
         # Rows that are not 16-byte aligned load in narrower pieces, each with its own 64-bit address:
         # 2-byte pieces (odd leading dimensions in 16-bit) also lose cp.async pipelining. Large tiles

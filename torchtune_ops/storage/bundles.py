@@ -373,6 +373,8 @@ def check_config(family: str, value: Any, problem: Any, limits: Any, where: str)
         raise BundleError(f"{where}: a configuration must be an object, got {type(value).__name__}")
     fam = families()[family]
     names, triples = _allowed(family, fam.space(problem))
+    if fam.optional_params:  # parameters added after bundles were written: their absence means the default
+        value = {**{k: d for k, d in fam.optional_params.items() if k in names}, **value}
     for k, v in value.items():
         if k not in names:
             raise BundleError(f"{where}: parameter {str(k)[:40]!r} is not a parameter of {family} "
