@@ -57,11 +57,24 @@ def _cache_file(path: str) -> tuple[str, dict]:
     return out, data
 
 
+def _reuse_parsed_files() -> None:
+    """Kernel Tuner parses the cache file on every call (half of a run's time on dedispersion); a worker
+    parses each once (simulation mode only reads it). Its search space is still built per run: sharing it
+    would change how the strategies draw their random numbers."""
+    from kernel_tuner import util
+
+    if not getattr(util.read_cache, "_replay", False):
+        read = functools.lru_cache(maxsize=None)(util.read_cache)
+        util.read_cache = lambda cachefile, open_cache=True: read(cachefile, open_cache)
+        util.read_cache._replay = True
+
+
 def run_kernel_tuner(path: str, strategy: str, seed: int, budget: int) -> dict:
     from constraint import FunctionConstraint
     import numpy as np
     from kernel_tuner import tune_kernel
 
+    _reuse_parsed_files()
     cache_path, data = _cache_file(path)
     keys = data["tune_params_keys"]
     valid = {tuple(rec[k] for k in keys) for rec in data["cache"].values()}
@@ -122,6 +135,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=200)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--log", default="", help="append every finished run to this JSON-lines file (a long run "
+                   "that is stopped keeps what it finished); with --summarize, the file to summarise")
+    p.add_argument("--summarize", action="store_true", help="run nothing: summarise the runs in --log")
     a = p.parse_args(argv)
 
     paths = list_spaces(a.datasets)
@@ -132,13 +148,27 @@ def main(argv=None) -> int:
     if a.only:
         paths = [x for x in paths if any(s in x[1] for s in a.only.split(","))]
     seeds = range(a.first_seed, a.first_seed + a.seeds)
-    jobs = [(path, name, s, seed, a.budget) for path, name in paths for s in strategies for seed in seeds]
+    # seed-major order: a run stopped early has every space and strategy on its first seeds
+    jobs = [(path, name, s, seed, a.budget) for seed in seeds for path, name in paths for s in strategies]
     t0 = time.perf_counter()
-    if a.jobs > 1:
-        with ProcessPoolExecutor(a.jobs) as ex:
-            done = list(ex.map(_job, jobs))
+    if a.summarize:
+        with open(a.log) as f:
+            done = [tuple(json.loads(line)) for line in f if line.strip()]
+        names = {n for _, n in paths}
+        done = [d for d in done if d[0] in names and d[1] in strategies]
+        seeds = sorted({d[2] for d in done})
+        a.seeds, a.first_seed = len(seeds), (seeds[0] if seeds else 0)
+        for d in done:
+            d[3]["fraction"] = {int(c): v for c, v in d[3].get("fraction", {}).items()}
     else:
-        done = [_job(j) for j in jobs]
+        log = open(a.log, "a") if a.log else None
+        done = []
+        with ProcessPoolExecutor(max(1, a.jobs)) as ex:
+            for item in ex.map(_job, jobs):
+                done.append(item)
+                if log:
+                    log.write(json.dumps(json_safe(list(item))) + "\n")
+                    log.flush()
     runs, errors = {}, {}
     for name, strategy, seed, out in done:
         if "error" in out:
@@ -170,6 +200,7 @@ def main(argv=None) -> int:
         "cpus": os.cpu_count(),
         "versions": {"kernel_tuner": kernel_tuner.__version__, "numpy": numpy.__version__},
         "seeds": a.seeds, "first_seed": a.first_seed, "budget": a.budget, "smoke": a.smoke,
+        "seed_list": sorted({d[2] for d in done}),
         "strategies": strategies, "summary": summary, "errors": errors, "seconds": elapsed,
     }
     os.makedirs(a.out, exist_ok=True)
