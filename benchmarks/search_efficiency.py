@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--kt", default="", help="a kernel_tuner_baseline.py results file: its strategies are the bars "
                    "of issue 20's check (tune at or above each at 20, 50 and 200 measurements)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--log", default="", help="append every finished run to this JSON-lines file (to follow a "
+                   "long run)")
     a = p.parse_args(argv)
 
     if a.space:
@@ -248,11 +250,14 @@ def main(argv=None) -> int:
     jobs = [(path, name, m, seed, a.budget, related(path, name) if m == "tune_prior" else (), tpe)
             for path, name in paths for m in methods for seed in seeds]
     t0 = time.perf_counter()
-    if a.jobs > 1:
-        with ProcessPoolExecutor(a.jobs) as ex:
-            done = list(ex.map(_job, jobs))
-    else:
-        done = [_job(j) for j in jobs]
+    log = open(a.log, "a") if a.log else None
+    done = []
+    with ProcessPoolExecutor(max(1, a.jobs)) as ex:
+        for item in ex.map(_job, jobs):
+            done.append(item)
+            if log:
+                log.write(json.dumps(json_safe(list(item))) + "\n")
+                log.flush()
     runs: dict = {}
     for name, method, seed, out in done:
         runs.setdefault(name, {}).setdefault(method, []).append(out)
