@@ -93,6 +93,9 @@ class TPEStrategy:
             improvement. When that region too goes ``explore_after`` measurements without improving, its best's
             basin is given up as well (a restart). A new best overall ends the exploration. 0 turns it off.
         explore_every: while exploring, every this many proposals is an exploration proposal.
+        restart_backoff: when True, a restart runs only until it stalls, and the next one waits for a stall of
+            ``explore_after * 2**k`` more measurements (k: restarts since the last new best), so a space where
+            restarts do not pay loses little to them. Default False: restarts follow one another.
     """
 
     def __init__(self, *, n_startup: int = 8, n_startup_prior: int = 0, gamma: float = 0.15,
@@ -100,7 +103,8 @@ class TPEStrategy:
                  prior_weight: float = 12.0, prior_gamma: float = 0.1, prior_max_good: int = 50,
                  n_ei_candidates: int | None = None, local_every: int = 3, stall: int = 10, far: int = 3,
                  far_rank: float = 0.15, gp_every: int = 2, gp_lengthscale: float = 0.35,
-                 gp_noise: float = 1e-2, explore_after: int = 0, explore_every: int = 2):
+                 gp_noise: float = 1e-2, explore_after: int = 0, explore_every: int = 2,
+                 restart_backoff: bool = False):
         self.n_startup = n_startup
         self.n_startup_prior = n_startup_prior
         self.gamma = gamma
@@ -121,6 +125,7 @@ class TPEStrategy:
         self.gp_noise = gp_noise
         self.explore_after = explore_after
         self.explore_every = explore_every
+        self.restart_backoff = restart_backoff
 
     def start(self, space, candidates, prior, rng):
         self.rng = rng
@@ -144,6 +149,7 @@ class TPEStrategy:
         self.used_seeds: set[int] = set()
         self.pending = -1  # the row of the last restart proposal
         self.n_explore = self.n_restarts = 0
+        self.next_restart = self.explore_after
         self.region_model = [0, 0]  # the restarts' own model-proposal counters (all, global)
         self.prior_good = self.prior_bad = None
         if prior:
@@ -186,6 +192,7 @@ class TPEStrategy:
         if value < self.best_value:
             self.best_value, self.since_best, self.stuck = value, 0, 0
             self.restart, self.n_explore = [], 0  # a new best ends the exploration
+            self.n_restarts, self.next_restart = 0, self.explore_after
         else:
             self.since_best += 1
             self.stuck += 1
@@ -250,7 +257,9 @@ class TPEStrategy:
 
     def _explore(self, available: np.ndarray) -> int | None:
         """A restart's proposal when one is due (see ``explore_after``), else None."""
-        if self.stuck < self.explore_after:
+        if self.restart and self.restart_since >= max(3, self.explore_after // self.explore_every):
+            self.restart = []  # this restart is stuck too
+        if not self.restart and self.stuck < self.next_restart:
             return None
         self.n_explore += 1
         if self.n_explore % self.explore_every:
@@ -259,10 +268,10 @@ class TPEStrategy:
         if not pool.any():
             return None
         values = np.asarray(self.values, dtype=float)
-        if self.restart and self.restart_since >= max(3, self.explore_after // self.explore_every):
-            self.restart = []  # this restart is stuck too: the next one starts elsewhere
         if not self.restart:
             self.n_restarts += 1
+            if self.restart_backoff:  # each restart that does not pay waits for a stall twice as long
+                self.next_restart = self.stuck + self.explore_after * 2 ** self.n_restarts
             start = self._restart_seed(pool, values)
             if start is not None:  # restart from a good measurement outside the best's basin
                 self.used_seeds.add(start)
