@@ -155,6 +155,24 @@ def test_after_a_long_stall_a_restart_runs_a_local_search_outside_the_best_basin
     assert strat.stuck == 0 and not strat.restart
 
 
+@pytest.mark.parametrize("backoff", [False, True])
+def test_restart_backoff_waits_twice_as_long_after_a_restart_that_did_not_pay(backoff):
+    strat, cands, available = _stalled_strategy(0, n_worse=10, explore_after=8, explore_every=1,
+                                                restart_backoff=backoff)
+    restarts = []
+    for _ in range(24):  # stuck goes from 10 to 34; every measurement is worse than the best
+        row = strat.propose(available)
+        restarts.append(row == strat.pending)
+        available[row] = False
+        strat.observe(row, 3.0)
+    # the first restart starts at once and ends after 8 of its measurements without improving (9 in all)
+    assert restarts[:9] == [True] * 9
+    if backoff:  # the next waits until 10 + 8 * 2 = 26 measurements without a new best
+        assert restarts[9:16] == [False] * 7 and restarts[16]
+    else:
+        assert restarts[9]
+
+
 def test_a_far_step_does_not_count_one_rank_moves_along_long_axes_as_leaving_the_basin():
     """Three 30-choice axes: a candidate one rank away on each of them is in the best's basin; a far step
     must go where at least three parameters moved by ``far_rank`` of their axis or more."""
