@@ -14,6 +14,7 @@ import gzip
 import json
 import math
 import os
+import statistics
 from typing import Any
 
 import numpy as np
@@ -130,3 +131,41 @@ def tpe_knobs(text: str) -> dict[str, Any]:
     except TypeError as e:
         raise ValueError(f"--tpe: {e}") from None
     return knobs
+
+
+def list_spaces(datasets: str) -> list[tuple[str, str]]:
+    """(path, "<folder>/<name>") of every space file (*.json.gz) one folder below ``datasets``."""
+    return [(os.path.join(datasets, d, f), f"{d}/{f[:-len('.json.gz')]}")
+            for d in sorted(os.listdir(datasets)) if os.path.isdir(os.path.join(datasets, d))
+            for f in sorted(os.listdir(os.path.join(datasets, d))) if f.endswith(".json.gz")]
+
+
+def worst_decile(values) -> float:
+    """Mean of the lowest tenth of ``values`` (at least one): how the unlucky seeds fare."""
+    values = sorted(values)
+    return statistics.mean(values[:max(1, math.ceil(len(values) / 10))])
+
+
+def summarize(runs: list[dict], budget: int, checkpoints=(10, 20, 50, 100, 200)) -> dict:
+    """Per-seed ``trace_metrics`` results (plus "seconds") of one method on one space, summarised: the mean
+    fraction of the optimum at each checkpoint, its standard error, the worst decile of seeds, every seed's
+    fraction, and the median measurements to within 5%."""
+    reach = sorted(r["to_within"] if r["to_within"] is not None else math.inf for r in runs)
+    cps = [c for c in checkpoints if c <= budget]
+    per_seed = {c: [r["fraction"][c] for r in runs] for c in cps}
+    out = {
+        "fraction": {c: statistics.mean(v) for c, v in per_seed.items()},
+        # standard error of each mean: seeds differ by far more than the gaps between methods
+        "fraction_se": {c: statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None
+                        for c, v in per_seed.items()},
+        "worst_decile": {c: worst_decile(v) for c, v in per_seed.items()},
+        "per_seed": {c: [round(x, 5) for x in v] for c, v in per_seed.items()},
+        "median_to_within": statistics.median(reach) if reach else math.inf,
+        "reached": sum(math.isfinite(x) for x in reach),
+        "seeds": len(runs),
+        "seconds_per_run": statistics.mean(r["seconds"] for r in runs),
+    }
+    for k in ("invalid_proposals", "repeated_proposals"):
+        if k in runs[0]:
+            out[k] = statistics.mean(r[k] for r in runs)
+    return out

@@ -27,7 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from replay import ReplaySpace, best_so_far, json_safe, load_space, tpe_knobs, trace_metrics  # noqa: E402
+from replay import (ReplaySpace, best_so_far, json_safe, list_spaces, load_space, summarize,  # noqa: E402
+                    tpe_knobs, trace_metrics)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATASETS = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "datasets"))
@@ -148,31 +149,49 @@ def _job(args):
     return name, method, seed, out
 
 
-def summarize(runs: list[dict], budget: int) -> dict:
-    reach = [r["to_within"] for r in runs]
-    finite = sorted(x if x is not None else math.inf for x in reach)
-    med = statistics.median(finite) if finite else math.inf
-    return {
-        "fraction": {c: statistics.mean(r["fraction"][c] for r in runs) for c in CHECKPOINTS if c <= budget},
-        # standard error of each mean: seeds differ by far more than the gaps between methods
-        "fraction_se": {c: (statistics.stdev(r["fraction"][c] for r in runs) / math.sqrt(len(runs))
-                            if len(runs) > 1 else None) for c in CHECKPOINTS if c <= budget},
-        "median_to_within": med,
-        "reached": sum(x is not None for x in reach),
-        "seeds": len(runs),
-        "seconds_per_run": statistics.mean(r["seconds"] for r in runs),
-        **({"invalid_proposals": statistics.mean(r["invalid_proposals"] for r in runs),
-            "repeated_proposals": statistics.mean(r["repeated_proposals"] for r in runs)}
-           if "invalid_proposals" in runs[0] else {}),
-    }
-
-
 def _cell(s: dict, budget: int) -> str:
     f50 = s["fraction"].get(50, float("nan"))
     fb = s["fraction"].get(min(200, budget), float("nan"))
     med = s["median_to_within"]
     med_txt = f"{med:.1f}" if math.isfinite(med) else f">{budget}"
     return f"{f50:.3f} / {fb:.3f} / {med_txt} ({s['reached']}/{s['seeds']})"
+
+
+def _deciles(s: dict) -> str:
+    """"f@20 / f@50 / f@200 [worst decile at the same]" of one method on one space."""
+    cps = [c for c in (20, 50, 200) if c in s["fraction"]]
+    return (" / ".join(f"{s['fraction'][c]:.3f}" for c in cps) + " ["
+            + " / ".join(f"{s['worst_decile'][c]:.3f}" for c in cps) + "]")
+
+
+def kt_bars(path: str) -> dict:
+    """Kernel Tuner's strategies in a kernel_tuner_baseline.py results file: space -> strategy -> summary."""
+    with open(path) as f:
+        data = json.load(f)
+    return {name: {m: {k: {int(c): v for c, v in r[k].items()} for k in ("fraction", "worst_decile")}
+                   for m, r in by.items()} for name, by in data["summary"].items()}
+
+
+def kt_targets(summary: dict, kt: dict) -> dict:
+    """Issue 20's check: tune()'s mean at 20, 50 and 200 at or above every Kernel Tuner strategy's, plain
+    Optuna TPE's and random's (at the bars' 3-decimal precision), and the same for the worst decile."""
+    out = {}
+    for name, by in summary.items():
+        if "tune" not in by:
+            continue
+        rivals = {f"kt:{m}": r for m, r in kt.get(name, {}).items()}
+        rivals.update({m: r for m, r in by.items() if m in ("optuna_tpe", "random")})
+        s, row = by["tune"], {}
+        for c in (20, 50, 200):
+            if c not in s["fraction"] or not rivals:
+                continue
+            for key in ("fraction", "worst_decile"):
+                best = max(rivals, key=lambda m: rivals[m][key].get(c, 0))
+                bar = rivals[best][key].get(c, 0)
+                row[f"{key}@{c}"] = {"tune": s[key][c], "bar": bar, "by": best,
+                                     "ok": bool(round(s[key][c], 3) >= round(bar, 3))}
+        out[name] = row
+    return out
 
 
 def main(argv=None) -> int:
@@ -192,7 +211,11 @@ def main(argv=None) -> int:
                    help="comma-separated, of: tune, random, optuna_tpe, tune_prior (tune() warm-started with "
                         "the same kernel's spaces on the other GPUs)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
+    p.add_argument("--kt", default="", help="a kernel_tuner_baseline.py results file: its strategies are the bars "
+                   "of issue 20's check (tune at or above each at 20, 50 and 200 measurements)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--log", default="", help="append every finished run to this JSON-lines file (to follow a "
+                   "long run)")
     a = p.parse_args(argv)
 
     if a.space:
@@ -202,9 +225,7 @@ def main(argv=None) -> int:
                 "of the repository (see ../shared/datasets/README.md where you have them); give that folder "
                 "with --datasets DIR, or replay spaces you recorded with --space FILE")
     else:
-        paths = [(os.path.join(a.datasets, d, f), f"{d}/{f[:-len('.json.gz')]}")
-                 for d in sorted(os.listdir(a.datasets)) if os.path.isdir(os.path.join(a.datasets, d))
-                 for f in sorted(os.listdir(os.path.join(a.datasets, d))) if f.endswith(".json.gz")]
+        paths = list_spaces(a.datasets)
     if a.smoke:
         paths = [x for x in paths if x[1] == "convolution_kt/RTX_3090"] or paths[:1]
         a.seeds, a.budget = 2, 50
@@ -233,15 +254,18 @@ def main(argv=None) -> int:
     jobs = [(path, name, m, seed, a.budget, related(path, name) if m == "tune_prior" else (), tpe)
             for path, name in paths for m in methods for seed in seeds]
     t0 = time.perf_counter()
-    if a.jobs > 1:
-        with ProcessPoolExecutor(a.jobs) as ex:
-            done = list(ex.map(_job, jobs))
-    else:
-        done = [_job(j) for j in jobs]
+    log = open(a.log, "a") if a.log else None
+    done = []
+    with ProcessPoolExecutor(max(1, a.jobs)) as ex:
+        for item in ex.map(_job, jobs):
+            done.append(item)
+            if log:
+                log.write(json.dumps(json_safe(list(item))) + "\n")
+                log.flush()
     runs: dict = {}
     for name, method, seed, out in done:
         runs.setdefault(name, {}).setdefault(method, []).append(out)
-    summary = {name: {m: summarize(r, a.budget) for m, r in by.items()} for name, by in runs.items()}
+    summary = {name: {m: summarize(r, a.budget, CHECKPOINTS) for m, r in by.items()} for name, by in runs.items()}
 
     # Target check (issue 3), on spaces where random needs more than 50 draws.
     targets = {}
@@ -274,10 +298,25 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {i['valid']} | {i['within_5pct']} | {i['random_expected_draws']:.0f} | "
                      f"{cells} | {tt} |")
     table = "\n".join(lines)
+    # Every method's f@20 / f@50 / f@200 and the worst decile of seeds (the mean of the lowest tenth).
+    dlines = [f"| space | {cols} |", "| --- | " + " | ".join("---" for _ in methods) + " |"]
+    for name in summary:
+        dlines.append(f"| {name} | " + " | ".join(_deciles(summary[name][m]) if m in summary[name] else "-"
+                                                  for m in methods) + " |")
+    decile_table = "\n".join(dlines)
+    kt_check = kt_targets(summary, kt_bars(a.kt)) if a.kt else {}
     print(f"Each cell: mean fraction of optimum at 50 / at {min(200, a.budget)} measurements / median "
           f"measurements to within 5% (seeds that got there). Seeds {seeds.start}-{seeds.stop - 1}, budget "
           f"{a.budget}{', tune knobs ' + a.tpe if tpe else ''}.\n")
     print(table)
+    print("\nf@20 / f@50 / f@200 [worst decile of seeds at the same]\n")
+    print(decile_table)
+    if kt_check:
+        print(f"\nAgainst {os.path.basename(a.kt)} (Kernel Tuner), plain Optuna TPE and random (kt: ok/MISS "
+              "per checkpoint, mean then worst decile):")
+        for name, row in kt_check.items():
+            print(f"  {name}: " + ", ".join(f"{k} {v['tune']:.3f} vs {v['bar']:.3f} ({v['by']}) "
+                                            f"{'ok' if v['ok'] else 'MISS'}" for k, v in row.items()))
     for name, by in summary.items():
         full = ", ".join(f"{m}: " + " ".join(f"{c}:{v:.3f}" + (f"±{s['fraction_se'][c]:.3f}"
                                                                  if s["fraction_se"][c] is not None else "")
@@ -300,7 +339,8 @@ def main(argv=None) -> int:
         "versions": {"torchtune_ops": torchtune_ops.__version__, "optuna": optuna.__version__,
                      "numpy": numpy.__version__},
         "seeds": a.seeds, "first_seed": a.first_seed, "tpe": tpe, "budget": a.budget, "smoke": a.smoke, "spaces": info, "summary": summary,
-        "targets": targets, "table": table, "seconds": elapsed,
+        "targets": targets, "table": table, "decile_table": decile_table, "kt": a.kt, "kt_check": kt_check,
+        "seconds": elapsed,
     }
     os.makedirs(a.out, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -19,5 +19,6 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   fi
 fi
 # fleet: SQLAlchemy and psycopg (fleet tests); dashboard: optuna-dashboard (tests/test_dashboard.py);
-# train: scikit-learn (the GEMM prior's export test, benchmarks/perfmodel_eval.py)
-"$VPY" -m pip install -q -e ".[test,fleet,dashboard,train]"
+# train: scikit-learn (the GEMM prior's export test, benchmarks/perfmodel_eval.py);
+# baselines: kernel_tuner (the Kernel Tuner replay's smoke test); plot: matplotlib (report --plot)
+"$VPY" -m pip install -q -e ".[test,fleet,dashboard,train,baselines,plot]"

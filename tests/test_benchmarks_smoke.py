@@ -68,6 +68,27 @@ def test_search_efficiency_seed_range_and_tpe_ablation(tmp_path):
     assert bad.returncode == 2 and "gama" in bad.stderr
 
 
+def test_kernel_tuner_baseline_smoke_and_the_kt_check(tmp_path):
+    import kernel_tuner  # noqa: F401  (the baselines extra; scripts/setup.sh installs it)
+    out = tmp_path / "results"
+    out.mkdir()
+    _run(["benchmarks/kernel_tuner_baseline.py", "--smoke", "--out", str(out), "--log", str(tmp_path / "runs.jsonl")],
+         tmp_path)
+    (kt,) = _json_files(out)
+    runs = kt["summary"]["pnpoly_kt/RTX_3090"]["genetic_algorithm"]
+    assert kt["machine"] and runs["seeds"] == 2 and len(runs["per_seed"]["50"]) == 2
+    assert runs["worst_decile"]["50"] == pytest.approx(min(runs["per_seed"]["50"]), abs=1e-5)  # one seed of 2
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 4
+    kt_file = next(out.glob("kernel_tuner_baseline-*.json"))
+    r = _run(["benchmarks/search_efficiency.py", "--smoke", "--methods", "tune", "--only", "pnpoly_kt/RTX_3090",
+              "--space", str(ROOT.parent / "shared" / "datasets" / "pnpoly_kt" / "RTX_3090.json.gz"),
+              "--kt", str(kt_file), "--out", str(out)], tmp_path)
+    assert "kt:genetic_algorithm" in r.stdout or "kt:diff_evo" in r.stdout
+    data = json.loads(max(out.glob("search_efficiency-*.json")).read_text())
+    check = data["kt_check"]["pnpoly_kt/RTX_3090"]
+    assert set(check) == {f"{k}@{c}" for k in ("fraction", "worst_decile") for c in (20, 50)}
+
+
 def test_cost_model_eval_repeats_lopo_over_independent_history_draws():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

@@ -447,7 +447,7 @@ def test_cli_export_error_names_the_path_asked_for(tmp_path):
 
 
 def test_report_plot_has_title_device_legend_and_a_bounded_size(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (the plot extra; scripts/setup.sh installs it)
     fp = fingerprint("cpu").key
     entries = [Entry(fp, "gemm", problem_key(GEMM.problem_to_dict(GEMM.problem_type("mm", 1, i + 1, 7, 13,
                                                                                       "float16"))),

@@ -105,7 +105,7 @@ def test_local_history_weighs_more_as_it_grows(tmp_path):
 
 
 def test_forest_matches_scikit_learn_and_round_trips():
-    ensemble = pytest.importorskip("sklearn.ensemble")
+    import sklearn.ensemble as ensemble  # the train extra; scripts/setup.sh installs it
     rng = np.random.default_rng(0)
     X = rng.normal(size=(500, 4))
     y = np.where(X[:, 0] > 0.3, 2.0, -1.0) + X[:, 1] * X[:, 2] + rng.normal(scale=0.05, size=500)

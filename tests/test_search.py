@@ -114,36 +114,63 @@ def test_tpe_finds_the_optimum_faster_than_random():
     assert statistics.median(tpe) * 2 < statistics.median(rnd), (tpe, rnd)
 
 
-def _stalled_strategy(stall):
-    """A TPE strategy told: a best at (0,0,0,0), `stall` worse neighbours of it, and one poorer
-    measurement far away at (7,7,7,7); returns the strategy, its candidates and the available mask."""
+def _stalled_strategy(stall, n_worse=None, **knobs):
+    """A TPE strategy told: a best at (0,0,0,0), `n_worse` (default `stall`) worse neighbours of it, and one
+    poorer measurement far away at (7,7,7,7); returns the strategy, its candidates and the available mask."""
     import numpy as np
 
     space = Space({n: list(range(8)) for n in "abcd"})
     cands = np.asarray(list(itertools.product(range(8), repeat=4)), dtype=np.int64)
     row = {tuple(r): i for i, r in enumerate(cands.tolist())}
-    strat = TPEStrategy(n_startup=0, stall=stall)
+    strat = TPEStrategy(n_startup=0, stall=stall, **knobs)
     strat.start(space, cands, [], np.random.default_rng(0))
     available = np.ones(len(cands), dtype=bool)
     told = [((7, 7, 7, 7), 3.5), ((0, 0, 0, 0), 1.0)]
     told += [(tuple(i + 1 if d == k else 0 for d in range(4)), 2.0 + i) for i in range(3) for k in range(4)]
-    for point, value in told[:2 + stall]:
+    for point, value in told[:2 + (stall if n_worse is None else n_worse)]:
         strat.observe(row[point], value)
         available[row[point]] = False
     return strat, cands, available
 
 
-@pytest.mark.parametrize("stall", [4, 10])
-def test_a_stalled_search_steps_to_the_best_other_region_once_per_stall(stall):
-    strat, cands, available = _stalled_strategy(stall)
-    far = cands[strat.propose(available)]
-    assert (far != 0).sum() >= 3  # at least `far` parameters away from the best
-    assert (far != 7).sum() <= 1  # in the region of the far measurement
-    # The stall counter restarted: the next proposal is the plain model's, as without far steps.
-    available[(far[None, :] == cands).all(axis=1)] = False
-    twin, _, _ = _stalled_strategy(stall)
-    twin.stall = 0
-    assert strat.propose(available) == twin.propose(available)
+def _measure(strat, cands, available, value):
+    """Propose, mark the proposal measured with ``value``, and return its choice indices."""
+    row = strat.propose(available)
+    available[row] = False
+    strat.observe(row, value)
+    return cands[row]
+
+
+def test_after_a_long_stall_a_restart_runs_a_local_search_outside_the_best_basin():
+    # far steps off, to see the restarts alone; every proposal while stuck is a restart's (explore_every=1)
+    strat, cands, available = _stalled_strategy(0, n_worse=10, explore_after=8, explore_every=1)
+    start = _measure(strat, cands, available, 2.0)
+    assert (start != 0).sum() >= 3  # out of the best's basin (one rank is far_rank of 8 choices)
+    step = _measure(strat, cands, available, 1.5)
+    assert (step != start).sum() == 1  # a one-parameter neighbour of the restart's start
+    after = _measure(strat, cands, available, 1.8)
+    assert (after != step).sum() == 1  # ... and then of the restart's best so far (1.5 beat 2.0)
+    assert (after != 0).sum() >= 3
+    _measure(strat, cands, available, 0.5)  # the restart finds a new best overall: exploration ends
+    assert strat.stuck == 0 and not strat.restart
+
+
+@pytest.mark.parametrize("backoff", [False, True])
+def test_restart_backoff_waits_twice_as_long_after_a_restart_that_did_not_pay(backoff):
+    strat, cands, available = _stalled_strategy(0, n_worse=10, explore_after=8, explore_every=1,
+                                                restart_backoff=backoff)
+    restarts = []
+    for _ in range(24):  # stuck goes from 10 to 34; every measurement is worse than the best
+        row = strat.propose(available)
+        restarts.append(row == strat.pending)
+        available[row] = False
+        strat.observe(row, 3.0)
+    # the first restart starts at once and ends after 8 of its measurements without improving (9 in all)
+    assert restarts[:9] == [True] * 9
+    if backoff:  # the next waits until 10 + 8 * 2 = 26 measurements without a new best
+        assert restarts[9:16] == [False] * 7 and restarts[16]
+    else:
+        assert restarts[9]
 
 
 def test_a_far_step_does_not_count_one_rank_moves_along_long_axes_as_leaving_the_basin():

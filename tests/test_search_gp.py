@@ -52,6 +52,27 @@ def test_expected_improvement_follows_a_trend_beyond_the_measured_range():
     assert best[0] > 4, best
 
 
+def test_uncertainty_is_one_far_from_measurements_and_small_at_them():
+    space = Space({"x": list(range(30))})
+    gp, _ = _gp_told(space, _grid(30), [(0, 1.0), (1, 2.0)])
+    sd = gp.uncertainty(np.arange(30))
+    assert sd[0] < 0.2 and sd[29] > 0.99 and np.all(np.diff(sd[1:]) >= -1e-9)  # grows with the distance
+    assert CandidateGP(space, _grid(30)).uncertainty(np.arange(3)).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_expected_improvement_against_another_region_s_incumbent():
+    """Below a region's own best (x >= 20, best 5.0) rather than the global best (1.0 at x = 0): candidates
+    there that could beat 5.0 gain, though none could beat 1.0."""
+    space = Space({"x": list(range(30))})
+    told = [(0, 1.0), (1, 1.2), (20, 5.0), (25, 6.0), (29, 8.0)]
+    gp, values = _gp_told(space, _grid(30), told)
+    rows = np.arange(21, 25)
+    rng = np.random.default_rng(0)
+    region = np.asarray([False, False, True, True, True])
+    assert (gp.expected_improvement(values, rows, rng, incumbent=region)
+            > gp.expected_improvement(values, rows, rng) + 1e-6).all()
+
+
 def test_failed_measurements_count_as_the_slowest_and_keep_the_model_finite():
     space = Space({"x": list(range(20))})
     cands = _grid(20)

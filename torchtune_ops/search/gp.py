@@ -78,13 +78,26 @@ class CandidateGP:
         self.x = np.concatenate([self.x, x])
         self._k = np.concatenate([self._k, k])
 
+    def uncertainty(self, rows: np.ndarray) -> np.ndarray:
+        """The prior-relative posterior standard deviation (0 to 1) at candidate ``rows``: how far they are,
+        in the kernel's sense, from everything measured. It does not depend on the measured values."""
+        n = len(self.measured)
+        if n == 0:
+            return np.ones(len(rows))
+        k_all = self._k[:, :n]
+        chol = np.linalg.cholesky(k_all[self.measured].astype(np.float64) + self.noise * np.eye(n))
+        v = np.linalg.solve(chol, k_all[rows].astype(np.float64).T)
+        return np.sqrt(np.maximum(1.0 - (v * v).sum(axis=0), 0.0))
+
     def expected_improvement(self, values: np.ndarray, rows: np.ndarray, rng: np.random.Generator, *,
-                             max_variance_rows: int = 2000) -> np.ndarray:
+                             max_variance_rows: int = 2000, incumbent: np.ndarray | None = None) -> np.ndarray:
         """Expected improvement of log-time below the best measured, at candidate ``rows``.
 
         ``values``: the measured values in the order of ``add`` (math.inf for failures, which are modelled as
         slow as the slowest success). Where more than ``max_variance_rows`` rows are asked for, the variance
         is computed for the half with the lowest mean and a random half of the rest; the others get -inf.
+        ``incumbent``: a boolean mask over the measurements; the improvement is then counted below the best of
+        those (another region's best) rather than the best of all. Default None: all.
         """
         n = len(self.measured)
         finite = np.isfinite(values)
@@ -104,7 +117,8 @@ class CandidateGP:
             keep = np.concatenate([order[:half], rng.choice(order[half:], half, replace=False)])
         v = np.linalg.solve(chol, k_rows[keep].T)
         sd = np.sqrt(np.maximum(1.0 - (v * v).sum(axis=0), 1e-12))
-        gain = y.min() - mean[keep]
+        best = y.min() if incumbent is None or not (incumbent & finite).any() else y[incumbent & finite].min()
+        gain = best - mean[keep]
         z = gain / sd
         cdf = 0.5 * (1.0 + _erf(z / math.sqrt(2.0)).astype(float))
         pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
