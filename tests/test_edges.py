@@ -181,7 +181,7 @@ def test_store_tables_carry_the_schema_version_and_budget_columns(tmp_path):
     assert store_mod.SCHEMA_VERSION == 2
     st = Store.open(tmp_path / "t.sqlite")
     cols = [r[1] for r in st._conn.execute("PRAGMA table_info(entries_v2)")]
-    assert cols[-2:] == ["max_trials", "time_budget_s"]
+    assert {"max_trials", "time_budget_s"} <= set(cols)
     e = st.put(Entry("fp", "gemm", "{}", "aten", 1.0, 1.0, 3, max_trials=7, time_budget_s=2.5))
     assert st.entries()[0] == e
     with pytest.raises(ValueError):
