@@ -37,7 +37,7 @@ from .base import Config, DeviceLimits, KernelFamily, Value
 from .gemm_space import (TORCH_DTYPES, GemmProblem, check, gemm_problem, known_configs,
                          space)
 
-__all__ = ["gemm", "GemmFamily", "GemmProblem", "gemm_problem", "GEMM", "ACTIVATIONS"]
+__all__ = ["gemm", "bind", "BoundGemm", "GemmFamily", "GemmProblem", "gemm_problem", "GEMM", "ACTIVATIONS"]
 
 ACTIVATIONS = ACTIVATION_CODES
 # BIAS constexpr: how the epilogue reads the bias.
@@ -565,6 +565,91 @@ def _plan(a, b, config, bias, alpha, beta, activation, out, precision, tma_capab
     return out, (main, epilogue)
 
 
+def bind(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Value], bias=None,
+         alpha: float = 1.0, beta: float = 1.0, activation: str = "none",
+         precision: str | None = None) -> "BoundGemm | None":
+    """``gemm()`` bound once for calls whose operands differ from ``a``, ``b`` and ``bias`` only in their
+    data: the same sizes, strides, dtypes and device, and the same ``alpha``, ``beta``, ``activation``,
+    ``precision`` (what the run-time dispatch's key fixes).
+
+    Args:
+        a, b, bias, config, alpha, beta, activation, precision: as ``gemm()`` (bias a tensor or None).
+
+    Returns:
+        A ``BoundGemm`` (``bound(a, b, bias)`` returns a new result tensor), or None where a call has
+        nothing to launch (zero-size, K = 0): ``gemm()`` serves those.
+
+    Raises:
+        TypeError: a bias that is neither a tensor nor None.
+        What ``gemm()`` raises for these inputs.
+    """
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError("bind() takes a tensor bias or None")
+    out, launches = _plan(a, b, config, bias, alpha, beta, activation, None, precision, None)
+    if not launches:
+        return None
+    return BoundGemm(a, b, bias, out, launches, dict(config=config, alpha=alpha, beta=beta,
+                                                     activation=activation, precision=precision))
+
+
+class BoundGemm:
+    """A GEMM bound by ``bind()``: the launches ``_plan`` made (grids, sizes, strides, scalars and every
+    constexpr: alignment A_DIV/B_DIV/C_DIV, TMA, WARP_SPEC, PERSISTENT and its grid) kept, per call only the
+    output (and split-K workspace) allocated and the kernels launched with the new tensors. A call whose
+    operand or bias pointers differ from the bound ones in divisibility by 16 (what the compiled kernel and
+    the TMA choice assumed), that runs under another float32 matmul precision than the bound one (when
+    ``precision`` is None), or with another current CUDA device, goes through ``gemm()``."""
+
+    __slots__ = ("main", "epilogue", "shape", "strides", "dtype", "ws_shape", "ws_strides", "align", "kwargs",
+                 "has_bias", "tma", "cuda", "index", "alloc", "fp32_precision")
+
+    def __init__(self, a, b, bias, out, launches, kwargs: dict) -> None:
+        from ._launch import Launcher, aligned, allocator, contiguous_strides
+
+        (kernel, grid, args, consts, warps, stages), *rest = launches
+        # _gemm_kernel(a, b, c, bias_t, *fixed): c the output or the split-K workspace, bias_t the bias
+        # (perhaps expanded: the same pointer) or ``a`` where none is read
+        self.main = Launcher(kernel, grid, args[4:], consts, num_warps=warps, num_stages=stages)
+        ws = args[2]
+        self.ws_shape = None if ws is out else tuple(ws.shape)
+        self.ws_strides = None if ws is out else contiguous_strides(ws.shape)
+        self.epilogue = None
+        if rest:   # _splitk_epilogue_kernel(ws, out, bias_t, *fixed)
+            kernel, grid, args, consts, warps, stages = rest[0]
+            self.epilogue = Launcher(kernel, grid, args[3:], consts, num_warps=warps, num_stages=stages)
+        self.shape, self.strides, self.dtype = tuple(out.shape), out.stride(), out.dtype
+        self.has_bias = isinstance(bias, torch.Tensor) and kwargs["beta"] != 0
+        self.align = aligned((a, b, bias if self.has_bias else a))
+        self.tma = launches[0][3]["USE_TMA"]
+        self.alloc = allocator(out.device)
+        self.kwargs = kwargs
+        self.cuda, self.index = out.device.type == "cuda", out.device.index
+        self.fp32_precision = (torch.get_float32_matmul_precision()
+                               if a.dtype == torch.float32 and kwargs["precision"] is None else None)
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        align = self.align
+        bt = bias if self.has_bias else a
+        if ((a.data_ptr() % 16 == 0) is not align[0] or (b.data_ptr() % 16 == 0) is not align[1]
+                or (bt.data_ptr() % 16 == 0) is not align[2]
+                or (self.fp32_precision is not None
+                    and torch.get_float32_matmul_precision() != self.fp32_precision)
+                or (self.cuda and torch.cuda.current_device() != self.index)):
+            return gemm(a, b, bias=bias, **self.kwargs)
+        out = self.alloc(self.shape, self.strides, self.dtype)
+        if self.tma and self.cuda:
+            _compat.ensure_tma_allocator()
+        if self.epilogue is None:
+            self.main((a, b, out, bt))
+            return out
+        if torch.are_deterministic_algorithms_enabled():
+            raise InvalidConfig("SPLIT_K > 1 sums with atomics: not allowed under deterministic algorithms")
+        ws = self.alloc(self.ws_shape, self.ws_strides, torch.float32).zero_()
+        self.main((a, b, ws, bt))
+        self.epilogue((ws, out, bt))
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Family
 # ---------------------------------------------------------------------------------------------------
@@ -669,6 +754,16 @@ class GemmFamily(KernelFamily):
         a, b, bias, alpha, beta = _unpack(inputs)
         return gemm(a, b, config=config, bias=bias, alpha=alpha, beta=beta, activation=problem.activation,
                     out=out, precision=problem.precision)
+
+    def bound_launch(self, config: Config | Mapping[str, Value], problem: GemmProblem, inputs: tuple):
+        a, b, bias, alpha, beta = _unpack(inputs)
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            return super().bound_launch(config, problem, inputs)
+        bound = bind(a, b, config=config, bias=bias, alpha=alpha, beta=beta, activation=problem.activation,
+                     precision=problem.precision)
+        if bound is None:
+            return super().bound_launch(config, problem, inputs)
+        return lambda: bound(a, b, bias)
 
     def plan_launches(self, config: Config | Mapping[str, Value], problem: GemmProblem, inputs: tuple,
                       capability: int) -> tuple:
