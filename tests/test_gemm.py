@@ -559,6 +559,31 @@ def test_determinism_excludes_split_k(device):
     assert max(GEMM.space(skinny)["SPLIT_K"]) == 16
 
 
+@pytest.mark.parametrize("shape", [(None, 1, 1, 1), (None, 17, 5, 67), (3, 5, 17, 33)], ids=str)
+def test_split_k_partials_fill_their_own_workspace_slice(device, shape):
+    """SPLIT_K > 1: split s stores its fp32 partial (K blocks s, s + SPLIT_K, ...) into slice s of a
+    (batch, SPLIT_K, M, N) workspace and the epilogue adds the slices up: a workspace full of NaN (what an
+    ``empty`` may hold) is overwritten everywhere, splits with no K left included."""
+    batch, M, N, K = shape
+    lead = (batch,) if batch else ()
+    a, b = torch.randn(*lead, M, K, device=device), torch.randn(*lead, K, N, device=device)
+    bias = torch.randn(N, device=device)
+    out, launches = gemm_mod._plan(a, b, SPLIT, bias, 1.0, 1.0, "relu", None, None, None)
+    ws = launches[0][2][2]
+    assert tuple(ws.shape) == (batch or 1, SPLIT["SPLIT_K"], M, N) and ws.dtype == torch.float32
+    ws.fill_(float("nan"))
+    for kernel, grid, args, consts, warps, stages in launches:
+        kernel[grid](*args, **consts, num_warps=warps, num_stages=stages)
+    assert_close(out, ref64(a, b, bias, activation="relu"), torch.float32)
+    blocks = torch.arange(K, device=device) // SPLIT["BLOCK_K"] % SPLIT["SPLIT_K"]
+    for s in range(SPLIT["SPLIT_K"]):
+        sel = blocks == s
+        if sel.any():
+            assert_close(ws[:, s], ref64(a[..., sel], b[..., sel, :]).reshape(batch or 1, M, N), torch.float32)
+        else:   # nothing of K left for this split: zeros
+            assert torch.equal(ws[:, s].cpu(), torch.zeros(batch or 1, M, N))
+
+
 def test_config_json_round_trip(device):
     p = GemmProblem("mm", 1, 16, 4096, 11008, "float16", "row", "col")
     for c in GEMM.known_configs(p, H100):

@@ -18,6 +18,8 @@ GEMM_CONFIGS = {
     "small": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=2, num_stages=1, SPLIT_K=1, TMA=0),
     "split3": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2, SPLIT_K=3, TMA=0),
     "tma": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=2, SPLIT_K=1, TMA=1),
+    "persistent": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=1, TMA=1,
+                       WARP_SPEC=1, PERSISTENT=1),
 }
 
 # (batch or None, M, N, K, a layout, bias shape or None, activation)
@@ -54,6 +56,27 @@ def test_bound_gemm_equals_unbound(case, name, device):
         ref = kgemm.gemm(a, b, config=config, bias=bias, beta=0.5, activation=activation)
         assert torch.equal(got, ref)
     assert bound.main.bound == 0 or device == "cuda"   # the interpreter has no compiled kernel to keep
+
+
+@pytest.mark.parametrize("name", sorted(GEMM_CONFIGS))
+@pytest.mark.parametrize("shape", [(40, 24, 36), (5, 4100, 12)], ids=str)
+def test_bound_gemm_keeps_the_planners_grid_and_constexprs(shape, name, device):
+    """The bound launches are the unbound plan's: the same grids (a persistent one included), the same
+    constexprs (A_DIV/B_DIV/C_DIV, USE_TMA, WARP_SPEC, PERSISTENT) and the same trailing arguments."""
+    m, k, n = shape
+    config = GEMM_CONFIGS[name]
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)[:, : n - 1]  # ldb = n: odd N
+    bound = kgemm.bind(a, b, config=config)
+    _, plan = kgemm._plan(a, b, config, None, 1.0, 1.0, "none", None, None, None)
+    launchers = [bound.main] + ([bound.epilogue] if bound.epilogue is not None else [])
+    assert len(launchers) == len(plan)
+    for launcher, (kernel, grid, args, consts, warps, stages) in zip(launchers, plan):
+        assert launcher.kernel is kernel and launcher.grid == tuple(grid) and launcher.constexprs == consts
+        assert launcher.fixed == tuple(x for x in args if not isinstance(x, torch.Tensor))
+        assert launcher.options == {"num_warps": warps, "num_stages": stages}
+    if name == "persistent":
+        assert plan[0][3]["PERSISTENT"] and len(plan[0][1]) == 1
+    torch.testing.assert_close(bound(a, b), a @ b, rtol=1e-4, atol=1e-4)
 
 
 def test_bound_gemm_misaligned_operand_takes_the_unbound_path(device):

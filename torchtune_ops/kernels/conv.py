@@ -485,6 +485,94 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Va
     return out
 
 
+def bind(x: torch.Tensor, w: torch.Tensor, *, config: Config | Mapping[str, Value],
+         bias: torch.Tensor | None = None, stride: int | tuple[int, int] = 1,
+         padding: int | str | tuple[int, ...] = 0, dilation: int | tuple[int, int] = 1, groups: int = 1,
+         activation: str = "none", precision: str | None = None) -> "BoundConv | None":
+    """``conv2d()`` bound once for calls whose tensors differ from ``x``, ``w`` and ``bias`` only in their
+    data (same sizes, strides, dtypes, device; the same hyper-parameters), as the run-time dispatch's key
+    guarantees.
+
+    Args:
+        x, w, config, bias, stride, padding, dilation, groups, activation, precision: as ``conv2d()``.
+
+    Returns:
+        A ``BoundConv`` (``bound(x, w, bias)`` returns a new output), or None where there is nothing to
+        launch (zero-size output or no input channels): ``conv2d()`` serves those.
+    """
+    if not (x.is_cuda or _compat.INTERPRET):
+        raise UnsupportedProblem(f"conv2d kernels run on CUDA (or CPU under TRITON_INTERPRET=1), got {x.device}")
+    out, launches = _plan(x, w, config, bias, stride, padding, dilation, groups, activation, None, precision)
+    if not launches:
+        return None
+    return BoundConv(x, w, bias, out, launches, dict(config=config, stride=stride, padding=padding,
+                                                     dilation=dilation, groups=groups, activation=activation,
+                                                     precision=precision))
+
+
+class BoundConv:
+    """A convolution bound by ``bind()``: per call the output (and split-K workspace) is allocated and the
+    kernels are launched with the new tensors. A call whose tensor pointers differ from the bound ones in
+    divisibility by 16, that runs under another float32 convolution precision than the bound one, or on
+    another current CUDA device, goes through ``conv2d()``."""
+
+    __slots__ = ("launches", "shape", "strides", "dtype", "device", "ws_shape", "ws_strides", "align", "kwargs",
+                 "has_bias", "precision", "cuda", "index", "alloc")
+
+    _ROLES = ("x", "w", "b", "out", "ws")
+
+    def __init__(self, x, w, bias, out, launches, kwargs: dict) -> None:
+        import operator
+
+        from ._launch import Launcher, aligned, allocator, contiguous_strides
+
+        self.ws_shape = None
+        self.launches = []
+        for kernel, grid, args, consts, num_warps, num_stages in launches:
+            picks = []
+            for a in args:
+                if not isinstance(a, torch.Tensor):
+                    break
+                if a is x:
+                    picks.append(0)
+                elif a is w:
+                    picks.append(1)
+                elif bias is not None and a is bias:
+                    picks.append(2)
+                elif a is out:
+                    picks.append(3)
+                else:
+                    picks.append(4)
+                    self.ws_shape = tuple(a.shape)
+            pick = operator.itemgetter(*picks)
+            self.launches.append((pick, Launcher(kernel, grid, args[len(picks):], consts, num_warps=num_warps,
+                                                 num_stages=num_stages)))
+        self.shape, self.strides, self.dtype, self.device = tuple(out.shape), out.stride(), out.dtype, out.device
+        self.ws_strides = None if self.ws_shape is None else contiguous_strides(self.ws_shape)
+        self.alloc = allocator(out.device)
+        self.has_bias = bias is not None
+        self.align = aligned((x, w) + ((bias,) if bias is not None else ()))
+        self.precision = (_compat.conv_fp32_precision() if x.dtype == torch.float32
+                          and kwargs["precision"] is None else None)
+        self.kwargs = kwargs
+        self.cuda, self.index = x.is_cuda, x.device.index
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        align = self.align
+        if ((x.data_ptr() % 16 == 0) is not align[0] or (w.data_ptr() % 16 == 0) is not align[1]
+                or (self.has_bias and (bias.data_ptr() % 16 == 0) is not align[2])
+                or (self.precision is not None and _compat.conv_fp32_precision() != self.precision)
+                or (self.cuda and torch.cuda.current_device() != self.index)):
+            return conv2d(x, w, bias=bias, **self.kwargs)
+        out = self.alloc(self.shape, self.strides, self.dtype)
+        ws = out if self.ws_shape is None else self.alloc(self.ws_shape, self.ws_strides, torch.float32)
+        vals = (x, w, bias if self.has_bias else out, out, ws)
+        for pick, launch in self.launches:
+            t = pick(vals)
+            launch(t if type(t) is tuple else (t,))
+        return out
+
+
 def _plan(x, w, config, bias, stride, padding, dilation, groups, activation, out, precision):
     """Validate, allocate the output and pick the kernels: (out, launches), each launch being
     (kernel, grid, args, constexprs, num_warps, num_stages); none when nothing is left to compute."""
@@ -775,6 +863,15 @@ class ConvFamily(KernelFamily):
         return conv2d(x, w, config=config, bias=b, stride=problem.stride, padding=problem.padding,
                       dilation=problem.dilation, groups=problem.groups, activation=problem.activation,
                       out=out, precision=problem.precision)
+
+    def bound_launch(self, config: Config | Mapping[str, Value], problem: ConvProblem, inputs: tuple):
+        x, w, b = inputs
+        bound = bind(x, w, config=config, bias=b, stride=problem.stride, padding=problem.padding,
+                     dilation=problem.dilation, groups=problem.groups, activation=problem.activation,
+                     precision=problem.precision)
+        if bound is None:
+            return super().bound_launch(config, problem, inputs)
+        return lambda: bound(x, w, b)
 
     def plan_launches(self, config: Config | Mapping[str, Value], problem: ConvProblem, inputs: tuple,
                       capability: int) -> tuple:

@@ -17,8 +17,13 @@ Kernel design (for Hopper and Ampere):
   tensor descriptors (``tl.make_tensor_descriptor``), whose out-of-bounds zero fill needs no masks;
   ``gemm()`` falls back to pointers when the strides or the alignment do not allow descriptors;
 - epilogue fused: alpha, bias (scalar, row, column or full, any strides, in fp32), activation, cast on
-  store; SPLIT_K > 1 adds fp32 partial sums atomically into a zeroed workspace and a second small
-  kernel applies the epilogue (nondeterministic, so the space drops it under deterministic algorithms).
+  store; SPLIT_K > 1 stores each split's fp32 partial sum into its slice of a workspace (no zeroing, no
+  atomics) and a second small kernel adds them up in split order and applies the epilogue (the space
+  still drops SPLIT_K under deterministic algorithms, as when the partials were added atomically).
+
+``gemm()`` works out every argument at each call; ``bind()`` does it once for calls that differ only in
+their tensors (the run-time dispatch's key fixes sizes, strides, dtypes and scalars) and returns a
+``BoundGemm`` that launches the compiled kernel directly (``_launch.Launcher``).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from .base import Config, DeviceLimits, KernelFamily, Value
 from .gemm_space import (TORCH_DTYPES, GemmProblem, check, gemm_problem, known_configs,
                          space)
 
-__all__ = ["gemm", "GemmFamily", "GemmProblem", "gemm_problem", "GEMM", "ACTIVATIONS"]
+__all__ = ["gemm", "bind", "BoundGemm", "GemmFamily", "GemmProblem", "gemm_problem", "GEMM", "ACTIVATIONS"]
 
 ACTIVATIONS = ACTIVATION_CODES
 # BIAS constexpr: how the epilogue reads the bias.
@@ -122,7 +127,7 @@ def _gemm_kernel(
             pid_m, pid_n = tile_order(t, num_pid_m, num_pid_n, GROUP_M)
             acc = _tma_mainloop(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, 0, K, BLOCK_M, BLOCK_N,
                                 BLOCK_K, 1, A_ROW, B_ROW, PRECISION, UPCAST, WARP_SPEC)
-            _store_tile(acc, pid_m, pid_n, 0, c_ptr, bias_ptr, M, N, stride_cb, stride_cm, stride_cn,
+            _store_tile(acc, pid_m, pid_n, 0, 0, c_ptr, bias_ptr, M, N, stride_cb, stride_cm, stride_cn,
                         stride_xb, stride_xm, stride_xn, alpha, beta, bias_value, BLOCK_M, BLOCK_N, 1,
                         BIAS, ACT, INDEX_64)
     else:
@@ -142,7 +147,7 @@ def _gemm_kernel(
             acc = _pointer_mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                                     pid_m, pid_n, pid_k, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_K,
                                     A_COL, B_ROW, PRECISION, UPCAST, INDEX_64)
-        _store_tile(acc, pid_m, pid_n, pid_b, c_ptr, bias_ptr, M, N, stride_cb, stride_cm, stride_cn,
+        _store_tile(acc, pid_m, pid_n, pid_b, pid_k, c_ptr, bias_ptr, M, N, stride_cb, stride_cm, stride_cn,
                     stride_xb, stride_xm, stride_xn, alpha, beta, bias_value, BLOCK_M, BLOCK_N, SPLIT_K,
                     BIAS, ACT, INDEX_64)
 
@@ -258,11 +263,12 @@ def _pointer_mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, st
 
 
 @triton.jit
-def _store_tile(acc, pid_m, pid_n, pid_b, c_ptr, bias_ptr, M, N, stride_cb, stride_cm, stride_cn,
+def _store_tile(acc, pid_m, pid_n, pid_b, pid_k, c_ptr, bias_ptr, M, N, stride_cb, stride_cm, stride_cn,
                 stride_xb, stride_xm, stride_xn, alpha, beta, bias_value,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BIAS: tl.constexpr,
                 ACT: tl.constexpr, INDEX_64: tl.constexpr):
-    """alpha, the epilogue and the masked store of one tile (atomic fp32 adds when SPLIT_K > 1)."""
+    """alpha, the epilogue and the masked store of one tile (the fp32 partial sum into split ``pid_k``'s
+    slice of the workspace when SPLIT_K > 1)."""
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
@@ -278,8 +284,13 @@ def _store_tile(acc, pid_m, pid_n, pid_b, c_ptr, bias_ptr, M, N, stride_cb, stri
         acc = _epilogue(acc, cm, cn, M, N, bias_ptr + pid_b * stride_xb, stride_xm, stride_xn, beta,
                         bias_value, BIAS, ACT)
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-    else:  # c_ptr is the zeroed fp32 workspace; _splitk_epilogue_kernel finishes
-        tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
+    else:  # c_ptr is the fp32 workspace [batch, SPLIT_K, M, N]: this split's partial sum, which
+        # _splitk_epilogue_kernel adds up in a fixed order (no zeroing, no atomics)
+        if INDEX_64:
+            c_ptrs += pid_k.to(tl.int64) * M * N
+        else:
+            c_ptrs += pid_k * M * N
+        tl.store(c_ptrs, acc, mask=mask)
 
 
 @triton.jit
@@ -290,9 +301,10 @@ def _splitk_epilogue_kernel(
     stride_xb, stride_xm, stride_xn,
     beta, bias_value,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BIAS: tl.constexpr, ACT: tl.constexpr, INDEX_64: tl.constexpr,
+    BIAS: tl.constexpr, ACT: tl.constexpr, INDEX_64: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """Bias, activation and cast of the summed split-K workspace (contiguous B x M x N, fp32)."""
+    """Sum of the split-K partials (contiguous fp32 workspace B x SPLIT_K x M x N, in split order), then
+    bias, activation and cast."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tiles = tl.cdiv(M, BLOCK_M) * num_pid_n
@@ -304,7 +316,11 @@ def _splitk_epilogue_kernel(
         rm = rm.to(tl.int64)
         rn = rn.to(tl.int64)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    acc = tl.load(ws_ptr + pid_b * M * N + rm[:, None] * N + rn[None, :], mask=mask, other=0.0)
+    ws_ptrs = ws_ptr + pid_b * SPLIT_K * M * N + rm[:, None] * N + rn[None, :]
+    acc = tl.load(ws_ptrs, mask=mask, other=0.0)
+    for _ in tl.static_range(1, SPLIT_K):
+        ws_ptrs += M * N
+        acc += tl.load(ws_ptrs, mask=mask, other=0.0)
     acc = _epilogue(acc, rm, rn, M, N, bias_ptr + pid_b * stride_xb, stride_xm, stride_xn, beta,
                     bias_value, BIAS, ACT)
     c_ptrs = c_ptr + pid_b * stride_cb + rm[:, None] * stride_cm + rn[None, :] * stride_cn
@@ -416,8 +432,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
         ``out`` (or a new tensor) holding the result: M x N, or B x M x N when an operand is 3-D.
 
     Raises:
-        InvalidConfig: SPLIT_K > 1 while ``torch.are_deterministic_algorithms_enabled()`` (its atomics
-            make the summation order vary), e.g. a winner tuned before determinism was switched on.
+        InvalidConfig: SPLIT_K > 1 while ``torch.are_deterministic_algorithms_enabled()`` (the space does
+            not offer it there), e.g. a winner tuned before determinism was switched on.
         UnsupportedProblem: dtypes, devices or ranks the kernel does not cover.
         ValueError: mismatched shapes, a bad ``out``, activation or config.
     """
@@ -447,7 +463,7 @@ def _plan(a, b, config, bias, alpha, beta, activation, out, precision, tma_capab
     (``kernels.inspect`` plans launches for a GPU with CPU tensors)."""
     bm, bn, bk, gm, warps, stages, sk, tma, warp_spec, persistent = _parse(config)
     if sk > 1 and torch.are_deterministic_algorithms_enabled():
-        raise InvalidConfig("SPLIT_K > 1 sums with atomics: not allowed under deterministic algorithms")
+        raise InvalidConfig("SPLIT_K > 1 is not allowed under deterministic algorithms")
     act = ACTIVATIONS.get(activation)
     if act is None:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
@@ -529,10 +545,10 @@ def _plan(a, b, config, bias, alpha, beta, activation, out, precision, tma_capab
     bm1, m1, n1, k1 = batch - 1, M - 1, N - 1, K - 1
     index_64 = max(bm1 * sab + m1 * sam + k1 * sak, bm1 * sbb + k1 * sbk + n1 * sbn,
                    bm1 * sxb + m1 * sxm + n1 * sxn, bm1 * ocb + m1 * ocm + n1 * ocn,
-                   batch * M * N) > _INT32_MAX
+                   batch * sk * M * N) > _INT32_MAX
     if sk > 1:
-        c = torch.zeros((batch, M, N), dtype=torch.float32, device=device)
-        scb, scm, scn = M * N, N, 1
+        c = torch.empty((batch, sk, M, N), dtype=torch.float32, device=device)
+        scb, scm, scn = sk * M * N, N, 1
     else:
         c, scb, scm, scn = out, ocb, ocm, ocn
     es = a.element_size()
@@ -561,8 +577,93 @@ def _plan(a, b, config, bias, alpha, beta, activation, out, precision, tma_capab
     epilogue = (_splitk_epilogue_kernel, eg, (
         c, out, bias_t, M, N, ocb, ocm, ocn, sxb, sxm, sxn, float(beta), bias_value), dict(
         BLOCK_M=_EPILOGUE_BLOCK, BLOCK_N=_EPILOGUE_BLOCK, BIAS=bias_kind, ACT=act,
-        INDEX_64=index_64), 4, 1)
+        INDEX_64=index_64, SPLIT_K=sk), 4, 1)
     return out, (main, epilogue)
+
+
+def bind(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Value], bias=None,
+         alpha: float = 1.0, beta: float = 1.0, activation: str = "none",
+         precision: str | None = None) -> "BoundGemm | None":
+    """``gemm()`` bound once for calls whose operands differ from ``a``, ``b`` and ``bias`` only in their
+    data: the same sizes, strides, dtypes and device, and the same ``alpha``, ``beta``, ``activation``,
+    ``precision`` (what the run-time dispatch's key fixes).
+
+    Args:
+        a, b, bias, config, alpha, beta, activation, precision: as ``gemm()`` (bias a tensor or None).
+
+    Returns:
+        A ``BoundGemm`` (``bound(a, b, bias)`` returns a new result tensor), or None where a call has
+        nothing to launch (zero-size, K = 0): ``gemm()`` serves those.
+
+    Raises:
+        TypeError: a bias that is neither a tensor nor None.
+        What ``gemm()`` raises for these inputs.
+    """
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError("bind() takes a tensor bias or None")
+    out, launches = _plan(a, b, config, bias, alpha, beta, activation, None, precision, None)
+    if not launches:
+        return None
+    return BoundGemm(a, b, bias, out, launches, dict(config=config, alpha=alpha, beta=beta,
+                                                     activation=activation, precision=precision))
+
+
+class BoundGemm:
+    """A GEMM bound by ``bind()``: the launches ``_plan`` made (grids, sizes, strides, scalars and every
+    constexpr: alignment A_DIV/B_DIV/C_DIV, TMA, WARP_SPEC, PERSISTENT and its grid) kept, per call only the
+    output (and split-K workspace) allocated and the kernels launched with the new tensors. A call whose
+    operand or bias pointers differ from the bound ones in divisibility by 16 (what the compiled kernel and
+    the TMA choice assumed), that runs under another float32 matmul precision than the bound one (when
+    ``precision`` is None), or with another current CUDA device, goes through ``gemm()``."""
+
+    __slots__ = ("main", "epilogue", "shape", "strides", "dtype", "ws_shape", "ws_strides", "align", "kwargs",
+                 "has_bias", "tma", "cuda", "index", "alloc", "fp32_precision")
+
+    def __init__(self, a, b, bias, out, launches, kwargs: dict) -> None:
+        from ._launch import Launcher, aligned, allocator, contiguous_strides
+
+        (kernel, grid, args, consts, warps, stages), *rest = launches
+        # _gemm_kernel(a, b, c, bias_t, *fixed): c the output or the split-K workspace, bias_t the bias
+        # (perhaps expanded: the same pointer) or ``a`` where none is read
+        self.main = Launcher(kernel, grid, args[4:], consts, num_warps=warps, num_stages=stages)
+        ws = args[2]
+        self.ws_shape = None if ws is out else tuple(ws.shape)
+        self.ws_strides = None if ws is out else contiguous_strides(ws.shape)
+        self.epilogue = None
+        if rest:   # _splitk_epilogue_kernel(ws, out, bias_t, *fixed)
+            kernel, grid, args, consts, warps, stages = rest[0]
+            self.epilogue = Launcher(kernel, grid, args[3:], consts, num_warps=warps, num_stages=stages)
+        self.shape, self.strides, self.dtype = tuple(out.shape), out.stride(), out.dtype
+        self.has_bias = isinstance(bias, torch.Tensor) and kwargs["beta"] != 0
+        self.align = aligned((a, b, bias if self.has_bias else a))
+        self.tma = launches[0][3]["USE_TMA"]
+        self.alloc = allocator(out.device)
+        self.kwargs = kwargs
+        self.cuda, self.index = out.device.type == "cuda", out.device.index
+        self.fp32_precision = (torch.get_float32_matmul_precision()
+                               if a.dtype == torch.float32 and kwargs["precision"] is None else None)
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        align = self.align
+        bt = bias if self.has_bias else a
+        if ((a.data_ptr() % 16 == 0) is not align[0] or (b.data_ptr() % 16 == 0) is not align[1]
+                or (bt.data_ptr() % 16 == 0) is not align[2]
+                or (self.fp32_precision is not None
+                    and torch.get_float32_matmul_precision() != self.fp32_precision)
+                or (self.cuda and torch.cuda.current_device() != self.index)):
+            return gemm(a, b, bias=bias, **self.kwargs)
+        out = self.alloc(self.shape, self.strides, self.dtype)
+        if self.tma and self.cuda:
+            _compat.ensure_tma_allocator()
+        if self.epilogue is None:
+            self.main((a, b, out, bt))
+            return out
+        if torch.are_deterministic_algorithms_enabled():
+            raise InvalidConfig("SPLIT_K > 1 is not allowed under deterministic algorithms")
+        ws = self.alloc(self.ws_shape, self.ws_strides, torch.float32)
+        self.main((a, b, ws, bt))
+        self.epilogue((ws, out, bt))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -670,6 +771,16 @@ class GemmFamily(KernelFamily):
         a, b, bias, alpha, beta = _unpack(inputs)
         return gemm(a, b, config=config, bias=bias, alpha=alpha, beta=beta, activation=problem.activation,
                     out=out, precision=problem.precision)
+
+    def bound_launch(self, config: Config | Mapping[str, Value], problem: GemmProblem, inputs: tuple):
+        a, b, bias, alpha, beta = _unpack(inputs)
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            return super().bound_launch(config, problem, inputs)
+        bound = bind(a, b, config=config, bias=bias, alpha=alpha, beta=beta, activation=problem.activation,
+                     precision=problem.precision)
+        if bound is None:
+            return super().bound_launch(config, problem, inputs)
+        return lambda: bound(a, b, bias)
 
     def plan_launches(self, config: Config | Mapping[str, Value], problem: GemmProblem, inputs: tuple,
                       capability: int) -> tuple:

@@ -289,7 +289,7 @@ def check(config: Mapping[str, Value], problem: GemmProblem, limits: DeviceLimit
                 f"{limits.smem_per_block} B")
     if sk > 1:
         if torch.are_deterministic_algorithms_enabled():
-            return "SPLIT_K > 1 uses atomics: not deterministic"
+            return "SPLIT_K > 1 is not offered under deterministic algorithms"
         if K // sk < bk:
             return "K / SPLIT_K is smaller than BLOCK_K"
         sms = NOMINAL_SMS if limits.interpreter else limits.num_sms
