@@ -91,6 +91,9 @@ _entries = sa.Table(
     sa.Column("source", sa.String(100), nullable=False),
     sa.Column("max_trials", sa.Integer, nullable=False, server_default="0"),
     sa.Column("time_budget_s", sa.Float, nullable=False, server_default="0"),
+    sa.Column("host_ms", sa.Float, nullable=False, server_default="0"),
+    sa.Column("aten_host_ms", sa.Float, nullable=False, server_default="0"),
+    sa.Column("decided", sa.String(16), nullable=False, server_default=""),
 )
 _trials = sa.Table(
     f"torchtune_ops_trials_v{SCHEMA_VERSION}", _meta,
