@@ -418,7 +418,7 @@ def test_times_are_stored_with_six_significant_digits(tmp_path):
 
 def test_configs_written_before_the_descriptor_variants_still_validate():
     """A GEMM winner stored before WARP_SPEC/PERSISTENT existed (issue 18) is the same config with 0s."""
-    from torchtune_ops.bundles import check_config
+    from torchtune_ops.storage.bundles import check_config
     from torchtune_ops.kernels.base import DeviceLimits
     from torchtune_ops.kernels.gemm import GemmProblem
 
