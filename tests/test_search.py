@@ -449,3 +449,22 @@ def test_docstring_examples_run():
     for module in (engine, space_module):
         failed, attempted = doctest.testmod(module)
         assert attempted and not failed, module.__name__
+
+
+def test_tune_without_optuna_runs_the_same_search_in_a_plain_loop():
+    # a GPU box with torch and Triton only: tune() must still search, proposing what the Optuna path proposes
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['optuna'] = None\n"
+        "from torchtune_ops.search import Space, tune\n"
+        "space = Space({'x': list(range(12)), 'y': ['a', 'b', 'c']}, constraint=lambda c: c['x'] != 5)\n"
+        "r = tune(space, lambda c: (c['x'] - 7) ** 2 + (c['y'] != 'b'), max_trials=15, seed=3)\n"
+        "print([(t.config['x'], t.config['y']) for t in r.trials])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    space = Space({"x": list(range(12)), "y": ["a", "b", "c"]}, constraint=lambda c: c["x"] != 5)
+    ref = tune(space, lambda c: (c["x"] - 7) ** 2 + (c["y"] != "b"), max_trials=15, seed=3)
+    assert out.stdout.strip() == str([(t.config["x"], t.config["y"]) for t in ref.trials])

@@ -329,15 +329,16 @@ def check(config: Mapping[str, Value], problem: GemmProblem, limits: DeviceLimit
     return None
 
 
-def _fit(entry: tuple[int, int, int, int, int], problem: GemmProblem, limits: DeviceLimits) -> dict[str, Value]:
+def _fit(entry: tuple[int, int, int, int, int], problem: GemmProblem,
+         limits: DeviceLimits | None = None) -> dict[str, Value]:
     """Fit one (BM, BN, BK, stages, warps) entry to the problem like Inductor does: blocks clamped to
     the dims' next power of two (at least 16), warps to one per 256 accumulator elements (at least 2;
-    at least 4 on Hopper where the tile allows them, see ``check``)."""
+    at least 4 on Hopper where the tile allows them, see ``check``; None: Inductor's own fit, floor 2)."""
     bm, bn, bk, stages, warps = entry
     bm = max(min(bm, _pow2_at_least(problem.M)), 16)
     bn = max(min(bn, _pow2_at_least(problem.N)), 16)
     bk = max(min(bk, _pow2_at_least(problem.K)), 16)
-    floor = HOPPER_MIN_WARPS if limits.is_hopper and bm * bn >= 128 * HOPPER_MIN_WARPS else 2
+    floor = HOPPER_MIN_WARPS if limits is not None and limits.is_hopper and bm * bn >= 128 * HOPPER_MIN_WARPS else 2
     warps = max(floor, min(warps, bm * bn // 256))
     stages = min(stages, max(2, _cdiv(problem.K, bk) + 1))
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import threading
 import time
@@ -127,8 +128,19 @@ def tune(space: Space, objective: Callable[[dict], float], *, max_trials: int = 
     """
     _check_options(max_trials, patience, time_budget_s)
     start = clock()
-    driver = _OptunaDriver(space, seed=seed, strategy=strategy, initial=initial, prior=prior,
-                           candidates=candidates, study=study, storage=storage, study_name=study_name)
+    try:
+        driver = _OptunaDriver(space, seed=seed, strategy=strategy, initial=initial, prior=prior,
+                               candidates=candidates, study=study, storage=storage, study_name=study_name)
+    except ModuleNotFoundError as e:
+        # Optuna missing (a GPU box with only torch and Triton): our strategy's proposals are the same
+        # through a plain loop, trial for trial; a study, a storage or Optuna's own samplers need Optuna.
+        if e.name != "optuna" or study is not None or storage is not None or not _ours(strategy):
+            raise
+        logging.getLogger("torchtune_ops").info("tune(): Optuna is not installed; the search runs in a "
+                                                "plain loop (same proposals, no study)")
+        return _tune_direct(space, objective, max_trials=max_trials, time_budget_s=time_budget_s, seed=seed,
+                            initial=initial, prior=prior, patience=patience, candidates=candidates,
+                            callback=callback, should_stop=should_stop, strategy=strategy, clock=clock)
     try:
         return _loop(driver, objective, max_trials=max_trials, time_budget_s=time_budget_s, patience=patience,
                      callback=callback, should_stop=should_stop, clock=clock, start=start)
@@ -150,6 +162,13 @@ def _tune_direct(space: Space, objective: Callable[[dict], float], *, max_trials
                 candidates=candidates)
     return _loop(_DirectDriver(pool), objective, max_trials=max_trials, time_budget_s=time_budget_s,
                  patience=patience, callback=callback, should_stop=should_stop, clock=clock, start=start)
+
+
+def _ours(strategy: Any) -> bool:
+    """False for one of Optuna's samplers (by name or as an object); True for a strategy of this package."""
+    if isinstance(strategy, str):
+        return not strategy.startswith("optuna")
+    return not type(strategy).__module__.startswith("optuna")
 
 
 def _check_options(max_trials: int, patience: int | None, time_budget_s: float | None) -> None:
