@@ -35,7 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from replay import best_so_far, json_safe, list_spaces, summarize, trace_metrics  # noqa: E402
+from replay import best_so_far, json_safe, list_spaces, summarize, trace_metrics, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATASETS = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "datasets"))
@@ -203,12 +203,7 @@ def main(argv=None) -> int:
         "seed_list": sorted({d[2] for d in done}),
         "strategies": strategies, "summary": summary, "errors": errors, "seconds": elapsed,
     }
-    os.makedirs(a.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = os.path.join(a.out, f"kernel_tuner_baseline{'-smoke' if a.smoke else ''}-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(json_safe(record), f, indent=1)
-    print(f"wrote {path}")
+    write_results(record, a.out, f"kernel_tuner_baseline{'-smoke' if a.smoke else ''}")
     return 0
 
 

@@ -10,6 +10,7 @@ The project's own recorded spaces (record_space.py) use the same format.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gzip
 import json
 import math
@@ -71,6 +72,17 @@ def json_safe(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [json_safe(v) for v in x]
     return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def write_results(record: dict[str, Any], out_dir: str, name: str) -> str:
+    """Write ``record`` (made JSON-safe) to ``out_dir/<name>-<UTC stamp>.json``; print and return the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = os.path.join(out_dir, f"{name}-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(json_safe(record), f, indent=1)
+    print(f"wrote {path}")
+    return path
 
 
 def _time(record: dict[str, Any]) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -29,7 +28,7 @@ import time
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from replay import json_safe, load_space  # noqa: E402
+from replay import load_space, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATASETS = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "datasets"))
@@ -152,12 +151,7 @@ def main(argv=None) -> int:
         "added_ms_median": statistics.median(added), "added_ms_max": max(added), "identical": identical,
         "table": table,
     }
-    os.makedirs(a.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = os.path.join(a.out, f"sampler_overhead{'-smoke' if a.smoke else ''}-{stamp}.json")
-    with open(out, "w") as f:
-        json.dump(json_safe(record), f, indent=1)
-    print(f"wrote {out}")
+    write_results(record, a.out, f"sampler_overhead{'-smoke' if a.smoke else ''}")
     return 0 if identical else 1
 
 

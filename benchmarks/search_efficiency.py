@@ -28,7 +28,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from replay import (ReplaySpace, best_so_far, json_safe, list_spaces, load_space, summarize,  # noqa: E402
-                    tpe_knobs, trace_metrics)
+                    tpe_knobs, trace_metrics, write_results)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATASETS = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "datasets"))
@@ -342,12 +342,7 @@ def main(argv=None) -> int:
         "targets": targets, "table": table, "decile_table": decile_table, "kt": a.kt, "kt_check": kt_check,
         "seconds": elapsed,
     }
-    os.makedirs(a.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = os.path.join(a.out, f"search_efficiency{'-smoke' if a.smoke else ''}-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(json_safe(record), f, indent=1)
-    print(f"wrote {path}")
+    write_results(record, a.out, f"search_efficiency{'-smoke' if a.smoke else ''}")
     return 0
 
 
