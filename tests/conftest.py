@@ -39,6 +39,23 @@ def _isolated_cache(tmp_path, monkeypatch):
     settings.reload()
 
 
+@pytest.fixture
+def fresh_runtime():
+    """No compiled graphs, in-memory choices, counts or tune options before the test, and none left after."""
+    import torch
+
+    from torchtune_ops.runtime import backend, dispatch
+
+    torch._dynamo.reset()
+    backend.reset_counts()
+    dispatch.reset()
+    dispatch.set_tune_options(timer=None)
+    yield
+    torch._dynamo.reset()
+    dispatch.reset()
+    dispatch.set_tune_options(timer=None)
+
+
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
         return

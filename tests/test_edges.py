@@ -36,16 +36,7 @@ CONV = families()["conv2d"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    backend.reset_counts()
-    dispatch.reset()
-    dispatch.set_tune_options(timer=None)
-    yield
-    torch._dynamo.reset()
-    dispatch.reset()
-    dispatch.set_tune_options(timer=None)
+pytestmark = pytest.mark.usefixtures("fresh_runtime")  # conftest.py: no graphs, choices or tune options
 
 
 @pytest.fixture

@@ -39,16 +39,7 @@ class Net(nn.Module):
         return self.l2(h) + att[:, :6]
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    backend.reset_counts()
-    dispatch.reset()
-    dispatch.set_tune_options(timer=None)
-    yield
-    torch._dynamo.reset()
-    dispatch.reset()
-    dispatch.set_tune_options(timer=None)
+pytestmark = pytest.mark.usefixtures("fresh_runtime")  # conftest.py: no graphs, choices or tune options
 
 
 @pytest.fixture
