@@ -39,7 +39,8 @@ from representative import CI_SUBSET, FAMILIES, REPRESENTATIVE, SMOKE  # noqa: E
 
 
 FIELDS = ("family", "problem", "config", "known", "index", "registers", "spill_bytes", "stack_bytes",
-          "shared_bytes", "mma", "vector_loads", "cp_async", "tma", "findings")
+          "shared_bytes", "mma", "vector_loads", "cp_async", "tma", "tma_store", "host_desc",
+          "findings")
 
 
 def _compile_row(task: tuple) -> dict:
@@ -53,7 +54,7 @@ def _compile_row(task: tuple) -> dict:
         builds = kinspect.compile_config(family, problem, cfg, arch=arch)
     except Exception as e:  # noqa: BLE001 - a failing build is a finding, not the end of the report
         row.update(registers=None, spill_bytes=None, stack_bytes=None, shared_bytes=None, mma="", vector_loads=0,
-                   cp_async=False, tma=False, findings=[f"compile failed: {type(e).__name__}: {str(e)[:200]}"])
+                   cp_async=False, tma=False, tma_store=False, host_desc=False, findings=[f"compile failed: {type(e).__name__}: {str(e)[:200]}"])
         return row
     main = builds[0]
     findings = [f"{b.kernel}: {f}" if i else f for i, b in enumerate(builds) for f in b.problems(limits)]
@@ -61,7 +62,8 @@ def _compile_row(task: tuple) -> dict:
         findings.append(f"check rejects: {why}")
     row.update(registers=main.registers, spill_bytes=max(b.spill_bytes for b in builds),
                stack_bytes=main.stack_bytes, shared_bytes=main.shared_bytes, mma=main.mma,
-               vector_loads=main.vector_loads, cp_async=main.cp_async, tma=main.tma, findings=findings)
+               vector_loads=main.vector_loads, cp_async=main.cp_async, tma=main.tma,
+               tma_store=main.tma_store, host_desc=main.host_desc, findings=findings)
     return row
 
 

@@ -426,6 +426,10 @@ def test_configs_written_before_the_descriptor_variants_still_validate():
     p = GemmProblem("mm", 1, 4096, 4096, 4096, "float16")
     old = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, SPLIT_K=1, TMA=1)
     text = check_config("gemm", old, p, h100, "test")
-    assert json.loads(text) == dict(old, WARP_SPEC=0, PERSISTENT=0)
+    new_axes = dict(HOST_DESC=0, TMA_STORE=0, EPI_SUBTILE=0)
+    assert json.loads(text) == dict(old, WARP_SPEC=0, PERSISTENT=0, **new_axes)
+    # ... and one stored with WARP_SPEC/PERSISTENT but before HOST_DESC/TMA_STORE/EPI_SUBTILE
+    mid = dict(old, num_warps=4, WARP_SPEC=1, PERSISTENT=0)
+    assert json.loads(check_config("gemm", mid, p, h100, "test")) == dict(mid, **new_axes)
     with pytest.raises(BundleError):
         check_config("gemm", dict(old, WARP_SPEC=1, num_warps=8), p, h100, "test")  # WS needs 4 warps

@@ -746,6 +746,8 @@ from torchtune_ops.kernels import gemm as G
 
 def build(kernel, pointers, const, ones=()):
     sig, attrs = {}, {}
+    const = dict({p.name: p._param.default for p in kernel.params   # constexprs left at their defaults
+                  if p.is_constexpr and p._param.default is not p._param.empty}, **const)
     for i, n in enumerate(kernel.arg_names):
         if n in const or n in ones:
             sig[n] = "constexpr"

@@ -17,6 +17,14 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Tensor descriptors (TMA on Hopper) exist as tl.make_tensor_descriptor from Triton 3.4 on.
 HAS_TENSOR_DESCRIPTOR: bool = hasattr(tl, "make_tensor_descriptor")
 
+# Host-made tensor descriptors (kernel arguments; Triton's launcher encodes the TMA descriptor at each
+# launch): triton.tools.tensor_descriptor, with the interpreter taking them too (3.6 and 3.9 do).
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older Triton: GEMM's HOST_DESC falls back to device-made descriptors
+    TensorDescriptor = None
+HAS_HOST_TENSOR_DESCRIPTOR: bool = TensorDescriptor is not None and HAS_TENSOR_DESCRIPTOR
+
 # The interpreter multiplies bf16 tl.dot operands as raw bits; kernels upcast operands when this is set.
 UPCAST_BF16_DOT: bool = INTERPRET
 

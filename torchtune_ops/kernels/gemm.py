@@ -39,8 +39,8 @@ from ..errors import InvalidConfig, UnsupportedProblem
 from . import _compat
 from ._jit import ACTIVATION_CODES, activate, tile_order
 from .base import Config, DeviceLimits, KernelFamily, Value
-from .gemm_space import (TORCH_DTYPES, GemmProblem, check, gemm_problem, known_configs,
-                         space)
+from .gemm_space import (DESCRIPTOR_STORE_AXES, TORCH_DTYPES, GemmProblem, check, gemm_problem,
+                         known_configs, space)
 
 __all__ = ["gemm", "bind", "BoundGemm", "GemmFamily", "GemmProblem", "gemm_problem", "GEMM", "ACTIVATIONS"]
 
@@ -96,6 +96,7 @@ def _gemm_kernel(
     USE_TMA: tl.constexpr, INDEX_64: tl.constexpr,
     A_DIV: tl.constexpr = 1, B_DIV: tl.constexpr = 1, C_DIV: tl.constexpr = 1,
     WARP_SPEC: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+    HOST_DESC: tl.constexpr = False, TMA_STORE: tl.constexpr = False, EPI_SPLIT: tl.constexpr = 1,
 ):
     # A_ROW: A's K dim is contiguous; A_COL: its M dim is (A transposed). At most one is set.
     # B_ROW: B's N dim is contiguous; B_COL: its K dim is (B transposed, e.g. a linear weight).
@@ -121,35 +122,52 @@ def _gemm_kernel(
     if PERSISTENT:
         # One program per SM walks the output tiles (TMA, batch 1, SPLIT_K 1; the launcher ensures it):
         # the descriptors are made once per program, not once per tile.
-        a_desc, b_desc = _descriptors(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                                      BLOCK_M, BLOCK_N, BLOCK_K, A_ROW, B_ROW)
+        if HOST_DESC:  # made on the host, once per launch (a_ptr, b_ptr are TensorDescriptors)
+            a_desc, b_desc = a_ptr, b_ptr
+        else:
+            a_desc, b_desc = _descriptors(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                                          BLOCK_M, BLOCK_N, BLOCK_K, A_ROW, B_ROW)
         for t in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
             pid_m, pid_n = tile_order(t, num_pid_m, num_pid_n, GROUP_M)
             acc = _tma_mainloop(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, 0, K, BLOCK_M, BLOCK_N,
                                 BLOCK_K, 1, A_ROW, B_ROW, PRECISION, UPCAST, WARP_SPEC)
-            _store_tile(acc, pid_m, pid_n, 0, 0, c_ptr, bias_ptr, M, N, stride_cb, stride_cm, stride_cn,
-                        stride_xb, stride_xm, stride_xn, alpha, beta, bias_value, BLOCK_M, BLOCK_N, 1,
-                        BIAS, ACT, INDEX_64)
+            if TMA_STORE:
+                _store_tile_tma(acc, pid_m, pid_n, 0, c_ptr, bias_ptr, M, N, stride_cb, stride_cm,
+                                stride_xb, stride_xm, stride_xn, alpha, beta, bias_value, BLOCK_M, BLOCK_N,
+                                BIAS, ACT, INDEX_64, HOST_DESC, EPI_SPLIT)
+            else:
+                _store_tile(acc, pid_m, pid_n, 0, 0, c_ptr, bias_ptr, M, N, stride_cb, stride_cm, stride_cn,
+                            stride_xb, stride_xm, stride_xn, alpha, beta, bias_value, BLOCK_M, BLOCK_N, 1,
+                            BIAS, ACT, INDEX_64)
     else:
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_b = (pid // tiles).to(tl.int64)
         pid_m, pid_n = tile_order(pid % tiles, num_pid_m, num_pid_n, GROUP_M)
-        a_ptr += pid_b * stride_ab
-        b_ptr += pid_b * stride_bb
         if USE_TMA:
-            # Descriptors zero-fill out-of-bounds reads: no masks, no wrapping.
-            a_desc, b_desc = _descriptors(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                                          BLOCK_M, BLOCK_N, BLOCK_K, A_ROW, B_ROW)
+            # Descriptors zero-fill out-of-bounds reads: no masks, no wrapping. Host-made ones (HOST_DESC)
+            # come as the a_ptr/b_ptr arguments (batch 1; the launcher ensures it).
+            if HOST_DESC:
+                a_desc, b_desc = a_ptr, b_ptr
+            else:
+                a_desc, b_desc = _descriptors(a_ptr + pid_b * stride_ab, b_ptr + pid_b * stride_bb, M, N, K,
+                                              stride_am, stride_ak, stride_bk, stride_bn,
+                                              BLOCK_M, BLOCK_N, BLOCK_K, A_ROW, B_ROW)
             acc = _tma_mainloop(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, pid_k, K, BLOCK_M, BLOCK_N,
                                 BLOCK_K, SPLIT_K, A_ROW, B_ROW, PRECISION, UPCAST, WARP_SPEC)
         else:
-            acc = _pointer_mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+            acc = _pointer_mainloop(a_ptr + pid_b * stride_ab, b_ptr + pid_b * stride_bb, M, N, K,
+                                    stride_am, stride_ak, stride_bk, stride_bn,
                                     pid_m, pid_n, pid_k, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_K,
                                     A_COL, B_ROW, PRECISION, UPCAST, INDEX_64)
-        _store_tile(acc, pid_m, pid_n, pid_b, pid_k, c_ptr, bias_ptr, M, N, stride_cb, stride_cm, stride_cn,
-                    stride_xb, stride_xm, stride_xn, alpha, beta, bias_value, BLOCK_M, BLOCK_N, SPLIT_K,
-                    BIAS, ACT, INDEX_64)
+        if TMA_STORE:  # SPLIT_K == 1 (the launcher ensures it)
+            _store_tile_tma(acc, pid_m, pid_n, pid_b, c_ptr, bias_ptr, M, N, stride_cb, stride_cm,
+                            stride_xb, stride_xm, stride_xn, alpha, beta, bias_value, BLOCK_M, BLOCK_N,
+                            BIAS, ACT, INDEX_64, HOST_DESC, EPI_SPLIT)
+        else:
+            _store_tile(acc, pid_m, pid_n, pid_b, pid_k, c_ptr, bias_ptr, M, N, stride_cb, stride_cm,
+                        stride_cn, stride_xb, stride_xm, stride_xn, alpha, beta, bias_value, BLOCK_M, BLOCK_N,
+                        SPLIT_K, BIAS, ACT, INDEX_64)
 
 
 @triton.jit
@@ -294,6 +312,43 @@ def _store_tile(acc, pid_m, pid_n, pid_b, pid_k, c_ptr, bias_ptr, M, N, stride_c
 
 
 @triton.jit
+def _store_tile_tma(acc, pid_m, pid_n, pid_b, c_ptr, bias_ptr, M, N, stride_cb, stride_cm,
+                    stride_xb, stride_xm, stride_xn, alpha, beta, bias_value,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr,
+                    INDEX_64: tl.constexpr, HOST_DESC: tl.constexpr, EPI_SPLIT: tl.constexpr):
+    """alpha, the epilogue and a TMA store of one output tile (the store clips the tile at M and N, no
+    masks). ``c_ptr`` is the output's host-made descriptor (HOST_DESC) or its pointer (a descriptor is
+    made here). EPI_SPLIT = 2 runs the epilogue and the store on the two halves of the tile along N in
+    turn (epilogue subtiling: half the live fp32 registers and half the shared staging buffer)."""
+    SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
+    if HOST_DESC:
+        c_desc = c_ptr
+    else:
+        c_desc = tl.make_tensor_descriptor(c_ptr + pid_b * stride_cb, shape=[M, N], strides=[stride_cm, 1],
+                                           block_shape=[BLOCK_M, SUB_N])
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, SUB_N)
+    if INDEX_64:
+        rm = rm.to(tl.int64)
+        rn = rn.to(tl.int64)
+    bias_ptr += pid_b * stride_xb
+    acc = acc * alpha
+    if EPI_SPLIT == 2:
+        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1))
+        acc0, acc1 = tl.split(halves)
+        acc0 = _epilogue(acc0, rm, rn, M, N, bias_ptr, stride_xm, stride_xn, beta, bias_value, BIAS, ACT)
+        c_desc.store([off_m, off_n], acc0.to(c_desc.dtype))
+        acc1 = _epilogue(acc1, rm, rn + SUB_N, M, N, bias_ptr, stride_xm, stride_xn, beta, bias_value, BIAS,
+                         ACT)
+        c_desc.store([off_m, off_n + SUB_N], acc1.to(c_desc.dtype))
+    else:
+        acc = _epilogue(acc, rm, rn, M, N, bias_ptr, stride_xm, stride_xn, beta, bias_value, BIAS, ACT)
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+@triton.jit
 def _splitk_epilogue_kernel(
     ws_ptr, c_ptr, bias_ptr,
     M, N,
@@ -332,7 +387,8 @@ def _splitk_epilogue_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 _DOT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
-# Config -> (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SPLIT_K, TMA, WARP_SPEC, PERSISTENT)
+# Config -> (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SPLIT_K, TMA, WARP_SPEC, PERSISTENT,
+#            HOST_DESC, TMA_STORE, EPI_SUBTILE)
 _PARSED: dict[Config, tuple[int, ...]] = {}
 _TORCH_ACT = {1: F.relu, 2: lambda x: F.gelu(x, approximate="tanh"), 3: F.silu}
 
@@ -344,7 +400,8 @@ def _parse(config: Config | Mapping[str, Value]) -> tuple[int, ...]:
         try:
             p = (int(key["BLOCK_M"]), int(key["BLOCK_N"]), int(key["BLOCK_K"]), int(key.get("GROUP_M", 8)),
                  int(key.get("num_warps", 4)), int(key.get("num_stages", 3)), int(key.get("SPLIT_K", 1)),
-                 int(key.get("TMA", 0)), int(key.get("WARP_SPEC", 0)), int(key.get("PERSISTENT", 0)))
+                 int(key.get("TMA", 0)), int(key.get("WARP_SPEC", 0)), int(key.get("PERSISTENT", 0)),
+                 int(key.get("HOST_DESC", 0)), int(key.get("TMA_STORE", 0)), int(key.get("EPI_SUBTILE", 0)))
         except KeyError as e:
             raise ValueError(f"GEMM config {key} lacks {e}") from None
         _PARSED[key] = p
@@ -399,6 +456,28 @@ def _lead_div(es: int, lead: int, batch: int) -> int:
         if v:
             d = min(d, v & -v)
     return d
+
+
+def _host_descriptors(a, b, c, M, N, K, sam, sak, sbk, sbn, ocm, a_row, b_row, bm, bn, bk, c_split):
+    """Host-made tensor descriptors of A and B (a column-major operand described transposed, as on the
+    device), and of the output C when ``c_split`` (the TMA store's subtiles along N) is not 0."""
+    TD = _compat.TensorDescriptor
+    da = TD(a, [M, K], [sam, 1], [bm, bk]) if a_row else TD(a, [K, M], [sak, 1], [bk, bm])
+    db = TD(b, [K, N], [sbk, 1], [bk, bn]) if b_row else TD(b, [N, K], [sbn, 1], [bn, bk])
+    dc = TD(c, [M, N], [ocm, 1], [bm, bn // c_split]) if c_split else c
+    return da, db, dc
+
+
+def _rebased(proto, base):
+    """``proto`` (a TensorDescriptor validated when bound) describing ``base`` instead: same sizes,
+    strides and blocks, no re-validation (the bound call's guards cover the pointer)."""
+    d = _TD_NEW(type(proto))
+    d.__dict__.update(proto.__dict__)
+    d.base = base
+    return d
+
+
+_TD_NEW = object.__new__
 
 
 def _apply_torch_act(x: torch.Tensor, act: int) -> torch.Tensor:
@@ -461,7 +540,7 @@ def _plan(a, b, config, bias, alpha, beta, activation, out, precision, tma_capab
     (kernel, grid, args, constexprs, num_warps, num_stages); none when nothing is left to compute.
     ``tma_capable`` None asks the operands' device; True/False stands for a compile target
     (``kernels.inspect`` plans launches for a GPU with CPU tensors)."""
-    bm, bn, bk, gm, warps, stages, sk, tma, warp_spec, persistent = _parse(config)
+    bm, bn, bk, gm, warps, stages, sk, tma, warp_spec, persistent, host_desc, tma_store, subtile = _parse(config)
     if sk > 1 and torch.are_deterministic_algorithms_enabled():
         raise InvalidConfig("SPLIT_K > 1 is not allowed under deterministic algorithms")
     act = ACTIVATIONS.get(activation)
@@ -561,8 +640,18 @@ def _plan(a, b, config, bias, alpha, beta, activation, out, precision, tma_capab
     persistent = bool(persistent and use_tma and sk == 1 and batch == 1)
     if persistent:
         grid = (min(grid[0], _num_sms(device)),)
+    # TMA store of the final output (no split-K) where its rows are 16-byte aligned; host-made
+    # descriptors (batch 1) where this Triton has them; else the same config stores through pointers
+    # and makes its descriptors on the device
+    tma_store = bool(tma_store and use_tma and sk == 1 and ocn == 1 and _tma_aligned(out, ocm, ocb))
+    epi_split = 2 if tma_store and subtile and bn >= 32 else 1
+    host_desc = bool(host_desc and use_tma and batch == 1 and _compat.HAS_HOST_TENSOR_DESCRIPTOR)
+    ta, tb, tc = a, b, c
+    if host_desc:
+        ta, tb, tc = _host_descriptors(a, b, c, M, N, K, sam, sak, sbk, sbn, ocm, a_row, b_row,
+                                       bm, bn, bk, epi_split if tma_store else 0)
     main = (_gemm_kernel, grid, (
-        a, b, c, bias_t, M, N, K,
+        ta, tb, tc, bias_t, M, N, K,
         sab, sam, sak, sbb, sbk, sbn, scb, scm, scn, sxb, sxm, sxn,
         float(alpha), float(beta), bias_value), dict(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, SPLIT_K=sk, EVEN_K=K % (bk * sk) == 0,
@@ -570,7 +659,8 @@ def _plan(a, b, config, bias, alpha, beta, activation, out, precision, tma_capab
         PRECISION=_dot_precision(dtype, precision),
         UPCAST=_compat.UPCAST_BF16_DOT and dtype == torch.bfloat16,
         USE_TMA=use_tma, INDEX_64=index_64, A_DIV=a_div, B_DIV=b_div, C_DIV=c_div,
-        WARP_SPEC=bool(warp_spec and use_tma), PERSISTENT=persistent), warps, stages)
+        WARP_SPEC=bool(warp_spec and use_tma), PERSISTENT=persistent,
+        HOST_DESC=host_desc, TMA_STORE=tma_store, EPI_SPLIT=epi_split), warps, stages)
     if sk == 1:
         return out, (main,)
     eg = (_cdiv(M, _EPILOGUE_BLOCK) * _cdiv(N, _EPILOGUE_BLOCK) * batch,)
@@ -617,16 +707,18 @@ class BoundGemm:
     ``precision`` is None), or with another current CUDA device, goes through ``gemm()``."""
 
     __slots__ = ("main", "epilogue", "shape", "strides", "dtype", "ws_shape", "ws_strides", "align", "kwargs",
-                 "has_bias", "tma", "cuda", "index", "alloc", "fp32_precision")
+                 "has_bias", "tma", "cuda", "index", "alloc", "fp32_precision", "descs")
 
     def __init__(self, a, b, bias, out, launches, kwargs: dict) -> None:
         from ._launch import Launcher, aligned, allocator, contiguous_strides
 
         (kernel, grid, args, consts, warps, stages), *rest = launches
+        args_main = args
         # _gemm_kernel(a, b, c, bias_t, *fixed): c the output or the split-K workspace, bias_t the bias
         # (perhaps expanded: the same pointer) or ``a`` where none is read
         self.main = Launcher(kernel, grid, args[4:], consts, num_warps=warps, num_stages=stages)
         ws = args[2]
+        ws = getattr(ws, "base", ws)  # the output under a host-made descriptor (TMA store)
         self.ws_shape = None if ws is out else tuple(ws.shape)
         self.ws_strides = None if ws is out else contiguous_strides(ws.shape)
         self.epilogue = None
@@ -642,6 +734,12 @@ class BoundGemm:
         self.cuda, self.index = out.device.type == "cuda", out.device.index
         self.fp32_precision = (torch.get_float32_matmul_precision()
                                if a.dtype == torch.float32 and kwargs["precision"] is None else None)
+        # HOST_DESC: the bound descriptors of A, B (and C for a TMA store) as prototypes, re-based on
+        # each call's tensors (the Triton launcher encodes them per launch)
+        self.descs = None
+        if launches[0][3].get("HOST_DESC"):
+            dc = args_main[2]
+            self.descs = (args_main[0], args_main[1], None if isinstance(dc, torch.Tensor) else dc)
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         align = self.align
@@ -655,6 +753,8 @@ class BoundGemm:
         out = self.alloc(self.shape, self.strides, self.dtype)
         if self.tma and self.cuda:
             _compat.ensure_tma_allocator()
+        if self.descs is not None:
+            return self._call_host_descs(a, b, bt, out)
         if self.epilogue is None:
             self.main((a, b, out, bt))
             return out
@@ -662,6 +762,19 @@ class BoundGemm:
             raise InvalidConfig("SPLIT_K > 1 is not allowed under deterministic algorithms")
         ws = self.alloc(self.ws_shape, self.ws_strides, torch.float32)
         self.main((a, b, ws, bt))
+        self.epilogue((ws, out, bt))
+        return out
+
+    def _call_host_descs(self, a, b, bt, out):
+        da, db, dc = self.descs
+        da, db = _rebased(da, a), _rebased(db, b)
+        if self.epilogue is None:
+            self.main((da, db, out if dc is None else _rebased(dc, out), bt))
+            return out
+        if torch.are_deterministic_algorithms_enabled():
+            raise InvalidConfig("SPLIT_K > 1 is not allowed under deterministic algorithms")
+        ws = self.alloc(self.ws_shape, self.ws_strides, torch.float32)
+        self.main((da, db, ws, bt))
         self.epilogue((ws, out, bt))
         return out
 
@@ -692,7 +805,8 @@ class GemmFamily(KernelFamily):
 
     name = "gemm"
     problem_type = GemmProblem
-    optional_params = {"WARP_SPEC": 0, "PERSISTENT": 0}  # issue 18: older bundles lack them
+    # issue 18: older bundles lack them
+    optional_params = {"WARP_SPEC": 0, "PERSISTENT": 0, "HOST_DESC": 0, "TMA_STORE": 0, "EPI_SUBTILE": 0}
 
     def space(self, problem: GemmProblem) -> dict[str, tuple[Value, ...]]:
         return space(problem)
@@ -705,23 +819,26 @@ class GemmFamily(KernelFamily):
 
     def valid_configs(self, problem: GemmProblem, limits: DeviceLimits) -> list[Config]:
         """As the generic enumeration (same configurations, same order), but the descriptor-only axes
-        (WARP_SPEC, PERSISTENT) are varied only where TMA=1: the rest of the product is invalid anyway,
-        and checking it would quadruple the time a tuning run spends here."""
+        (WARP_SPEC, PERSISTENT, HOST_DESC, TMA_STORE, EPI_SUBTILE) are varied only where TMA=1 and the
+        config with them all 0 is valid (they only add rules): the rest of the product is invalid anyway,
+        and checking it would multiply the time a tuning run spends here by 32."""
         import itertools
 
         sp = space(problem)
-        extra = [sp.pop(k) for k in ("WARP_SPEC", "PERSISTENT") if k in sp]
+        names_x = [k for k in ("WARP_SPEC", "PERSISTENT", *DESCRIPTOR_STORE_AXES) if k in sp]
+        extra = [sp.pop(k) for k in names_x]
         names = list(sp)
+        zeros = dict.fromkeys(names_x, 0)
         out = []
         for values in itertools.product(*sp.values()):
-            cfg = dict(zip(names, values))
-            if not extra:
-                variants = [cfg]
-            elif cfg["TMA"]:
-                variants = [dict(cfg, WARP_SPEC=w, PERSISTENT=p) for w in extra[0] for p in extra[1]]
+            cfg = dict(zip(names, values), **zeros)
+            if check(cfg, problem, limits) is not None:
+                continue
+            if extra and cfg["TMA"]:
+                variants = [dict(cfg, **dict(zip(names_x, xs))) for xs in itertools.product(*extra)]
+                out += [Config.from_dict(v) for v in variants if check(v, problem, limits) is None]
             else:
-                variants = [dict(cfg, WARP_SPEC=0, PERSISTENT=0)]
-            out += [Config.from_dict(v) for v in variants if check(v, problem, limits) is None]
+                out.append(Config.from_dict(cfg))
         return out
 
     def make_inputs(self, problem: GemmProblem, device: torch.device | str, *, seed: int = 0) -> tuple:

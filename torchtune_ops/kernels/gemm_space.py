@@ -201,7 +201,22 @@ def space(problem: GemmProblem) -> dict[str, tuple[Value, ...]]:
           "num_warps": WARPS, "num_stages": STAGES, "SPLIT_K": splits, "TMA": TMAS}
     if _descriptors_fit(problem):  # descriptor-only axes, only where descriptors can serve the problem
         sp.update(WARP_SPEC=(0, 1), PERSISTENT=(0, 1))
+        sp.update(DESCRIPTOR_STORE_AXES)
     return sp
+
+
+#: Axes of the descriptor path added after WARP_SPEC/PERSISTENT (issue 18): A/B (and C) descriptors made
+#: on the host once per launch instead of in every program; the output written by a TMA store; its
+#: epilogue and store run on two halves of the tile along N (epilogue subtiling). 0 = off, as before.
+DESCRIPTOR_STORE_AXES = {"HOST_DESC": (0, 1), "TMA_STORE": (0, 1), "EPI_SUBTILE": (0, 1)}
+
+
+def host_descriptors_available() -> bool:
+    """Whether the installed Triton takes host-made tensor descriptors (``triton.tools.tensor_descriptor``,
+    Triton >= 3.3; 3.6 and 3.9 have it, their interpreters too)."""
+    from . import _compat  # imports Triton: only asked when a config sets HOST_DESC
+
+    return _compat.HAS_HOST_TENSOR_DESCRIPTOR
 
 
 def tma_possible(problem: GemmProblem, limits: DeviceLimits) -> bool:
@@ -284,9 +299,15 @@ def check(config: Mapping[str, Value], problem: GemmProblem, limits: DeviceLimit
         # Inductor keeps 2 warps out of its Hopper templates. Tiles too small for 4 warps keep 2.
         return "fewer than 4 warps cannot use Hopper's wgmma"
     es = problem.element_size
-    if not limits.interpreter and stages * (bm * bk + bk * bn) * es > limits.smem_per_block:
-        return (f"shared memory {stages * (bm * bk + bk * bn) * es} B exceeds the device's "
-                f"{limits.smem_per_block} B")
+    smem = stages * (bm * bk + bk * bn) * es
+    if int(config.get("TMA_STORE", 0)):
+        # a TMA store stages the output tile (half of it when subtiled) in shared memory: beside the
+        # pipeline's buffers in a persistent program, which goes on loading; in their place otherwise
+        # (what Triton 3.6 and 3.9 allocate for sm_90a, compile gate)
+        staging = bm * bn * es // (1 + int(config.get("EPI_SUBTILE", 0)))
+        smem = smem + staging if int(config.get("PERSISTENT", 0)) else max(smem, staging)
+    if not limits.interpreter and smem > limits.smem_per_block:
+        return f"shared memory {smem} B exceeds the device's {limits.smem_per_block} B"
     if sk > 1:
         if torch.are_deterministic_algorithms_enabled():
             return "SPLIT_K > 1 is not offered under deterministic algorithms"
@@ -326,6 +347,36 @@ def check(config: Mapping[str, Value], problem: GemmProblem, limits: DeviceLimit
             if _cdiv(M, bm) * _cdiv(N, bn) <= sms:
                 # one tile per program anyway: persistence only pays with several tiles per SM
                 return "the persistent variant needs more output tiles than SMs"
+    return _check_descriptor_store(config, problem, tma, sk, bn)
+
+
+def _check_descriptor_store(config: Mapping[str, Value], problem: GemmProblem, tma: int, sk: int,
+                            bn: int) -> str | None:
+    """The rules of HOST_DESC, TMA_STORE and EPI_SUBTILE (``DESCRIPTOR_STORE_AXES``)."""
+    host, store, subtile = (int(config.get(k, 0)) for k in DESCRIPTOR_STORE_AXES)
+    if not (host or store or subtile):
+        return None
+    if not tma:
+        return "HOST_DESC, TMA_STORE and EPI_SUBTILE are variants of the descriptor (TMA) path"
+    if host and problem.batch > 1:
+        # a host descriptor describes one 2-D operand; batches would need 3-D descriptors
+        return "host-made descriptors serve batch 1 only"
+    if host and not host_descriptors_available():
+        return "this Triton has no host-made tensor descriptors (triton.tools.tensor_descriptor)"
+    if store and sk > 1:
+        # split-K's partial sums go to the fp32 workspace through pointers; its epilogue kernel stores C
+        return "the TMA store writes the final output: not with SPLIT_K"
+    if store and (problem.N * problem.element_size) % 16:
+        # a TMA descriptor's strides must be multiples of 16 bytes: the output's rows are N elements
+        return "the TMA store needs 16-byte aligned output rows"
+    if subtile and not store:
+        return "epilogue subtiling is a variant of the TMA store"
+    if subtile and bn < 32:
+        return "epilogue subtiling halves BLOCK_N: needs BLOCK_N >= 32"
+    if int(config.get("WARP_SPEC", 0)) and (host or subtile):
+        # compiling for sm_90a fails ("PassManager::run failed") for the warp-specialised loop with
+        # host-made descriptors on Triton 3.9 and with a subtiled epilogue on 3.6 (compile gate)
+        return "warp specialisation does not compile with HOST_DESC or EPI_SUBTILE"
     return None
 
 
@@ -366,15 +417,20 @@ def known_configs(problem: GemmProblem, limits: DeviceLimits) -> list[Config]:
         entries = list(INDUCTOR_SKINNY) + entries
     base = [_fit(e, problem, limits) for e in entries]
     if _descriptors_fit(problem):  # the space has the descriptor-only axes: so must its configs
-        base = [dict(c, WARP_SPEC=0, PERSISTENT=0) for c in base]
+        base = [dict(c, WARP_SPEC=0, PERSISTENT=0, HOST_DESC=0, TMA_STORE=0, EPI_SUBTILE=0) for c in base]
     ordered: list[dict[str, Value]] = []
     if tma_possible(problem, limits):
         tma = [dict(c, TMA=1) for c in base]
         # Hopper's variants early enough for a short budget: Inductor's persistent-TMA list as persistent
         # programs (large problems), and warp specialisation of the first 4-warp entries.
-        persistent = [dict(_fit(e, problem, limits), TMA=1, WARP_SPEC=0, PERSISTENT=1) for e in INDUCTOR_PERSISTENT]
+        persistent = [dict(_fit(e, problem, limits), TMA=1, WARP_SPEC=0, PERSISTENT=1, HOST_DESC=0, TMA_STORE=0,
+                           EPI_SUBTILE=0) for e in INDUCTOR_PERSISTENT]
         ws = [dict(c, WARP_SPEC=1) for c in tma if c["num_warps"] == 4][:4]
-        ordered += tma[:8] + persistent[:4] + ws + tma[8:] + persistent[4:]
+        # ... and Triton's persistent-TMA tutorial's form: host-made descriptors, a TMA store with epilogue
+        # subtiling, on the first persistent entries; plus a TMA store on the first plain ones
+        host = [dict(c, HOST_DESC=1, TMA_STORE=1, EPI_SUBTILE=1) for c in persistent[:2]]
+        host += [dict(c, HOST_DESC=1, TMA_STORE=1) for c in tma[:1]] + [dict(c, TMA_STORE=1) for c in tma[1:2]]
+        ordered += tma[:8] + persistent[:4] + ws + host + tma[8:] + persistent[4:]
         ordered += base[:8]  # the pointer path too, in case descriptors lose on this shape
     else:
         ordered += base

@@ -51,6 +51,8 @@ class Compiled:
     vector_loads: int  # widest global load in bits (ld.global / cp.async / TMA)
     cp_async: bool
     tma: bool
+    tma_store: bool = False  # the output written by a TMA store (cp.async.bulk.tensor global <- shared)
+    host_desc: bool = False  # a tensor descriptor is a kernel argument (made on the host)
     ptx: str = dataclasses.field(repr=False, compare=False, default="")
 
     def problems(self, limits: DeviceLimits) -> list[str]:
@@ -97,6 +99,9 @@ def _ptxas_log(backend, ptx: str, options, cap: int) -> str:
 def _int(pattern: str, text: str) -> int:
     m = re.search(pattern, text)
     return int(m.group(1)) if m else 0
+
+
+_TMA_STORE = re.compile(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared")
 
 
 def _ptx_facts(ptx: str) -> tuple[str, int, bool, bool]:
@@ -177,7 +182,9 @@ def compile_launch(kernel, args: tuple, consts: Mapping[str, Any], num_warps: in
                    spill_bytes=_int(r"(\d+) bytes spill stores", text),
                    stack_bytes=_int(r"(\d+) bytes stack frame", text),
                    shared_bytes=int(k.metadata.shared), mma=mma, vector_loads=vec, cp_async=cp_async,
-                   tma=tma, ptx=ptx if keep_ptx else "")
+                   tma=tma, tma_store=_TMA_STORE.search(ptx) is not None,
+                   host_desc=any(str(t).startswith("tensordesc") for t in signature.values()),
+                   ptx=ptx if keep_ptx else "")
     _CACHE[key] = res
     return res
 
