@@ -64,6 +64,49 @@ def test_hopper_variants_compile(tmp_path):
     assert len(rows) == 2 and all(row["tma"] and row["mma"] == "wgmma" for row in rows)
 
 
+def test_descriptor_store_axes_compile(tmp_path):
+    """Every known configuration of a large fp16 GEMM with host-made descriptors or a TMA store (Triton's
+    persistent tutorial's form among them), and a tf32 addmm with a fused bias and GELU through a subtiled
+    TMA store, compile for sm_90a without findings; their PTX writes the output with a TMA store
+    (cp.async.bulk.tensor global <- shared) and host descriptors are kernel arguments. A persistent
+    program's staging buffer sits beside the pipeline's (what check() assumes): 4 stages of 128x256x64
+    with a subtiled store take 192 KB + 32 KB."""
+    from torchtune_ops.kernels import inspect as kinspect
+    from torchtune_ops.kernels.base import Config
+    from torchtune_ops.kernels.gemm import GEMM, GemmProblem
+
+    hopper = kinspect.TARGETS["sm_90a"][1]
+    p = GemmProblem("mm", 1, 4096, 4096, 4096, "float16")
+    chosen = [c for c in GEMM.known_configs(p, hopper) if c["HOST_DESC"] or c["TMA_STORE"]]
+    staged = Config.of(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, SPLIT_K=1,
+                       TMA=1, WARP_SPEC=0, PERSISTENT=1, HOST_DESC=1, TMA_STORE=1, EPI_SUBTILE=1)
+    assert GEMM.check(staged, p, hopper) is None and staged not in chosen
+    assert {(c["HOST_DESC"], c["EPI_SUBTILE"], c["PERSISTENT"]) for c in chosen} >= {(1, 1, 1), (0, 0, 0)}
+    args = ["--arch", "sm_90a", "--workers", "1", "--gate", "--problem", "gemm:" + json.dumps(GEMM.problem_to_dict(p))]
+    for c in chosen + [staged]:
+        args += ["--config", c.to_json()]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    r, doc = _report(tmp_path / "a", *args)
+    assert doc is not None and r.returncode == 0, r.stderr[-3000:]
+    rows = doc["rows"]
+    assert len(rows) == len(chosen) + 1 and not any(row["findings"] for row in rows), rows
+    for row in rows:
+        assert row["tma"] and row["tma_store"] and row["mma"] == "wgmma" and row["spill_bytes"] == 0, row
+        assert row["host_desc"] == ("HOST_DESC=1" in row["config"]), row
+    assert 229376 <= rows[-1]["shared_bytes"] <= 229376 + 256, rows[-1]
+
+    tf32 = GemmProblem("addmm", 1, 2048, 2048, 2048, "float32", bias="row", activation="gelu_tanh",
+                       precision="tf32")
+    sub = staged.replace(BLOCK_N=128, num_stages=3, PERSISTENT=0)
+    assert GEMM.check(sub, tf32, hopper) is None
+    r, doc = _report(tmp_path / "b", "--arch", "sm_90a", "--workers", "1", "--gate", "--config", sub.to_json(),
+                     "--problem", "gemm:" + json.dumps(GEMM.problem_to_dict(tf32)))
+    assert doc is not None and r.returncode == 0, r.stderr[-3000:]
+    (row,) = doc["rows"]
+    assert row["tma_store"] and row["host_desc"] and row["mma"] == "wgmma" and not row["findings"], row
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 def test_all_representative_problems(tmp_path, arch):
