@@ -158,9 +158,22 @@ def _hit(smoke: bool) -> dict:
     n, rounds = (50, 3) if smoke else (3000, 15)
     out: dict = {}
     kernels = [kgemm._gemm_kernel, kgemm._splitk_epilogue_kernel]
+    usable, invalid = getattr(kgemm, "_tma_usable", None), getattr(resolve, "_invalid", None)
+    tma = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "TMA": 1, "WARP_SPEC": 0, "PERSISTENT": 0}
     for label, size, cfg in (("mm 16x16x16", (16, 16, 16), {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 2, "num_stages": 1}),
                              ("mm 16x64x512 split-K 4", (16, 64, 512),
-                              {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 4})):
+                              {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 4}),
+                             # descriptors: made in the kernel, or on the host (three per call, re-based
+                             # on the call's tensors; the real launcher then encodes them, not stubbed here)
+                             ("mm 64^3 TMA device desc", (64, 64, 64), tma),
+                             ("mm 64^3 TMA host desc+store", (64, 64, 64),
+                              dict(tma, HOST_DESC=1, TMA_STORE=1, EPI_SUBTILE=1))):
+        # the fake driver's GPU is an sm_90: TMA there (older checkouts lack the function: skip)
+        if cfg.get("TMA") and (usable is None or invalid is None
+                               or (cfg.get("HOST_DESC") and not hasattr(kgemm, "_rebased"))):
+            continue
+        kgemm._tma_usable = (lambda device: True) if cfg.get("TMA") else usable
+        resolve._invalid = (lambda *args: None) if cfg.get("TMA") else invalid  # (CPU limits: no TMA)
         m, n_, k = size
         a, b = torch.randn(m, k), torch.randn(k, n_)
         config = {"GROUP_M": 8, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1, "TMA": 0, **cfg}
@@ -178,6 +191,8 @@ def _hit(smoke: bool) -> dict:
             before = launches.count
             ops.mm(a, b)
             assert launches.count > before, "the kernel was not launched"
+            descs = sum(type(x).__name__ == "TensorDescriptor" for x in launches.last)
+            assert descs == (3 if cfg.get("HOST_DESC") else 0), "host descriptors were not passed"
             with torch.no_grad():
                 r = _interleaved({"torch.mm": lambda: torch.mm(a, b), "ours": lambda: ops.mm.default(a, b),
                                   "gemm()": lambda: kgemm.gemm(a, b, config=config)}, n, rounds)
@@ -187,6 +202,7 @@ def _hit(smoke: bool) -> dict:
                       "unbound_gemm_us": round(wg, 2), "unbound_gemm_cpu_us": round(cg, 2),
                       "launches_per_call": 2 if cfg.get("SPLIT_K", 1) > 1 else 1}
         dispatch.reset()
+    kgemm._tma_usable, resolve._invalid = usable, invalid
     return out
 
 
