@@ -16,6 +16,9 @@ Kernel design (for Hopper and Ampere):
 - with TMA=1 on Hopper (and under the interpreter, which emulates them), operands are read through
   tensor descriptors (``tl.make_tensor_descriptor``), whose out-of-bounds zero fill needs no masks;
   ``gemm()`` falls back to pointers when the strides or the alignment do not allow descriptors;
+  variants of that path: PERSISTENT (one program per SM walks the tiles), WARP_SPEC, HOST_DESC
+  (descriptors made on the host once per launch, ``triton.tools.tensor_descriptor``), TMA_STORE (the
+  output written through a descriptor) and EPI_SUBTILE (epilogue and store on two halves of the tile);
 - epilogue fused: alpha, bias (scalar, row, column or full, any strides, in fp32), activation, cast on
   store; SPLIT_K > 1 stores each split's fp32 partial sum into its slice of a workspace (no zeroing, no
   atomics) and a second small kernel adds them up in split order and applies the epilogue (the space
@@ -494,7 +497,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, config: Config | Mapping[str, Valu
         b: K x N or B x K x N operand of a's dtype and device, any strides. A 2-D operand beside a 3-D
             one, or a batch of 1, is broadcast over the batch (batch stride 0).
         config: a GEMM configuration (``Config`` or mapping with BLOCK_M, BLOCK_N, BLOCK_K and optionally
-            GROUP_M=8, num_warps=4, num_stages=3, SPLIT_K=1, TMA=0). It is not validated here:
+            GROUP_M=8, num_warps=4, num_stages=3, SPLIT_K=1, TMA=0, and the descriptor-path variants
+            WARP_SPEC, PERSISTENT, HOST_DESC, TMA_STORE, EPI_SUBTILE, all 0). It is not validated here:
             ``GEMM.check`` is the tuner's job.
         bias: None (default), a Python number, or a tensor broadcastable to the result (0-d, N, M x 1,
             M x N, B x M x N, ...; any strides and float dtype; added in fp32).
