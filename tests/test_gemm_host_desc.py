@@ -58,7 +58,7 @@ def _inputs(case, seed=0, device="cpu"):
     return tuple(None if t is None else t.to(device) for t in (a, b, x))
 
 
-def _plan_consts(a, b, config, bias=None, out=None):
+def _main_launch(a, b, config, bias=None, out=None):
     return gemm_mod._plan(a, b, config, bias, 0.5, 2.0, "none", out, "ieee", True)[1][0]
 
 
@@ -92,7 +92,7 @@ def test_tma_store_clips_at_the_output_edge(device, variant):
     a, b, _ = _inputs((37, 40, 72, torch.float16, "row", "row", None, "none"), device=device)
     buf = poisoned((40, 64), torch.float16, device)
     out = buf[:37, :40]
-    assert _plan_consts(a, b, _config(variant), out=out)[3]["TMA_STORE"]
+    assert _main_launch(a, b, _config(variant), out=out)[3]["TMA_STORE"]
     gemm(a, b, config=_config(variant), out=out)
     assert_close(out, ref64(a, b), torch.float16)
     assert buf[:37, 40:].isnan().all() and buf[37:].isnan().all()
@@ -117,7 +117,7 @@ def test_batches_split_k_and_unaligned_outputs_fall_back(device):
     assert_close(gemm(a[0], b[0], config=split, precision="ieee"), ref64(a[0], b[0]), torch.float32)
 
     out = poisoned((21, 24 + 1), torch.float32, device)[:, 1:]  # rows start 4 bytes off 16
-    assert not _plan_consts(a[0], b[0], c, out=out)[3]["TMA_STORE"]
+    assert not _main_launch(a[0], b[0], c, out=out)[3]["TMA_STORE"]
     gemm(a[0], b[0], config=c, out=out, precision="ieee")
     assert_close(out, ref64(a[0], b[0]), torch.float32)
 
@@ -142,7 +142,7 @@ def test_without_host_descriptors_the_axis_is_excluded_and_the_launch_falls_back
     assert GEMM.check(ok.replace(HOST_DESC=0), BIG, H100) is None
     monkeypatch.setattr(gemm_mod._compat, "HAS_HOST_TENSOR_DESCRIPTOR", False)
     a, b, _ = _inputs(CASES[1], device=device)
-    consts = _plan_consts(a, b, _config("all"))[3]
+    consts = _main_launch(a, b, _config("all"))[3]
     assert not consts["HOST_DESC"] and consts["TMA_STORE"]
     assert_close(gemm(a, b, config=_config("all"), precision="ieee"), ref64(a, b), torch.bfloat16)
 
@@ -196,7 +196,7 @@ def test_space_known_configs_and_old_configs():
     assert all(not (c["TMA_STORE"] or c["HOST_DESC"]) for c in valid if not c["TMA"])
     old = dict(BASE, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_stages=3, WARP_SPEC=0, PERSISTENT=0)
     a, b = torch.randn(8, 16), torch.randn(16, 8)
-    assert _plan_consts(a, b, old)[3] == _plan_consts(a, b, dict(old, HOST_DESC=0, TMA_STORE=0, EPI_SUBTILE=0))[3]
+    assert _main_launch(a, b, old)[3] == _main_launch(a, b, dict(old, HOST_DESC=0, TMA_STORE=0, EPI_SUBTILE=0))[3]
 
 
 # --- bound launches -------------------------------------------------------------------------------------
