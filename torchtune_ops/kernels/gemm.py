@@ -757,30 +757,23 @@ class BoundGemm:
         out = self.alloc(self.shape, self.strides, self.dtype)
         if self.tma and self.cuda:
             _compat.ensure_tma_allocator()
+        ta, tb, tc = a, b, out
         if self.descs is not None:
-            return self._call_host_descs(a, b, bt, out)
+            ta, tb, tc = self._host_descs(a, b, out)
         if self.epilogue is None:
-            self.main((a, b, out, bt))
+            self.main((ta, tb, tc, bt))
             return out
         if torch.are_deterministic_algorithms_enabled():
             raise InvalidConfig("SPLIT_K > 1 is not allowed under deterministic algorithms")
         ws = self.alloc(self.ws_shape, self.ws_strides, torch.float32)
-        self.main((a, b, ws, bt))
+        self.main((ta, tb, ws, bt))
         self.epilogue((ws, out, bt))
         return out
 
-    def _call_host_descs(self, a, b, bt, out):
+    def _host_descs(self, a, b, out):
+        """HOST_DESC: the bound descriptors of A, B (and C for a TMA store) re-based on this call's tensors."""
         da, db, dc = self.descs
-        da, db = _rebased(da, a), _rebased(db, b)
-        if self.epilogue is None:
-            self.main((da, db, out if dc is None else _rebased(dc, out), bt))
-            return out
-        if torch.are_deterministic_algorithms_enabled():
-            raise InvalidConfig("SPLIT_K > 1 is not allowed under deterministic algorithms")
-        ws = self.alloc(self.ws_shape, self.ws_strides, torch.float32)
-        self.main((da, db, ws, bt))
-        self.epilogue((ws, out, bt))
-        return out
+        return _rebased(da, a), _rebased(db, b), (out if dc is None else _rebased(dc, out))
 
 
 # ---------------------------------------------------------------------------------------------------
