@@ -153,16 +153,29 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.
     def first(*args):   # bind at the first call (the arguments of the key), then launch through it
         b = None if bind is None else _with_op_args(op, bind, config, args)
         bound[0] = run = unbound if b is None else _bound_call(op, b)
+        if c.fn is guarded:   # later calls skip this indirection (a kernel failure replaces c.fn itself)
+            c.fn = _guarded(op, run, c, device)
         return run(*args)
 
     bound[0] = first
+    guarded = _guarded(op, lambda *args: bound[0](*args), c, device)
+    return guarded
 
+
+def _guarded(op: str, run: Callable, c: Choice, device: torch.device) -> Callable:
+    """``run`` on the calls it fits, PyTorch's kernel on the others; a failure of ``run`` makes PyTorch's
+    kernel take over the problem."""
     if op in ("mm", "bmm"):
+        # the key fixes a's device and dtype: check b's device, and the lazy bits a real dtype can carry
+        cpu, index = device.type == "cpu", device.index
+        check_conj = _complex_key(c)
+
         def guarded(a, b):
-            if b.device != device or a.is_neg() or b.is_neg() or a.is_conj() or b.is_conj():
-                return c.aten(a, b)   # a's device is the key's
+            if ((not b.is_cpu if cpu else b.get_device() != index or not b.is_cuda) or a.is_neg() or b.is_neg()
+                    or (check_conj and (a.is_conj() or b.is_conj()))):
+                return c.aten(a, b)
             try:
-                return bound[0](a, b)
+                return run(a, b)
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # never crash the model: PyTorch's kernel takes over for this problem
@@ -177,13 +190,19 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.
         if not _plain(args, device):
             return c.aten(*args)
         try:
-            return bound[0](*args)
+            return run(*args)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # never crash the model: PyTorch's kernel takes over for this problem
             return _kernel_failed(c, args, e)
 
     return guarded
+
+
+def _complex_key(c: Choice) -> bool:
+    """Whether the choice's problem may see complex operands (only they can carry a conjugate bit)."""
+    dtype = getattr(c.problem, "dtype", None)   # the families' problems name it ("float32")
+    return dtype is None or "complex" in str(dtype)
 
 
 def _with_op_args(op: str, fn: Callable, config: Any, args: tuple) -> Any:
