@@ -146,12 +146,17 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.
     fixes everything the binding assumed but the pointers, which the bound launcher checks itself."""
     bind = _binder(launch)
     bound: list = [None]
+    # A matmul's key holds the float32 matmul precision (its problem's "ieee"/"tf32"): passed explicitly,
+    # the bound GEMM need not read the global setting at every call. (A convolution's follows cuDNN's TF32
+    # flag, which the key does not hold: its bound launcher keeps checking it.)
+    precision = getattr(c.problem, "precision", None) if op != "conv2d" else None
+    extra = {"precision": precision} if precision in ("ieee", "tf32") else {}
 
     def unbound(*args):
-        return _with_op_args(op, launch, config, args)
+        return _with_op_args(op, launch, config, args, **extra)
 
     def first(*args):   # bind at the first call (the arguments of the key), then launch through it
-        b = None if bind is None else _with_op_args(op, bind, config, args)
+        b = None if bind is None else _with_op_args(op, bind, config, args, **extra)
         bound[0] = run = unbound if b is None else _bound_call(op, b)
         if c.fn is guarded:   # later calls skip this indirection (a kernel failure replaces c.fn itself)
             c.fn = _guarded(op, run, c, device)
@@ -205,21 +210,21 @@ def _complex_key(c: Choice) -> bool:
     return dtype is None or "complex" in str(dtype)
 
 
-def _with_op_args(op: str, fn: Callable, config: Any, args: tuple) -> Any:
-    """``fn(operand, operand, config=..., <the op's other arguments as keywords>)``: how the family's
-    launcher (``gemm``, ``conv2d``) and its ``bind`` both take a call of ``op``."""
+def _with_op_args(op: str, fn: Callable, config: Any, args: tuple, **extra: Any) -> Any:
+    """``fn(operand, operand, config=..., <the op's other arguments as keywords>, **extra)``: how the
+    family's launcher (``gemm``, ``conv2d``) and its ``bind`` both take a call of ``op``."""
     if op in ("mm", "bmm"):
         a, b = args
-        return fn(a, b, config=config)
+        return fn(a, b, config=config, **extra)
     if op in ("addmm", "baddbmm"):
         bias, a, b, beta, alpha = args
-        return fn(a, b, config=config, bias=bias, alpha=alpha, beta=beta)
+        return fn(a, b, config=config, bias=bias, alpha=alpha, beta=beta, **extra)
     if op == "mm_act":
         a, b, bias, activation = args
-        return fn(a, b, config=config, bias=bias, activation=activation)
+        return fn(a, b, config=config, bias=bias, activation=activation, **extra)
     x, w, bias, stride, padding, dilation, groups = args
     return fn(x, w, config=config, bias=bias, stride=tuple(stride), padding=tuple(padding),
-              dilation=tuple(dilation), groups=groups)
+              dilation=tuple(dilation), groups=groups, **extra)
 
 
 def _bound_call(op: str, bound: Callable) -> Callable:
