@@ -26,7 +26,10 @@ benchmarks/results/bench_hotpath-<label>-<host>-<date>.json (smoke runs: benchma
 
 To measure a "before": ``PYTHONPATH=<older checkout> python benchmarks/bench_hotpath.py --label before``
 (the script needs only the package's public ops, ``runtime.resolve._triton_usable``, ``kernels.gemm`` and
-``storage``, so it runs against older code as well).
+``storage``, so it runs against older code as well). On a loaded machine the models part moves between two
+runs of the same code by more than a change may: alternate child runs of each checkout instead
+(``TRITON_INTERPRET=1 python benchmarks/bench_hotpath.py --child-out <file> --parts models``, each with its
+checkout on PYTHONPATH) and compare the medians.
 """
 from __future__ import annotations
 

@@ -179,57 +179,43 @@ def linear_act(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, acti
 _sites: dict[str, tuple] = {}   # site id -> (key or _GradInput, its fp32 precision)
 
 
-def mm_site(a, b, opts, site):
-    s = _sites.get(site)
-    if s is not None and s[1] == _get_precision():
-        c = _memo.get(s[0])
-        if c is not None:
-            c.calls += 1
-            return c.fn(a, b)
-    key = ("mm", a.dtype, b.dtype, a.device, a.shape, b.shape, a.stride(), b.stride(), opts, _get_precision())
-    _sites[site] = (key, key[-1])
-    return mm(a, b, opts)
+def _ab_site(op: str, call):
+    """The site function of ``mm`` or ``bmm`` (``call``)."""
+    def site_fn(a, b, opts, site):
+        s = _sites.get(site)
+        if s is not None and s[1] == _get_precision():
+            c = _memo.get(s[0])
+            if c is not None:
+                c.calls += 1
+                return c.fn(a, b)
+        key = (op, a.dtype, b.dtype, a.device, a.shape, b.shape, a.stride(), b.stride(), opts, _get_precision())
+        _sites[site] = (key, key[-1])
+        return call(a, b, opts)
+
+    site_fn.__name__ = f"{op}_site"
+    return site_fn
 
 
-def bmm_site(a, b, opts, site):
-    s = _sites.get(site)
-    if s is not None and s[1] == _get_precision():
-        c = _memo.get(s[0])
-        if c is not None:
-            c.calls += 1
-            return c.fn(a, b)
-    key = ("bmm", a.dtype, b.dtype, a.device, a.shape, b.shape, a.stride(), b.stride(), opts, _get_precision())
-    _sites[site] = (key, key[-1])
-    return bmm(a, b, opts)
+def _bias_site(op: str, call):
+    """The site function of ``addmm`` or ``baddbmm`` (``call``)."""
+    def site_fn(bias, a, b, beta, alpha, opts, site):
+        s = _sites.get(site)
+        if s is not None and s[1] == _get_precision():
+            c = _memo.get(s[0])
+            if c is not None:
+                c.calls += 1
+                return c.fn(bias, a, b, beta, alpha)
+        key = (op, a.dtype, b.dtype, bias.dtype, a.device, a.shape, b.shape, bias.shape, a.stride(), b.stride(),
+               bias.stride(), beta, alpha, opts, _get_precision())
+        _sites[site] = (key, key[-1])
+        return call(bias, a, b, beta, alpha, opts)
+
+    site_fn.__name__ = f"{op}_site"
+    return site_fn
 
 
-def _addmm_key(op, bias, a, b, beta, alpha, opts):
-    return (op, a.dtype, b.dtype, bias.dtype, a.device, a.shape, b.shape, bias.shape, a.stride(), b.stride(),
-            bias.stride(), beta, alpha, opts, _get_precision())
-
-
-def addmm_site(bias, a, b, beta, alpha, opts, site):
-    s = _sites.get(site)
-    if s is not None and s[1] == _get_precision():
-        c = _memo.get(s[0])
-        if c is not None:
-            c.calls += 1
-            return c.fn(bias, a, b, beta, alpha)
-    key = _addmm_key("addmm", bias, a, b, beta, alpha, opts)
-    _sites[site] = (key, key[-1])
-    return addmm(bias, a, b, beta, alpha, opts)
-
-
-def baddbmm_site(bias, a, b, beta, alpha, opts, site):
-    s = _sites.get(site)
-    if s is not None and s[1] == _get_precision():
-        c = _memo.get(s[0])
-        if c is not None:
-            c.calls += 1
-            return c.fn(bias, a, b, beta, alpha)
-    key = _addmm_key("baddbmm", bias, a, b, beta, alpha, opts)
-    _sites[site] = (key, key[-1])
-    return baddbmm(bias, a, b, beta, alpha, opts)
+mm_site, bmm_site = _ab_site("mm", mm), _ab_site("bmm", bmm)
+addmm_site, baddbmm_site = _bias_site("addmm", addmm), _bias_site("baddbmm", baddbmm)
 
 
 def mm_act_site(a, b, bias, activation, opts, site):
