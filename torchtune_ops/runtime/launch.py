@@ -169,12 +169,17 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.
 
 def _guarded(op: str, run: Callable, c: Choice, device: torch.device) -> Callable:
     """``run`` on the calls it fits, PyTorch's kernel on the others; a failure of ``run`` makes PyTorch's
-    kernel take over the problem."""
-    if op in ("mm", "bmm"):
-        # the key fixes a's device and dtype: check b's device, and the lazy bits a real dtype can carry
-        cpu, index = device.type == "cpu", device.index
-        check_conj = _complex_key(c)
+    kernel take over the problem.
 
+    A call of the same key as the kernel's inputs may still not fit it: a lazy view (the kernel would read
+    the raw memory) or a tensor on another device (a meta tensor's null pointer, a CPU bias beside CUDA
+    operands). PyTorch's kernel takes such a call, and the problem keeps its kernel. The key fixes the
+    first operand's device and every dtype, so only the other tensors' devices and the lazy bits are read
+    (the conjugate bit only where a dtype may be complex)."""
+    cpu, index = device.type == "cpu", device.index
+    check_conj = _complex_key(c)
+
+    if op in ("mm", "bmm"):
         def guarded(a, b):
             if ((not b.is_cpu if cpu else b.get_device() != index or not b.is_cuda) or a.is_neg() or b.is_neg()
                     or (check_conj and (a.is_conj() or b.is_conj()))):
@@ -188,11 +193,18 @@ def _guarded(op: str, run: Callable, c: Choice, device: torch.device) -> Callabl
 
         return guarded
 
+    def unfit(t) -> bool:   # on another device, or a lazy view
+        return ((not t.is_cpu if cpu else t.get_device() != index or not t.is_cuda) or t.is_neg()
+                or (check_conj and t.is_conj()))
+
+    # the positions of the key's operand, the other operand and the third tensor (addmm's bias; an optional
+    # bias for mm_act and conv2d)
+    k, o, x = (1, 2, 0) if op in ("addmm", "baddbmm") else (0, 1, 2)
+
     def guarded(*args):
-        # Same key as the kernel's inputs but not fit for it: a lazy view (the kernel would read the raw
-        # memory) or a tensor on another device (a meta tensor's null pointer, a CPU bias beside CUDA
-        # operands). PyTorch's kernel takes this call, and the problem keeps its kernel.
-        if not _plain(args, device):
+        t, v = args[k], args[x]
+        if (t.is_neg() or (check_conj and t.is_conj()) or unfit(args[o])
+                or (v is not None and unfit(v))):
             return c.aten(*args)
         try:
             return run(*args)
