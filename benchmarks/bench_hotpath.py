@@ -14,7 +14,8 @@ Three figures, each measured in child processes (TRITON_INTERPRET is read when t
 - ``hit``: the host cost of a cache-hit call of ``torch.ops.torchtune_ops.mm`` whose choice is our Triton
   GEMM, from the op call to the driver-level launch (``benchmarks/_fake_driver.py`` stubs the driver, so
   this runs on a CPU), against ``torch.mm`` of the same operands; plain and split-K configurations.
-  Target: <= 5 us more than PyTorch's own call.
+  Target: <= 5 us more than PyTorch's own call. Also the same call from a compiled graph's code
+  (``dispatch.mm_site``, what Inductor's code calls where shapes are static: no dispatcher).
 - ``registration``: the per-call cost of one op registered three ways (``Library.impl`` for CPU only,
   ``Library.impl`` plus our Autograd kernel, ``torch.library.custom_op``), against calling the body.
 
@@ -25,7 +26,10 @@ benchmarks/results/bench_hotpath-<label>-<host>-<date>.json (smoke runs: benchma
 
 To measure a "before": ``PYTHONPATH=<older checkout> python benchmarks/bench_hotpath.py --label before``
 (the script needs only the package's public ops, ``runtime.resolve._triton_usable``, ``kernels.gemm`` and
-``storage``, so it runs against older code as well).
+``storage``, so it runs against older code as well). On a loaded machine the models part moves between two
+runs of the same code by more than a change may: alternate child runs of each checkout instead
+(``TRITON_INTERPRET=1 python benchmarks/bench_hotpath.py --child-out <file> --parts models``, each with its
+checkout on PYTHONPATH) and compare the medians.
 """
 from __future__ import annotations
 
@@ -193,14 +197,22 @@ def _hit(smoke: bool) -> dict:
             assert launches.count > before, "the kernel was not launched"
             descs = sum(type(x).__name__ == "TensorDescriptor" for x in launches.last)
             assert descs == (3 if cfg.get("HOST_DESC") else 0), "host descriptors were not passed"
+            contenders = {"torch.mm": lambda: torch.mm(a, b), "ours": lambda: ops.mm.default(a, b),
+                          "gemm()": lambda: kgemm.gemm(a, b, config=config)}
+            site = getattr(dispatch, "mm_site", None)   # what Inductor's code calls (static shapes)
+            if site is not None:
+                contenders["site"] = lambda: site(a, b, "", "bench-site")
             with torch.no_grad():
-                r = _interleaved({"torch.mm": lambda: torch.mm(a, b), "ours": lambda: ops.mm.default(a, b),
-                                  "gemm()": lambda: kgemm.gemm(a, b, config=config)}, n, rounds)
+                r = _interleaved(contenders, n, rounds)
         (wa, ca), (wo, co), (wg, cg) = r["torch.mm"], r["ours"], r["gemm()"]
         out[label] = {"torch_mm_us": round(wa, 2), "ours_us": round(wo, 2), "added_us": round(wo - wa, 2),
                       "torch_mm_cpu_us": round(ca, 2), "ours_cpu_us": round(co, 2), "added_cpu_us": round(co - ca, 2),
                       "unbound_gemm_us": round(wg, 2), "unbound_gemm_cpu_us": round(cg, 2),
                       "launches_per_call": 2 if cfg.get("SPLIT_K", 1) > 1 else 1}
+        if "site" in r:
+            (ws, cs) = r["site"]
+            out[label].update(site_us=round(ws, 2), site_added_us=round(ws - wa, 2), site_cpu_us=round(cs, 2),
+                              site_added_cpu_us=round(cs - ca, 2))
         dispatch.reset()
     kgemm._tma_usable, resolve._invalid = usable, invalid
     return out
@@ -219,15 +231,15 @@ def _registration(smoke: bool) -> dict:
     lib.define("ours(Tensor a, Tensor b) -> Tensor")
     lib.impl("ours", lambda a, b: body(a, b), "CPU")
 
-    def kernel(keyset, a, b):
+    def kernel(a, b):   # as runtime/ops.py's autograd kernel (no key set, plain tensors straight through)
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             raise RuntimeError("not benchmarked")
-        if not keyset.has(our_ops._PY) and keyset.has(our_ops._CPU):
+        if type(a) in our_ops._PLAIN and type(b) in our_ops._PLAIN and a.is_cpu and not our_ops._dispatch_modes():
             return body(a, b)
         with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.tto_bench_reg.ours.default.redispatch(keyset & our_ops._AFTER_AUTOGRAD, a, b)
+            return torch.ops.tto_bench_reg.ours.default(a, b)
 
-    lib.impl("ours", kernel, "Autograd", with_keyset=True)
+    lib.impl("ours", kernel, "Autograd")
 
     def custom(a, b):
         return body(a, b)
@@ -328,6 +340,9 @@ def _print(results: dict) -> None:
     for k, v in results["no_interpreter"]["hit"].items():
         print(f"{k:<26} torch.mm {v['torch_mm_us']:>7.2f}  ours {v['ours_us']:>7.2f}  added {v['added_us']:>7.2f}"
               f"  (cpu added {v['added_cpu_us']:>7.2f}; gemm() unbound {v['unbound_gemm_us']:>7.2f})")
+        if "site_us" in v:
+            print(f"{'':<26} compiled-code site {v['site_us']:>7.2f}  added {v['site_added_us']:>7.2f}"
+                  f"  (cpu added {v['site_added_cpu_us']:>7.2f})")
     print("== registration path, us added per call over the body")
     for k, v in results["no_interpreter"]["registration"].items():
         print(f"{k:<30} {v['added_us']:>7.2f}  (cpu {v['added_cpu_us']:>7.2f})")

@@ -1,6 +1,7 @@
 """The compile backend: which aten ops it rewrites in forward, backward and inference graphs, fusion,
 DISABLE, Inductor, and the entry point (torch.compile(m, backend="torchtune_ops") with no import)."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -192,4 +193,7 @@ def test_inductor_calls_our_ops_as_extern_kernels_where_shapes_are_static(dynami
         assert dispatched >= 1
     else:
         assert extern >= 5 and dispatched == 0, text
+        # each call is its op's site function with a site id of its own (the key kept per call site)
+        sites = re.findall(r"= extern_kernels\.torchtune_ops_\w+_site\(.*'([0-9a-f]{16})'\)", text)
+        assert len(sites) == extern and len(set(sites)) == extern, text
     assert dispatch.stats()["ops"]["conv2d"]["calls"] == 2

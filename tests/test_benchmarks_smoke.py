@@ -37,6 +37,7 @@ def _json_files(path: Path):
     ("benchmarks/bench_dispatch.py", False),
     ("benchmarks/bench_store.py", False),
     ("benchmarks/bench_worker.py", False),
+    ("benchmarks/bench_hotpath.py", False),
 ])
 def test_smoke_mode_runs_and_records_the_machine(script, out_is_dir, tmp_path):
     out = tmp_path / ("results" if out_is_dir else "results.json")

@@ -435,3 +435,89 @@ def test_log_level_info_reports_each_choice(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "torchtune_ops"]
     assert lines == ["torchtune_ops: mm [3,4] x [4,5] -> aten (untuned)"]
     logging.getLogger("torchtune_ops").setLevel(logging.NOTSET)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The hot path's shortcuts: the conv input gradient, call sites, the autograd kernel.
+
+def _conv_grad_input_ref(g, w, padding):
+    """PyTorch's input gradient of a stride-1 conv2d (autograd of F.conv2d)."""
+    n, _, ho, wo = g.shape
+    h, wi = ho + w.shape[2] - 1 - 2 * padding[0], wo + w.shape[3] - 1 - 2 * padding[1]
+    x = torch.zeros(n, w.shape[1], h, wi, requires_grad=True)
+    F.conv2d(x, w, None, 1, padding).backward(g)
+    return x.grad
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 7, 9, 3, 3, 2, [1, 0]), (1, 5, 6, 5, 2, 1, 3, [0, 1])])
+@pytest.mark.parametrize("served", ["aten", "tuned"])
+def test_conv_grad_input_flips_the_weight_only_for_a_triton_kernel(shape, served, monkeypatch, request):
+    """Where PyTorch's kernel serves the flipped problem, the input gradient is PyTorch's own (a transposed
+    convolution of the weight as it is): no flip, no copy after the first call; where our kernel serves it,
+    each call flips the weight. Results match autograd's either way."""
+    n, cout, ho, wo, cin, kh, kw, padding = shape
+    if served == "tuned":
+        request.getfixturevalue("kernels_win")
+    flips = []
+    real = dispatch._flipped
+    monkeypatch.setattr(dispatch, "_flipped", lambda w: flips.append(w) or real(w))
+    g, w = torch.randn(n, cout, ho, wo), torch.randn(cout, cin, kh, kw)
+    ref = _conv_grad_input_ref(g, w, padding)
+    for _ in range(3):
+        _close(ops.conv2d_grad_input(g, w, padding), ref)
+    [p] = [p for p in dispatch.stats()["problems"] if p["op"] == "conv2d"]
+    assert p["calls"] == 3
+    assert (p["kernel"] == "aten") == (served == "aten")
+    assert len(flips) == (1 if served == "aten" else 3)
+
+
+def test_a_call_site_keeps_its_key_and_follows_resets_and_precision():
+    """``dispatch.<op>_site`` (what Inductor's code calls) builds its key once; a reset or another float32
+    matmul precision makes it resolve again, and its results are the op's."""
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    for _ in range(2):
+        _close(dispatch.mm_site(a, b, "", "test-site"), a @ b)
+    [p] = dispatch.stats()["problems"]
+    assert p["calls"] == 2 and len(dispatch._memo) == 1
+    dispatch.reset()
+    _close(dispatch.mm_site(a, b, "", "test-site"), a @ b)
+    assert dispatch.stats()["problems"][0]["calls"] == 1
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        dispatch.mm_site(a, b, "", "test-site")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert sorted(k[-1] for k in dispatch._memo) == sorted(["high", before])
+    x, wt, bias = torch.randn(4, 7), torch.randn(6, 7), torch.randn(6)
+    for _ in range(2):   # a linear site served by aten: F.linear and the activation in place
+        _close(dispatch.linear_act_site(x, wt, bias, "gelu_tanh", "", "lin-site"),
+               F.gelu(F.linear(x, wt, bias), approximate="tanh"))
+
+
+def test_the_autograd_kernel_leaves_dispatch_modes_and_subclasses_to_the_dispatcher():
+    """Without grad, plain tensors go straight to the implementation; under a dispatch mode (tracing,
+    FlopCounter, ...) the mode sees our op itself, as a redispatch below autograd would give it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    with torch.no_grad():
+        with Seen() as mode:
+            out = ops.mm(a, b)
+        _close(out, a @ b)
+        assert mode.ops[0] == "torchtune_ops.mm.default"
+        with Seen() as mode:
+            ops.mm_act(a, b, None, "relu")
+        assert mode.ops[0] == "torchtune_ops.mm_act.default"
+        p = torch.nn.Parameter(b)
+        _close(ops.mm(a, p), a @ b)
+    assert dispatch.stats()["ops"]["mm"]["calls"] >= 2

@@ -538,3 +538,52 @@ def test_eager_measure_runs_the_bound_launch(store):
         lambda: family.launch(config, problem, inputs))
     run(family, store, FakeTimer({"aten": 1.0, **times({best: 0.5})}, eager={}))
     assert [c.to_json() for c in bound] == [best]
+
+
+class WorkerLikeTimer(FakeTimer):
+    """A worker-process timer's interface with fake times: ``relative_error`` (correctness measured in the
+    worker) and an ``eager`` measure that ignores ``fn`` (the worker rebuilds the call from the key)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, run=False, **kwargs)
+        self.eager_fns: list = []
+
+    def eager(self, fn, *, key):
+        self.eager_fns.append(fn)
+        return super().eager(fn, key=key)
+
+    def relative_error(self, key, *, seed):
+        return 0.0
+
+
+@pytest.mark.parametrize("kernel_eager_ms, expect", [(3.0, "host"), (0.6, "device")])
+def test_a_worker_process_timer_takes_the_eager_measure_too(store, kernel_eager_ms, expect):
+    """With isolation (TORCHTUNE_OPS_BENCH_SUBPROCESS, a worker-process timer), the host-inclusive measure
+    is taken in the worker as well, so it decides as it does in process."""
+    best = cfg(BLOCK=8, MODE="row", UNROLL=1)
+    timer = WorkerLikeTimer({"aten": 1.0, **times({best: 0.5})}, eager={"aten": 1.0, best: kernel_eager_ms})
+    e = run(ScaleFamily(), store, timer)
+    assert (e.decided, e.host_ms, e.aten_host_ms) == (expect, kernel_eager_ms, 1.0)
+    assert e.winner == ("aten" if expect == "host" else best)
+    assert timer.calls.count("eager:" + best) == 1 and timer.calls.count("eager:aten") == 1
+    assert timer.eager_fns == [None, None]   # nothing built in the parent: the worker makes the calls
+
+
+def test_the_worker_server_times_the_bound_launch_eagerly():
+    """The worker's ``eager`` request runs the timer's eager measure on the family's bound launch (a
+    configuration) or its reference ("aten"), and answers None where the timer has none."""
+    from torchtune_ops.tuning import worker
+
+    family = ScaleFamily()
+    bound = []
+    family.bound_launch = lambda config, problem, inputs: bound.append(config.to_json()) or (
+        lambda: family.launch(config, problem, inputs))
+    server = worker._Server()
+    server.family, server.problem, server.inputs = family, PROBLEM, family.make_inputs(PROBLEM, "cpu")
+    best = cfg(BLOCK=8, MODE="row", UNROLL=1)
+    server.timer = FakeTimer({}, eager={"aten": 2.0, best: 0.25})
+    assert server.eager({"key": best})["timing"][0] == 0.25
+    assert server.eager({"key": "aten"})["timing"][0] == 2.0
+    assert bound == [best] and server.timer.calls == ["eager:" + best, "eager:aten"]
+    server.timer = FakeTimer({"aten": 1.0})      # no eager measure
+    assert server.eager({"key": "aten"})["timing"] is None

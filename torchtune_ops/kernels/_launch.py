@@ -30,9 +30,8 @@ def _hooks_idle() -> bool:
     """True when no launch hook is installed (Triton >= 3.4 keeps them in ``knobs.runtime``)."""
     if _knobs is None:
         return False
-    enter, leave = _knobs.launch_enter_hook, _knobs.launch_exit_hook
-    return ((enter is None or not getattr(enter, "calls", True))
-            and (leave is None or not getattr(leave, "calls", True)))
+    enter, leave = _knobs.launch_enter_hook, _knobs.launch_exit_hook   # None, a function or a HookChain
+    return not getattr(enter, "calls", enter) and not getattr(leave, "calls", leave)
 
 
 def allocator(device: Any) -> Callable[[tuple, tuple, Any], Any]:

@@ -49,18 +49,23 @@ def _baddbmm_plain(bias, a, b, beta, alpha):
     return torch.baddbmm(bias, a, b)
 
 
-_ACT_FN = {"none": None, "relu": torch.relu, "silu": torch.nn.functional.silu,
-           "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
+def _gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    return torch._C._nn.gelu_(x, approximate="tanh")
+
+
+#: each activation applied in place (None: "none"), for outputs the caller has just allocated
+ACT_INPLACE: dict[str, Callable | None] = {"none": None, "relu": torch.relu_, "silu": torch._C._nn.silu_,
+                                          "gelu_tanh": _gelu_tanh_}
 
 
 def aten_for(op: str, args: tuple) -> Callable:
     """PyTorch's kernel for ``op`` called as a choice calls it, specialised to what the key fixes (alpha =
-    beta = 1 without keywords, the activation picked once): the same results as ``ATEN[op]``, less Python
-    per call."""
+    beta = 1 without keywords, the activation picked once and applied in place on the matmul's fresh
+    output): the same results as ``ATEN[op]``, less Python per call."""
     if op in ("addmm", "baddbmm") and args[3] == 1 and args[4] == 1:
         return _addmm_plain if op == "addmm" else _baddbmm_plain
     if op == "mm_act":
-        act = _ACT_FN.get(args[3], False)
+        act = ACT_INPLACE.get(args[3], False)
         if act is False:
             return ATEN[op]
         if args[2] is None:

@@ -47,6 +47,7 @@ import functools
 import hashlib
 import operator
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -374,7 +375,7 @@ def _wants_grad(example_inputs: Sequence[Any]) -> bool:
 def _source_hash() -> str:
     h = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for name in ("backend.py", "ops.py"):
+    for name in ("backend.py", "ops.py", "dispatch.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
 
@@ -526,27 +527,28 @@ _LOWERED: set[str] = set()
 
 def _register_lowerings() -> None:
     """Inductor lowerings of our ops to extern kernels: where a node's output shape is static, Inductor's
-    generated code calls the op's implementation (the run-time dispatch) as a plain Python function,
-    ``extern_kernels.torchtune_ops_<op>(...)``, as it calls its own extern kernels (``extern_kernels.mm``),
-    instead of ``torch.ops.torchtune_ops.<op>.default(...)`` through the dispatcher and the autograd kernel
-    (a few microseconds per op; compiled graphs need neither, AOT autograd already differentiated them).
-    Dynamic shapes keep the dispatcher call. Registered once per process, before any graph is lowered or a
-    cached one loaded (its code names these functions)."""
+    generated code calls the op's call-site function of the run-time dispatch (``dispatch.SITES``) as a plain
+    Python function, ``extern_kernels.torchtune_ops_<op>_site(..., "<site id>")``, as it calls its own extern
+    kernels (``extern_kernels.mm``), instead of ``torch.ops.torchtune_ops.<op>.default(...)`` through the
+    dispatcher and the autograd kernel (a few microseconds per op; compiled graphs need neither, AOT autograd
+    already differentiated them). The site id, new for every lowered node, lets the call keep its key from
+    its first call (see ``dispatch``). Dynamic shapes keep the dispatcher call. Registered once per process,
+    before any graph is lowered or a cached one loaded (its code names these functions)."""
     from torch._inductor import ir
     from torch._inductor.lowering import fallback_handler, lowerings, register_lowering
     from torch._inductor.select_algorithm import extern_kernels
     from torch._inductor.virtualized import V
 
-    from . import ops as ours
+    from . import dispatch, ops as ours
 
-    for name, impl in ours._IMPLS.items():
+    for name in ours._IMPLS:
         if name in _LOWERED:
             continue
         overload = ours.op(name)
         if overload in lowerings:   # someone else's lowering: leave it
             continue
-        call_name = f"torchtune_ops_{name}"
-        setattr(extern_kernels, call_name, impl)
+        call_name = f"torchtune_ops_{name}_site"
+        setattr(extern_kernels, call_name, dispatch.SITES[name])
 
         def lower(*args, _overload=overload, _call=call_name, **kwargs):
             val = V.graph.current_node.meta.get("val") if V.graph.current_node is not None else None
@@ -555,12 +557,15 @@ def _register_lowerings() -> None:
                 n += 1
             static = (isinstance(val, torch.Tensor) and not any(isinstance(a, ir.IRNode) for a in args[n:])
                       and all(isinstance(d, int) for d in (*val.shape, *val.stride())))
-            if not static:
+            if not static or kwargs:   # (the rewrite passes every argument by position)
                 return fallback_handler(_overload, add_to_fallback_set=False)(*args, **kwargs)
             inputs = [ir.ExternKernel.realize_input(a) for a in args[:n]]
             layout = ir.FixedLayout(inputs[0].get_device(), val.dtype, list(val.shape), list(val.stride()))
-            return ir.TensorBox.create(ir.ExternKernelAlloc(layout=layout, inputs=inputs, constant_args=args[n:],
-                                                            kwargs=kwargs, python_kernel_name=f"extern_kernels.{_call}"))
+            # every argument of the op (defaults filled in), then the site id
+            constants = [*args[n:], *(a.default_value for a in _overload._schema.arguments[len(args):]),
+                         uuid.uuid4().hex[:16]]
+            return ir.TensorBox.create(ir.ExternKernelAlloc(layout=layout, inputs=inputs, constant_args=constants,
+                                                            python_kernel_name=f"extern_kernels.{_call}"))
 
         register_lowering(overload, type_promotion_kind=None)(lower)
         _LOWERED.add(name)

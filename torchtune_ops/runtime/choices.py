@@ -43,6 +43,8 @@ class Choice:
 
 
 _memo: dict[tuple, Choice] = {}
+#: input-gradient keys of conv2d_grad_input -> their flipped conv2d problem (dispatch._GradInput)
+_grad_input: dict[tuple, Any] = {}
 _lock = threading.RLock()
 _failed: set[tuple[str, str]] = set()   # (family, problem key) whose kernel raised: never retried
 _counts: dict[str, dict[str, int]] = {}

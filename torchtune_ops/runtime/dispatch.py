@@ -6,17 +6,24 @@
 A key met for the first time goes to ``resolve._resolve`` once (store, bundles, prediction, tuning); nothing
 else happens here. ``stats``, ``reset``, ``set_tune_options``, ``wait_background`` and ``encode_opts`` are
 the runtime's controls, re-exported from where they live.
+
+Call sites (``SITES``): Inductor's generated code for a graph with static shapes calls ``<op>_site(...,
+site)`` instead of the op, with a constant ``site`` id per call in the code (``backend._register_lowerings``).
+Everything the key holds but the float32 matmul precision is fixed at such a call (sizes, strides, dtypes and
+device are the code's own buffers or asserted inputs), so the site keeps the key built at its first call and
+later calls only look it up (its hash, no attribute reads or tuple building).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .choices import _memo, stats
+from .choices import _grad_input, _lock, _memo, stats
 from .resolve import _resolve, encode_opts, reset, set_tune_options, wait_background
-from .aten import activation_ref
+from .aten import ACT_INPLACE, activation_ref
 
-__all__ = ["mm", "bmm", "addmm", "baddbmm", "mm_act", "conv2d", "stats", "reset", "set_tune_options",
-           "wait_background", "encode_opts", "activation_ref"]
+__all__ = ["mm", "bmm", "addmm", "baddbmm", "mm_act", "conv2d", "conv2d_grad_input", "linear_act", "stats",
+           "reset", "set_tune_options", "wait_background", "encode_opts", "activation_ref", "SITES"]
 
 _get_precision = getattr(torch._C, "_get_float32_matmul_precision", torch.get_float32_matmul_precision)
 
@@ -61,14 +68,17 @@ def baddbmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta=1, alpha=
     return c.fn(bias, a, b, beta, alpha)
 
 
+def _mm_act_key(a, b, bias, activation, opts):
+    if bias is None:
+        return ("mm_act", a.dtype, b.dtype, None, a.device, a.shape, b.shape, None, a.stride(), b.stride(),
+                None, activation, opts, _get_precision())
+    return ("mm_act", a.dtype, b.dtype, bias.dtype, a.device, a.shape, b.shape, bias.shape, a.stride(),
+            b.stride(), bias.stride(), activation, opts, _get_precision())
+
+
 def mm_act(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str,
            opts: str = "") -> torch.Tensor:
-    if bias is None:
-        key = ("mm_act", a.dtype, b.dtype, None, a.device, a.shape, b.shape, None, a.stride(), b.stride(),
-               None, activation, opts, _get_precision())
-    else:
-        key = ("mm_act", a.dtype, b.dtype, bias.dtype, a.device, a.shape, b.shape, bias.shape, a.stride(),
-               b.stride(), bias.stride(), activation, opts, _get_precision())
+    key = _mm_act_key(a, b, bias, activation, opts)
     c = _memo.get(key)
     if c is None:
         c = _resolve(key, "mm_act", (a, b, bias, activation), opts)
@@ -76,11 +86,15 @@ def mm_act(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activati
     return c.fn(a, b, bias, activation)
 
 
+def _conv_key(x, w, bias, stride, padding, dilation, groups, opts):
+    return ("conv2d", x.dtype, w.dtype, None if bias is None else bias.dtype, x.device, x.shape, w.shape,
+            None if bias is None else bias.shape, x.stride(), w.stride(), tuple(stride), tuple(padding),
+            tuple(dilation), groups, opts, _get_precision())
+
+
 def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups: int,
            opts: str = "") -> torch.Tensor:
-    key = ("conv2d", x.dtype, w.dtype, None if bias is None else bias.dtype, x.device, x.shape, w.shape,
-           None if bias is None else bias.shape, x.stride(), w.stride(), tuple(stride), tuple(padding),
-           tuple(dilation), groups, opts, _get_precision())
+    key = _conv_key(x, w, bias, stride, padding, dilation, groups, opts)
     c = _memo.get(key)
     if c is None:
         c = _resolve(key, "conv2d", (x, w, bias, stride, padding, dilation, groups), opts)
@@ -88,3 +102,177 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride, 
     return c.fn(x, w, bias, stride, padding, dilation, groups)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The input gradient of a stride-1, undilated, ungrouped conv2d: a conv2d of the output gradient with the
+# flipped, transposed weight (the problem the conv2d kernels are tuned on). Only a Triton kernel needs the
+# flipped copy: where PyTorch's kernel serves the problem, PyTorch's own input gradient (a transposed
+# convolution of the weight as it is) runs, with no flip and no copy.
+
+def _flipped(w: torch.Tensor) -> torch.Tensor:
+    return w.transpose(0, 1).flip(2, 3)
+
+
+class _GradInput:
+    """What one input-gradient key runs: the conv2d key of its flipped problem. The flipped weight is not
+    kept between calls: in training the weight changes between two backward passes, and no cheap check
+    proves it did not (writes through ``.data`` leave the version counter as it was)."""
+
+    __slots__ = ("conv_key", "pad")
+
+    def __init__(self, conv_key: tuple, pad: list) -> None:
+        self.conv_key, self.pad = conv_key, pad
+
+    def run(self, grad: torch.Tensor, w: torch.Tensor, padding) -> torch.Tensor | None:
+        """The input gradient, or None where the conv2d key is not in memory (reset, swapped)."""
+        c = _memo.get(self.conv_key)
+        if c is None:
+            return None
+        c.calls += 1
+        if c.fn is c.aten:
+            return torch.conv_transpose2d(grad, w, None, 1, padding)
+        return c.fn(grad, _flipped(w), None, (1, 1), self.pad, (1, 1), 1)
+
+
+def conv2d_grad_input(grad: torch.Tensor, w: torch.Tensor, padding, opts: str = "") -> torch.Tensor:
+    """Input gradient of a stride-1, undilated, ungrouped conv2d with ``padding``."""
+    key = (grad.dtype, w.dtype, grad.device, grad.shape, w.shape, grad.stride(), w.stride(), padding[0],
+           padding[1], opts, _get_precision())
+    g = _grad_input.get(key)
+    if g is not None:
+        out = g.run(grad, w, padding)
+        if out is not None:
+            return out
+    return _grad_input_miss(key, grad, w, padding, opts)
+
+
+def _grad_input_miss(key: tuple, grad, w, padding, opts) -> torch.Tensor:
+    kh, kw = w.shape[2], w.shape[3]
+    pad = [kh - 1 - padding[0], kw - 1 - padding[1]]
+    wf = _flipped(w)
+    g = _GradInput(_conv_key(grad, wf, None, (1, 1), pad, (1, 1), 1, opts), pad)
+    with _lock:
+        _grad_input[key] = g
+    return conv2d(grad, wf, None, (1, 1), pad, (1, 1), 1, opts)
+
+
+def linear_act(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, activation: str,
+               opts: str = "") -> torch.Tensor:
+    """``activation(F.linear(x, w, bias))`` for any leading dims of ``x``: one tuned mm_act on the
+    flattened rows."""
+    # Shapes F.linear takes but one matmul of the flattened rows does not (a 1-D weight, a bias of 2 or
+    # more dims beside a vector or batched input) and its errors (0-d input): PyTorch's own.
+    xd = x.dim()
+    if xd == 2 and w.dim() == 2:  # the common case: one mm_act as it is
+        return mm_act(x, w.t(), bias, activation, opts)
+    if xd == 0 or w.dim() != 2 or (bias is not None and bias.dim() > 1 and xd != 2):
+        return activation_ref(F.linear(x, w, bias), activation)
+    rows = 1
+    for n in x.shape[:-1]:
+        rows *= n
+    out = mm_act(x.reshape(rows, x.shape[-1]), w.t(), bias, activation, opts)  # K = 0 included
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Call sites of Inductor's generated code (static shapes): the key built once per site.
+
+_sites: dict[str, tuple] = {}   # site id -> (key or _GradInput, its fp32 precision)
+
+
+def _ab_site(op: str, call):
+    """The site function of ``mm`` or ``bmm`` (``call``)."""
+    def site_fn(a, b, opts, site):
+        s = _sites.get(site)
+        if s is not None and s[1] == _get_precision():
+            c = _memo.get(s[0])
+            if c is not None:
+                c.calls += 1
+                return c.fn(a, b)
+        key = (op, a.dtype, b.dtype, a.device, a.shape, b.shape, a.stride(), b.stride(), opts, _get_precision())
+        _sites[site] = (key, key[-1])
+        return call(a, b, opts)
+
+    site_fn.__name__ = f"{op}_site"
+    return site_fn
+
+
+def _bias_site(op: str, call):
+    """The site function of ``addmm`` or ``baddbmm`` (``call``)."""
+    def site_fn(bias, a, b, beta, alpha, opts, site):
+        s = _sites.get(site)
+        if s is not None and s[1] == _get_precision():
+            c = _memo.get(s[0])
+            if c is not None:
+                c.calls += 1
+                return c.fn(bias, a, b, beta, alpha)
+        key = (op, a.dtype, b.dtype, bias.dtype, a.device, a.shape, b.shape, bias.shape, a.stride(), b.stride(),
+               bias.stride(), beta, alpha, opts, _get_precision())
+        _sites[site] = (key, key[-1])
+        return call(bias, a, b, beta, alpha, opts)
+
+    site_fn.__name__ = f"{op}_site"
+    return site_fn
+
+
+mm_site, bmm_site = _ab_site("mm", mm), _ab_site("bmm", bmm)
+addmm_site, baddbmm_site = _bias_site("addmm", addmm), _bias_site("baddbmm", baddbmm)
+
+
+def mm_act_site(a, b, bias, activation, opts, site):
+    s = _sites.get(site)
+    if s is not None and s[1] == _get_precision():
+        c = _memo.get(s[0])
+        if c is not None:
+            c.calls += 1
+            return c.fn(a, b, bias, activation)
+    key = _mm_act_key(a, b, bias, activation, opts)
+    _sites[site] = (key, key[-1])
+    return mm_act(a, b, bias, activation, opts)
+
+
+def linear_act_site(x, w, bias, activation, opts, site):
+    """A 2-D ``linear_act`` site keeps the key of its mm_act; where PyTorch's kernel serves it, PyTorch's
+    linear runs (the activation in place on its fresh output), without the transposed view of ``w``."""
+    s = _sites.get(site)
+    if s is not None and s[1] == _get_precision():
+        c = _memo.get(s[0])
+        if c is not None:
+            c.calls += 1
+            if c.fn is c.aten:
+                act = ACT_INPLACE[activation]
+                return F.linear(x, w, bias) if act is None else act(F.linear(x, w, bias))
+            return c.fn(x, w.t(), bias, activation)
+    if x.dim() == 2 and w.dim() == 2 and activation in ACT_INPLACE:
+        key = _mm_act_key(x, w.t(), bias, activation, opts)
+        _sites[site] = (key, key[-1])
+    return linear_act(x, w, bias, activation, opts)
+
+
+def conv2d_site(x, w, bias, stride, padding, dilation, groups, opts, site):
+    s = _sites.get(site)
+    if s is not None and s[1] == _get_precision():
+        c = _memo.get(s[0])
+        if c is not None:
+            c.calls += 1
+            return c.fn(x, w, bias, stride, padding, dilation, groups)
+    key = _conv_key(x, w, bias, stride, padding, dilation, groups, opts)
+    _sites[site] = (key, key[-1])
+    return conv2d(x, w, bias, stride, padding, dilation, groups, opts)
+
+
+def conv2d_grad_input_site(grad, w, padding, opts, site):
+    s = _sites.get(site)
+    if s is not None and s[1] == _get_precision():
+        out = s[0].run(grad, w, padding)
+        if out is not None:
+            return out
+    key = (grad.dtype, w.dtype, grad.device, grad.shape, w.shape, grad.stride(), w.stride(), padding[0],
+           padding[1], opts, _get_precision())
+    out = conv2d_grad_input(grad, w, padding, opts)
+    _sites[site] = (_grad_input[key], key[-1])
+    return out
+
+
+#: the site function of each op (what Inductor's code calls where shapes are static)
+SITES = {"mm": mm_site, "bmm": bmm_site, "addmm": addmm_site, "baddbmm": baddbmm_site, "mm_act": mm_act_site,
+         "linear_act": linear_act_site, "conv2d": conv2d_site, "conv2d_grad_input": conv2d_grad_input_site}

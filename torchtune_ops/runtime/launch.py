@@ -146,23 +146,46 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.
     fixes everything the binding assumed but the pointers, which the bound launcher checks itself."""
     bind = _binder(launch)
     bound: list = [None]
+    # A matmul's key holds the float32 matmul precision (its problem's "ieee"/"tf32"): passed explicitly,
+    # the bound GEMM need not read the global setting at every call. (A convolution's follows cuDNN's TF32
+    # flag, which the key does not hold: its bound launcher keeps checking it.)
+    precision = getattr(c.problem, "precision", None) if op != "conv2d" else None
+    extra = {"precision": precision} if precision in ("ieee", "tf32") else {}
 
     def unbound(*args):
-        return _with_op_args(op, launch, config, args)
+        return _with_op_args(op, launch, config, args, **extra)
 
     def first(*args):   # bind at the first call (the arguments of the key), then launch through it
-        b = None if bind is None else _with_op_args(op, bind, config, args)
+        b = None if bind is None else _with_op_args(op, bind, config, args, **extra)
         bound[0] = run = unbound if b is None else _bound_call(op, b)
+        if c.fn is guarded:   # later calls skip this indirection (a kernel failure replaces c.fn itself)
+            c.fn = _guarded(op, run, c, device)
         return run(*args)
 
     bound[0] = first
+    guarded = _guarded(op, lambda *args: bound[0](*args), c, device)
+    return guarded
+
+
+def _guarded(op: str, run: Callable, c: Choice, device: torch.device) -> Callable:
+    """``run`` on the calls it fits, PyTorch's kernel on the others; a failure of ``run`` makes PyTorch's
+    kernel take over the problem.
+
+    A call of the same key as the kernel's inputs may still not fit it: a lazy view (the kernel would read
+    the raw memory) or a tensor on another device (a meta tensor's null pointer, a CPU bias beside CUDA
+    operands). PyTorch's kernel takes such a call, and the problem keeps its kernel. The key fixes the
+    first operand's device and every dtype, so only the other tensors' devices and the lazy bits are read
+    (the conjugate bit only where a dtype may be complex)."""
+    cpu, index = device.type == "cpu", device.index
+    check_conj = _complex_key(c)
 
     if op in ("mm", "bmm"):
         def guarded(a, b):
-            if b.device != device or a.is_neg() or b.is_neg() or a.is_conj() or b.is_conj():
-                return c.aten(a, b)   # a's device is the key's
+            if ((not b.is_cpu if cpu else b.get_device() != index or not b.is_cuda) or a.is_neg() or b.is_neg()
+                    or (check_conj and (a.is_conj() or b.is_conj()))):
+                return c.aten(a, b)
             try:
-                return bound[0](a, b)
+                return run(a, b)
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # never crash the model: PyTorch's kernel takes over for this problem
@@ -170,14 +193,21 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.
 
         return guarded
 
+    def unfit(t) -> bool:   # on another device, or a lazy view
+        return ((not t.is_cpu if cpu else t.get_device() != index or not t.is_cuda) or t.is_neg()
+                or (check_conj and t.is_conj()))
+
+    # the positions of the key's operand, the other operand and the third tensor (addmm's bias; an optional
+    # bias for mm_act and conv2d)
+    k, o, x = (1, 2, 0) if op in ("addmm", "baddbmm") else (0, 1, 2)
+
     def guarded(*args):
-        # Same key as the kernel's inputs but not fit for it: a lazy view (the kernel would read the raw
-        # memory) or a tensor on another device (a meta tensor's null pointer, a CPU bias beside CUDA
-        # operands). PyTorch's kernel takes this call, and the problem keeps its kernel.
-        if not _plain(args, device):
+        t, v = args[k], args[x]
+        if (t.is_neg() or (check_conj and t.is_conj()) or unfit(args[o])
+                or (v is not None and unfit(v))):
             return c.aten(*args)
         try:
-            return bound[0](*args)
+            return run(*args)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # never crash the model: PyTorch's kernel takes over for this problem
@@ -186,21 +216,27 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.
     return guarded
 
 
-def _with_op_args(op: str, fn: Callable, config: Any, args: tuple) -> Any:
-    """``fn(operand, operand, config=..., <the op's other arguments as keywords>)``: how the family's
-    launcher (``gemm``, ``conv2d``) and its ``bind`` both take a call of ``op``."""
+def _complex_key(c: Choice) -> bool:
+    """Whether the choice's problem may see complex operands (only they can carry a conjugate bit)."""
+    dtype = getattr(c.problem, "dtype", None)   # the families' problems name it ("float32")
+    return dtype is None or "complex" in str(dtype)
+
+
+def _with_op_args(op: str, fn: Callable, config: Any, args: tuple, **extra: Any) -> Any:
+    """``fn(operand, operand, config=..., <the op's other arguments as keywords>, **extra)``: how the
+    family's launcher (``gemm``, ``conv2d``) and its ``bind`` both take a call of ``op``."""
     if op in ("mm", "bmm"):
         a, b = args
-        return fn(a, b, config=config)
+        return fn(a, b, config=config, **extra)
     if op in ("addmm", "baddbmm"):
         bias, a, b, beta, alpha = args
-        return fn(a, b, config=config, bias=bias, alpha=alpha, beta=beta)
+        return fn(a, b, config=config, bias=bias, alpha=alpha, beta=beta, **extra)
     if op == "mm_act":
         a, b, bias, activation = args
-        return fn(a, b, config=config, bias=bias, activation=activation)
+        return fn(a, b, config=config, bias=bias, activation=activation, **extra)
     x, w, bias, stride, padding, dilation, groups = args
     return fn(x, w, config=config, bias=bias, stride=tuple(stride), padding=tuple(padding),
-              dilation=tuple(dilation), groups=groups)
+              dilation=tuple(dilation), groups=groups, **extra)
 
 
 def _bound_call(op: str, bound: Callable) -> Callable:

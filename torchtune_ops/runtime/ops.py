@@ -67,39 +67,11 @@ _IMPLS = {
     "baddbmm": dispatch.baddbmm,
     "mm_act": dispatch.mm_act,
     "conv2d": dispatch.conv2d,
-    "conv2d_grad_input": None,  # defined below
-    "linear_act": None,
+    "conv2d_grad_input": dispatch.conv2d_grad_input,
+    "linear_act": dispatch.linear_act,
 }
+_flipped = dispatch._flipped
 
-
-def _flipped(w: torch.Tensor) -> torch.Tensor:
-    return w.transpose(0, 1).flip(2, 3)
-
-
-def _conv2d_grad_input(grad, w, padding, opts=""):
-    """Input gradient of a stride-1, undilated, ungrouped conv2d with ``padding``: a conv2d (tuned) of
-    ``grad`` with the flipped, transposed weight."""
-    kh, kw = w.shape[2], w.shape[3]
-    return dispatch.conv2d(grad, _flipped(w), None, [1, 1], [kh - 1 - padding[0], kw - 1 - padding[1]], [1, 1], 1,
-                           opts)
-
-
-def _linear_act(x, w, bias, activation, opts=""):
-    """``activation(F.linear(x, w, bias))`` for any leading dims of ``x``: one tuned mm_act on the
-    flattened rows."""
-    # Shapes F.linear takes but one matmul of the flattened rows does not (a 1-D weight, a bias of 2 or
-    # more dims beside a vector or batched input) and its errors (0-d input): PyTorch's own.
-    xd = x.dim()
-    if xd == 2 and w.dim() == 2:  # the common case: one mm_act as it is
-        return dispatch.mm_act(x, w.t(), bias, activation, opts)
-    if xd == 0 or w.dim() != 2 or (bias is not None and bias.dim() > 1 and xd != 2):
-        return dispatch.activation_ref(torch.nn.functional.linear(x, w, bias), activation)
-    out = dispatch.mm_act(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w.t(), bias, activation, opts)  # K = 0 included
-    return out.reshape(*x.shape[:-1], w.shape[0])
-
-
-_IMPLS["conv2d_grad_input"] = _conv2d_grad_input
-_IMPLS["linear_act"] = _linear_act
 for _name, _fn in _IMPLS.items():
     _lib.impl(_name, _fn, "CPU")
     _lib.impl(_name, _fn, "CUDA")
@@ -302,9 +274,6 @@ def _conv_backward(ctx, g):
     return gx, gw, gb, None, None, None, None, None
 
 
-_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
-_PY, _CPU, _CUDA = torch._C.DispatchKey.Python, torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA
-
 # Each op's Python signature, to fill in defaults before an autograd.Function sees the arguments.
 _SIGNATURES = {
     "mm": lambda self, mat2, opts="": (self, mat2, opts),
@@ -323,15 +292,20 @@ def _any_requires_grad_py(*args) -> bool:
 
 
 _any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_requires_grad_py)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+#: tensor types whose data the implementation may read as it is (no subclass with its own dispatch)
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 
 
 def _autograd_kernel(name: str, setup: Callable, backward: Callable) -> Callable:
     """The op's Autograd-key kernel.
 
     Recording for autograd goes through an ``autograd.Function`` whose backward calls our ops. Without
-    grad, plain CPU/CUDA tensors call the implementation directly (the cheap path: torch.library's
-    generated autograd kernel costs about 3 us more per call), and anything else (fake, functional or
-    subclass tensors, other backends) is redispatched below autograd as the dispatcher would.
+    grad, plain CPU/CUDA tensors (``torch.Tensor`` or ``Parameter``, no dispatch mode active) call the
+    implementation directly: a kernel without the dispatch key set (``with_keyset``) and no second trip
+    through the dispatcher (measured: the key set alone costs about 1 us per call). Anything else (fake,
+    functional or other subclass tensors, a dispatch mode, other devices) goes below autograd through the
+    dispatcher, as a redispatch would.
     """
     overload = getattr(ops, name).default
     impl = _IMPLS[name]
@@ -346,15 +320,34 @@ def _autograd_kernel(name: str, setup: Callable, backward: Callable) -> Callable
     fn = type(f"TorchTuneOps_{name}", (torch.autograd.Function,),
               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
-    grad_enabled, any_requires_grad = torch._C.is_grad_enabled, _any_requires_grad
+    grad_enabled, any_requires_grad, modes, plain_types = (torch._C.is_grad_enabled, _any_requires_grad,
+                                                           _dispatch_modes, _PLAIN)
 
-    def kernel(keyset, *args, **kwargs):
-        if grad_enabled() and any_requires_grad(*args, *kwargs.values()):
-            return fn.apply(*normalize(*args, **kwargs))
-        if not keyset.has(_PY) and (keyset.has(_CPU) or keyset.has(_CUDA)):
-            return impl(*args, **kwargs)
+    def below(args):
         with torch._C._AutoDispatchBelowAutograd():
-            return overload.redispatch(keyset & _AFTER_AUTOGRAD, *args, **kwargs)
+            return overload(*args)
+
+    if name in ("mm", "bmm"):
+        def kernel(*args, **kwargs):
+            if kwargs:
+                args = normalize(*args, **kwargs)
+            if grad_enabled() and any_requires_grad(*args):
+                return fn.apply(*normalize(*args))
+            a = args[0]
+            if type(a) in plain_types and type(args[1]) in plain_types and (a.is_cpu or a.is_cuda) and not modes():
+                return impl(*args)
+            return below(args)
+    else:   # the third argument a tensor (addmm, baddbmm) or an optional bias
+        def kernel(*args, **kwargs):
+            if kwargs:
+                args = normalize(*args, **kwargs)
+            if grad_enabled() and any_requires_grad(*args):
+                return fn.apply(*normalize(*args))
+            a, c = args[0], args[2]
+            if (type(a) in plain_types and type(args[1]) in plain_types and (c is None or type(c) in plain_types)
+                    and (a.is_cpu or a.is_cuda) and not modes()):
+                return impl(*args)
+            return below(args)
 
     return kernel
 
@@ -365,7 +358,7 @@ for _name, _setup, _bwd in (("mm", _setup_ab, _mm_backward), ("bmm", _setup_ab, 
                             ("mm_act", _setup_mm_act, _mm_act_backward),
                             ("conv2d", _setup_conv, _conv_backward),
                             ("linear_act", _setup_mm_act, _linear_act_backward)):
-    _lib.impl(_name, _autograd_kernel(_name, _setup, _bwd), "Autograd", with_keyset=True)
+    _lib.impl(_name, _autograd_kernel(_name, _setup, _bwd), "Autograd")
 
 
 def _autocast_kernel(name: str, device_type: str) -> Callable:

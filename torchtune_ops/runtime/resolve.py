@@ -34,8 +34,8 @@ import torch
 from .. import settings
 from ..errors import TorchTuneOpsError, UnsupportedProblem
 
-from .choices import (Choice, _count, _counts, _dtypes, _failed, _layout_text, _lock, _memo, _retire, _retired,
-                      _shape_text, _warn_once, _warned)
+from .choices import (Choice, _count, _counts, _dtypes, _failed, _grad_input, _layout_text, _lock, _memo,
+                      _retire, _retired, _shape_text, _warn_once, _warned)
 from .aten import aten_for
 from .launch import _capturing, _kernel_fn, _plain, _predict, _predicted_choice
 
@@ -471,6 +471,7 @@ def reset() -> None:
     background.reset()
     with _lock:
         _memo.clear()
+        _grad_input.clear()
         _failed.clear()
         _counts.clear()
         _retired.clear()

@@ -568,17 +568,21 @@ class _Run:
     def _time_eagerly(self, cfg_json: str) -> tuple[Timing, Timing] | None:
         """(kernel, aten) per-call times back to back, host cost included, with the kernel launched as the
         run-time dispatch launches it (bound once, ``family.bound_launch``); None where the timer does not
-        measure that (a worker-process timer) or the kernel failed."""
+        measure that or the kernel failed. A worker-process timer measures both in its worker (it rebuilds
+        the calls from the keys)."""
         from ..kernels.base import Config
 
         eager = getattr(self.timer, "eager", None)
-        if eager is None or self.remote:
+        if eager is None:
             return None
         cfg = Config.from_json(cfg_json)
         try:
-            run = self.family.bound_launch(cfg, self.problem, self.inputs)
-            k = eager(run, key=cfg_json)
-            a = eager(lambda: self.family.reference(self.problem, self.inputs), key="aten")
+            if self.remote:
+                k, a = eager(None, key=cfg_json), eager(None, key="aten")
+            else:
+                run = self.family.bound_launch(cfg, self.problem, self.inputs)
+                k = eager(run, key=cfg_json)
+                a = eager(lambda: self.family.reference(self.problem, self.inputs), key="aten")
         except self.failures_types as e:
             log.info("%s: %s not timed eagerly (%s: %s)", self.name, cfg, type(e).__name__, e)
             return None

@@ -10,6 +10,7 @@ the tuner therefore runs every candidate in a worker process and only receives n
         t = timer(None, key="aten")                  # timing.Timing, measured in the worker
         t = timer(None, key=config.to_json())        # KernelFailure if it failed, crashed or hung
         err = timer.relative_error(config.to_json(), seed=1)   # correctness against PyTorch, in the worker
+        t = timer.eager(None, key=config.to_json())  # back to back, host cost included (bound launch)
 
 - The worker is a fresh interpreter (``sys.executable``; CUDA is not fork-safe), started like
   multiprocessing's ``spawn`` but without re-running the caller's ``__main__`` (a user script without an
@@ -174,6 +175,24 @@ class _Server:
         t = self.timer(self._call(msg["key"], self.inputs), key=msg["key"])
         return {"ok": True, "timing": [t.median_ms, t.p20_ms, t.p80_ms, t.min_ms, t.n]}
 
+    def eager(self, msg: dict) -> dict:
+        """The eager measure (``timer.eager``: back-to-back calls, host cost included) of ``key``, the
+        kernel launched as the run-time dispatch launches it (``family.bound_launch``); ``timing`` None
+        where the timer has no eager measure."""
+        from ..kernels.base import Config
+
+        key = msg["key"]
+        eager = getattr(self.timer, "eager", None)
+        if eager is None:
+            return {"ok": True, "timing": None}
+        fam, problem, inputs = self.family, self.problem, self.inputs
+        if key == "aten":
+            fn = lambda: fam.reference(problem, inputs)  # noqa: E731
+        else:
+            fn = fam.bound_launch(Config.from_json(key), problem, inputs)
+        t = eager(fn, key=key)
+        return {"ok": True, "timing": None if t is None else [t.median_ms, t.p20_ms, t.p80_ms, t.min_ms, t.n]}
+
     def clear(self, msg: dict) -> dict:
         """Drop the problem's tensors (and the L2 flush buffer) while the worker waits for the next one."""
         import gc
@@ -216,13 +235,13 @@ def _context_poisoned(device: Any) -> bool:
 
 
 def serve(conn: Any) -> None:
-    """The worker's loop: answer setup/time/check requests until "exit" or the pipe closes."""
+    """The worker's loop: answer setup/time/eager/check requests until "exit" or the pipe closes."""
     from ..kernels.base import candidate_failures
 
     failures = candidate_failures()
     server = _Server()
-    handlers = {"setup": server.setup, "time": server.time, "check": server.check, "clear": server.clear,
-                "ping": lambda msg: {"ok": True}}
+    handlers = {"setup": server.setup, "time": server.time, "eager": server.eager, "check": server.check,
+                "clear": server.clear, "ping": lambda msg: {"ok": True}}
     while True:
         try:
             msg = _recv(conn)
@@ -510,6 +529,17 @@ class WorkerTimer:
         rebuilds the launch from the key). Raises KernelFailure when the candidate failed, crashed its
         worker or hung."""
         med, p20, p80, mn, n = self._ask({"cmd": "time", "key": key}, key)["timing"]
+        return Timing(median_ms=float(med), p20_ms=float(p20), p80_ms=float(p80), min_ms=float(mn), n=int(n))
+
+    def eager(self, fn: Any, *, key: str) -> Timing | None:
+        """The time of a call of ``key`` as a model run eagerly pays it (back-to-back calls, host cost
+        included: ``timing.benchmark_eager`` in the worker, the kernel bound as the run-time dispatch binds
+        it); ``fn`` is ignored. None where the worker's timer has no eager measure. Raises KernelFailure as
+        ``__call__`` does."""
+        got = self._ask({"cmd": "eager", "key": key}, key)["timing"]
+        if got is None:
+            return None
+        med, p20, p80, mn, n = got
         return Timing(median_ms=float(med), p20_ms=float(p20), p80_ms=float(p80), min_ms=float(mn), n=int(n))
 
     def relative_error(self, key: str, *, seed: int) -> float:
