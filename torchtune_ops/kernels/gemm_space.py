@@ -359,9 +359,9 @@ def _spill_rule(bm: int, bn: int, bk: int, warps: int, tma: int, acc_regs: int, 
     """Why a tile would spill a few bytes or more (see above), or None."""
     if _fma(problem) and warps < 8 and acc_regs > FMA_MAX_ACC_REGS_FEW_WARPS:
         # FMA tiles keep each thread's accumulator block and its operand slices in registers: 4-warp
-        # tiles of 64x64 and more (32-64 accumulators a thread) needed 96-208 registers and spilled 4-20 B
-        # in 6 of 16 builds (64x64, 128x64 at 2-4 stages, both ptxas); over 8 warps the same tiles (16-64
-        # a thread, 80-194 registers) never did. ``_fit`` spreads them over 8 warps.
+        # tiles of 64x64 and more (32-64 accumulators a thread) needed 96-204 registers and spilled 4-20 B
+        # in 5 of 26 builds (64x64, 128x64, 64x128 at 2-4 stages, both ptxas); over 8 warps the same tiles
+        # never did on sm_90a. ``_fit`` spreads them over 8 warps.
         return (f"float32 'ieee' (FMA) tiles with fewer than 8 warps over {FMA_MAX_ACC_REGS_FEW_WARPS} "
                 "accumulator registers a thread spill")
     if _fma(problem) and (bm + bn) * bk > FMA_MAX_OPERAND_TILE:
@@ -376,8 +376,8 @@ def _spill_rule(bm: int, bn: int, bk: int, warps: int, tma: int, acc_regs: int, 
     if limits.is_hopper and not tma and bm < 64 and bn > MMA_SYNC_POINTER_MAX_BLOCK_N:
         # Under 64 rows Hopper runs mma.sync (B fragments in registers) and the pointer path keeps a
         # 64-bit address per 16-byte piece of the wide B tile: 16x256 tiles needed 64-137 registers and
-        # spilled 4-8 B in 6 of 18 builds (decode, both ptxas), 16x128 in 1 of 18 (16x128x128 with 4
-        # warps, no known configuration); the descriptor path's 16x256 tiles (37-59 registers) never.
+        # spilled 4-8 B in 5 of 20 builds (decode, both ptxas), 16x128 in 1 of 12 (16x128x128 with 4
+        # warps, no known configuration); the descriptor path's 16x256 tiles (48-68 registers) never.
         return f"Hopper's mma.sync pointer path over {MMA_SYNC_POINTER_MAX_BLOCK_N} columns spills"
     return None
 
