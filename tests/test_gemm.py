@@ -3,6 +3,7 @@
 On CPU the kernels run through the Triton interpreter (small sizes); on a CUDA machine the same tests
 run on the GPU, and the @pytest.mark.gpu ones add realistic sizes.
 """
+import dataclasses
 import random
 
 import pytest
@@ -970,5 +971,62 @@ def test_ampere_and_fma_fragment_caps():
     assert GEMM.check(cfg(128, 128, 64, warps=4, stages=3), bf16, A100) is None  # 128 + 128
     ieee = GemmProblem("mm", 1, 2048, 2048, 2048, "float32", precision="ieee")
     assert GEMM.check(cfg(128, 32, 64, warps=4, stages=4), ieee, H100) is not None  # 80 operand elements
-    assert GEMM.check(cfg(128, 64, 32, warps=4, stages=4), ieee, H100) is None  # 48
+    assert GEMM.check(cfg(128, 64, 32, warps=8, stages=4), ieee, H100) is None  # 24
     assert len(GEMM.known_configs(ieee, A100)) >= 10 and len(GEMM.known_configs(bf16, A100)) >= 20
+
+
+# --- the last few bytes of spills (issue 18): gemm_space._spill_rule ----------------------------------
+
+IEEE = GemmProblem("mm", 1, 2048, 2048, 2048, "float32", precision="ieee")
+
+
+@pytest.mark.parametrize("limits", [H100, A100, CPU_INTERPRETER])
+def test_fma_tiles_of_64x64_and_more_use_8_warps(limits):
+    """float32 'ieee' (FMA): 64x64 and larger tiles spilled a few bytes with 4 warps (ptxas squeezing to an
+    occupancy step), not with 8; the known list keeps those tiles, over 8 warps."""
+    for bm, bn, bk in ((64, 64, 32), (128, 64, 32), (64, 128, 32), (128, 32, 32)):
+        assert GEMM.check(cfg(bm, bn, bk, warps=4, stages=3), IEEE, limits) is not None
+        assert GEMM.check(cfg(bm, bn, bk, warps=8, stages=3), IEEE, limits) is None
+    assert GEMM.check(cfg(64, 32, 32, warps=4, stages=3), IEEE, limits) is None  # 16 accumulators a thread
+    # 8 warps do not spread the FMA dot's operand reads: 128x32x64 spilled on sm_80 with 4 warps and with 8
+    assert GEMM.check(cfg(128, 32, 64, warps=8, stages=4), IEEE, limits) is not None
+    known = GEMM.known_configs(IEEE, limits)
+    tiles = {(c["BLOCK_M"], c["BLOCK_N"]) for c in known}
+    assert {(128, 128), (128, 64), (64, 128), (64, 64)} <= tiles
+    for c in known:
+        acc = c["BLOCK_M"] * c["BLOCK_N"] // (32 * c["num_warps"])
+        assert c["num_warps"] == 8 or acc <= 16, c
+        assert (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] <= 64 * 128, c
+    # tf32 and 16-bit types run on tensor cores: no such rule
+    tf32 = dataclasses.replace(IEEE, precision="tf32")
+    assert GEMM.check(cfg(128, 64, 32, warps=4, stages=3), tf32, limits) is None
+
+
+@pytest.mark.parametrize("M, N, K", [(33, 65, 40), (4095, 4097, 511), (7, 129, 67)])
+def test_two_byte_pieces_cap_operand_elements_a_thread(M, N, K):
+    """Rows loaded in 2-byte pieces (odd leading dimensions in 16-bit): at most 32 operand elements a
+    thread; the smoke problem's skinny 16x128x64/8-warp tile (36) reached 255 registers and spilled."""
+    p = GemmProblem("mm", 1, M, N, K, "float16", bias="row", activation="relu")
+    skinny = cfg(16, 128, 64, warps=8, stages=2)
+    assert GEMM.check(skinny, p, H100) is not None and GEMM.check(skinny, p, A100) is not None
+    even = dataclasses.replace(p, N=64 * (N // 64 + 1), K=64 * (K // 64 + 1))  # 16-byte rows: no cap
+    assert GEMM.check(skinny, even, H100) is None and GEMM.check(skinny, even, A100) is None
+    for limits in (H100, A100):
+        for c in GEMM.known_configs(p, limits):
+            if not c["TMA"]:
+                assert (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] <= 32 * 32 * c["num_warps"], c
+
+
+@pytest.mark.parametrize("M", [1, 16])
+def test_hopper_pointer_path_keeps_mma_sync_tiles_narrow(M):
+    """Under 64 rows Hopper uses mma.sync; on the pointer path 16x256 tiles spilled 4-8 B (decode): the
+    known list keeps them through descriptors only, and the rule does not apply before Hopper."""
+    p = GemmProblem("linear", 1, M, 11008, 4096, "bfloat16", "row", "col")
+    wide = cfg(16, 256, 32, warps=4, stages=4)
+    assert GEMM.check(wide, p, H100) is not None
+    assert GEMM.check(wide.replace(TMA=1, WARP_SPEC=0, PERSISTENT=0), p, H100) is None
+    assert GEMM.check(wide, p, A100) is None
+    assert GEMM.check(cfg(16, 128, 32, warps=4, stages=4), p, H100) is None
+    known = GEMM.known_configs(p, H100)
+    assert any(c["BLOCK_N"] == 256 and c["TMA"] for c in known)
+    assert not any(c["BLOCK_N"] > 128 and c["BLOCK_M"] < 64 and not c["TMA"] for c in known)

@@ -288,6 +288,9 @@ def check(config: Mapping[str, Value], problem: GemmProblem, limits: DeviceLimit
         # Before Hopper, mma.sync takes its A and B fragments from registers (wgmma reads shared memory):
         # on sm_80 tiles of 384+ accumulator + operand elements a thread spilled, 256 did not.
         return "the tile's fragments would spill on mma.sync (before Hopper)"
+    why = _spill_rule(bm, bn, bk, warps, tma, acc_regs, operand_regs, problem, limits)
+    if why is not None:
+        return why
     if not tma and acc_regs + operand_regs > _max_tile_regs(vector_bytes(problem)):
         # Rows that are not 16-byte aligned load in narrower pieces, each with its own 64-bit address:
         # 2-byte pieces (odd leading dimensions in 16-bit) also lose cp.async pipelining. Large tiles
@@ -380,6 +383,56 @@ def _check_descriptor_store(config: Mapping[str, Value], problem: GemmProblem, t
     return None
 
 
+# --- rules against the last spills (issue 18): each from compiling the known configurations for sm_90a
+# with Triton 3.6's ptxas 12.8 and Triton 3.9's ptxas 13 (which Triton runs with --regAllocOptLevel=2).
+# Without a register limit ptxas aims at an occupancy step (at most 96, 128 or 168 registers for
+# 128-thread blocks; 80 or 128 for 256-thread ones) and, when a kernel needs a little more, spills 4-20 B
+# to get there (a `.maxnreg` in the PTX makes the same kernels compile without spills, at more
+# registers). Which tiles sit just above a step is not predictable from the tile; these rules keep the
+# tile families out whose register need lands there, for every problem, not single configurations.
+
+#: float32 'ieee' (FMA) with fewer than 8 warps: most accumulator registers a thread
+FMA_MAX_ACC_REGS_FEW_WARPS = 16
+#: ... and most A + B tile elements a K step, whatever the warps (64 a thread at 4 warps, as before)
+FMA_MAX_OPERAND_TILE = FMA_MAX_OPERAND_REGS * 128
+#: operands loaded in 2-byte pieces (odd leading dimensions in 16-bit): most operand elements a thread
+NARROW_MAX_OPERAND_REGS = 32
+#: Hopper's pointer path on tiles of fewer rows than a warpgroup's wgmma (mma.sync): most columns
+MMA_SYNC_POINTER_MAX_BLOCK_N = 128
+
+
+def _fma(problem: GemmProblem) -> bool:
+    return problem.dtype == "float32" and problem.precision == "ieee"
+
+
+def _spill_rule(bm: int, bn: int, bk: int, warps: int, tma: int, acc_regs: int, operand_regs: int,
+                problem: GemmProblem, limits: DeviceLimits) -> str | None:
+    """Why a tile would spill a few bytes or more (see above), or None."""
+    if _fma(problem) and warps < 8 and acc_regs > FMA_MAX_ACC_REGS_FEW_WARPS:
+        # FMA tiles keep each thread's accumulator block and its operand slices in registers: 4-warp
+        # tiles of 64x64 and more (32-64 accumulators a thread) needed 96-204 registers and spilled 4-20 B
+        # in 5 of 26 builds (64x64, 128x64, 64x128 at 2-4 stages, both ptxas); over 8 warps the same tiles
+        # never did on sm_90a. ``_fit`` spreads them over 8 warps.
+        return (f"float32 'ieee' (FMA) tiles with fewer than 8 warps over {FMA_MAX_ACC_REGS_FEW_WARPS} "
+                "accumulator registers a thread spill")
+    if _fma(problem) and (bm + bn) * bk > FMA_MAX_OPERAND_TILE:
+        # Spreading the tile over 8 warps does not spread the FMA dot's operand reads: 128x32x64 and
+        # 64x128x64 with 8 warps (40 and 48 operand elements a thread) spilled 188 and 312 B on sm_80, as
+        # they did with 4 (80 and 96, see FMA_MAX_OPERAND_REGS).
+        return f"float32 'ieee' (FMA) tiles over {FMA_MAX_OPERAND_TILE} operand elements a K step spill"
+    if not tma and vector_bytes(problem) < 4 and operand_regs > NARROW_MAX_OPERAND_REGS:
+        # Each 2-byte piece is its own load with its own 64-bit address: the registers follow the operand
+        # elements a thread (32: 168-250 registers; 36, e.g. 16x128x64 with 8 warps: 255 and 44 B spilled).
+        return f"operands in 2-byte pieces: over {NARROW_MAX_OPERAND_REGS} elements a thread spill"
+    if limits.is_hopper and not tma and bm < 64 and bn > MMA_SYNC_POINTER_MAX_BLOCK_N:
+        # Under 64 rows Hopper runs mma.sync (B fragments in registers) and the pointer path keeps a
+        # 64-bit address per 16-byte piece of the wide B tile: 16x256 tiles needed 64-137 registers and
+        # spilled 4-8 B in 5 of 20 builds (decode, both ptxas), 16x128 in 1 of 12 (16x128x128 with 4
+        # warps, no known configuration); the descriptor path's 16x256 tiles (48-68 registers) never.
+        return f"Hopper's mma.sync pointer path over {MMA_SYNC_POINTER_MAX_BLOCK_N} columns spills"
+    return None
+
+
 def _fit(entry: tuple[int, int, int, int, int], problem: GemmProblem,
          limits: DeviceLimits | None = None) -> dict[str, Value]:
     """Fit one (BM, BN, BK, stages, warps) entry to the problem like Inductor does: blocks clamped to
@@ -391,6 +444,9 @@ def _fit(entry: tuple[int, int, int, int, int], problem: GemmProblem,
     bk = max(min(bk, _pow2_at_least(problem.K)), 16)
     floor = HOPPER_MIN_WARPS if limits is not None and limits.is_hopper and bm * bn >= 128 * HOPPER_MIN_WARPS else 2
     warps = max(floor, min(warps, bm * bn // 256))
+    if _fma(problem):  # the same tile over more warps, as _spill_rule wants
+        while warps < max(WARPS) and _cdiv(bm * bn, 32 * warps) > FMA_MAX_ACC_REGS_FEW_WARPS:
+            warps *= 2
     stages = min(stages, max(2, _cdiv(problem.K, bk) + 1))
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
             "num_stages": stages, "SPLIT_K": 1, "TMA": 0}
