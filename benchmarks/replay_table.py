@@ -7,6 +7,7 @@ column is at or above the best of every other (at 3 decimals).
         --col "optuna TPE=tpe.jsonl:optuna_tpe" --col random=results/search_efficiency-C.json:random \
         --kt results/kernel_tuner_baseline-D.json --kt results/kernel_tuner_baseline-E.json
 
+--save WHAT also writes results/replay_table-<date>.json (the summaries, the inputs, the machine).
 A column is LABEL=FILE:METHOD: a search_efficiency.py results file (its summary) or its --log file (JSON lines,
 summarised here: a run that was stopped). --kt: kernel_tuner_baseline.py results files (repeatable).
 """
@@ -18,7 +19,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from replay import summarize  # noqa: E402
+from replay import summarize, write_results  # noqa: E402
 
 CHECKPOINTS = (20, 50, 200)
 
@@ -106,6 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=50, help="a column on fewer seeds says how many")
     p.add_argument("--own", action="append", default=[], help="a column shown but not counted as a rival "
                    "(an earlier version of the judged search; repeatable)")
+    p.add_argument("--save", default="", help="also write the table and every column's summary to "
+                   "OUT/replay_table-<date>.json (machine, versions, the inputs): keeps a stopped run's log")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--judge", required=True, help="the column checked against every other and Kernel Tuner")
     a = p.parse_args(argv)
     cols = {}
@@ -115,7 +119,21 @@ def main(argv=None) -> int:
         cols[label] = load_column(path, method, a.budget)
     if a.judge not in cols:
         p.error(f"--judge {a.judge!r} is not a column")
-    print(table(cols, load_kt(a.kt), a.judge, a.seeds, tuple(a.own)))
+    kt = load_kt(a.kt)
+    text = table(cols, kt, a.judge, a.seeds, tuple(a.own))
+    print(text)
+    if a.save:
+        import datetime
+        import platform
+
+        import numpy
+
+        write_results({"benchmark": "replay_table", "what": a.save,
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                       "machine": platform.node(), "platform": platform.platform(),
+                       "python": platform.python_version(), "versions": {"numpy": numpy.__version__},
+                       "inputs": {"col": a.col, "kt": a.kt, "judge": a.judge, "own": a.own, "budget": a.budget},
+                       "columns": cols, "kernel_tuner": kt, "table": text}, a.out, "replay_table")
     return 0
 
 
