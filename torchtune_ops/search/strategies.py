@@ -147,8 +147,8 @@ class TPEStrategy:
     """
 
     def __init__(self, *, n_startup: int = 8, n_startup_prior: int = 0, design: str = "cover",
-                 gamma: float = 0.15,
-                 max_good: int = 20, bandwidth: float = 0.1, min_bandwidth: float = 1.0, eps: float = 0.2,
+                 gamma: float = 0.15, max_good: int = 20, bandwidth: float = 0.1, min_bandwidth: float = 1.0,
+                 eps: float = 0.2,
                  prior_weight: float = 12.0, prior_gamma: float = 0.1, prior_max_good: int = 50,
                  n_ei_candidates: int | None = None, local_every: int = 3, stall: int = 10, far: int = 3,
                  far_rank: float = 0.15, gp_every: int = 2, gp_lengthscale: float = 0.35,
