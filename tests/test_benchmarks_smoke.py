@@ -154,3 +154,28 @@ def test_perfmodel_eval_smoke_and_shipped_prior_on_any_file(tmp_path):
         assert set(scores[key]) == {"0", "1", "3", "5", "10"}
         assert all(0 < v <= 1 for v in scores[key].values())
     assert scores["geomean"]["10"] >= scores["geomean"]["0"]
+
+
+def test_replay_table_from_a_results_file_a_log_and_kernel_tuner(tmp_path):
+    out = tmp_path / "results"
+    log = tmp_path / "runs.jsonl"
+    _run(["benchmarks/search_efficiency.py", "--smoke", "--methods", "tune,random", "--out", str(out),
+          "--log", str(log)], tmp_path)
+    (data,) = _json_files(out)
+    name = next(iter(data["summary"]))
+    tune50 = data["summary"][name]["tune"]["fraction"]["50"]
+    # a Kernel Tuner file with one strategy just above tune() at 50 and one far below
+    kt = tmp_path / "kt.json"
+    kt.write_text(json.dumps({"summary": {name: {
+        "above": {"fraction": {"20": 1.0, "50": tune50 + 0.01}, "worst_decile": {"20": 0.0, "50": 0.0}, "seeds": 2},
+        "below": {"fraction": {"20": 0.0, "50": 0.0}, "worst_decile": {"20": 0.0, "50": 0.0}, "seeds": 2}}}}))
+    results = next(out.glob("search_efficiency-*.json"))
+    r = _run(["benchmarks/replay_table.py", "--judge", "tune", "--col", f"tune={results}:tune",
+              "--col", f"logged={log}:tune", "--own", "logged", "--col", f"random={log}:random",
+              "--kt", str(kt), "--seeds", "2", "--budget", "50"], tmp_path)
+    rows = [line for line in r.stdout.splitlines() if line.startswith("|")]
+    at50 = next(line for line in rows if "| 50 |" in line)
+    cells = [c.strip() for c in at50.split("|")]
+    assert cells[3] == cells[4]  # the results file and the log of the same runs give the same cell
+    assert f"{tune50 + 0.01:.3f} (above, 2)" in at50 and "mean MISS" in at50 and "worst ahead" in at50
+    assert "| 200 |" not in r.stdout  # a budget of 50: no row at 200

@@ -308,5 +308,6 @@ def test_tpe_knobs_reach_the_sampler():
     b = Sampler(Space(PARAMS, constraint=fits), seed=0)
     study_b = optuna.create_study(sampler=b)
     study_b.optimize(lambda t: cost(b.suggest(t)), n_trials=12)
-    assert [t.params for t in study.trials][:2] == [t.params for t in study_b.trials][:2]
+    # the same first draw (nothing is covered yet), then a shorter start and so another search
+    assert [t.params for t in study.trials][:1] == [t.params for t in study_b.trials][:1]
     assert [t.params for t in study.trials] != [t.params for t in study_b.trials]

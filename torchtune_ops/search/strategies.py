@@ -49,13 +49,59 @@ class RandomStrategy:
         return int(self.rng.choice(np.flatnonzero(available)))
 
 
+DESIGNS = ("cover", "cover-even", "random")
+
+
+def design_strata(space: Space, n: int, *, extremes: bool = True) -> list[np.ndarray]:
+    """Per parameter, the stratum of each choice for a start of ``n`` measurements (a Latin-hypercube-like
+    design): an ordinal parameter's sorted values fall into ``min(n, choices)`` strata of consecutive ranks,
+    its smallest and its largest value each a stratum of their own when ``extremes``; every other parameter
+    has one stratum per value."""
+    out = []
+    for size, ordinal, pos in zip(space.sizes, space.ordinal, space.positions):
+        rank = pos.astype(np.int64)  # the rank in sorted order (ordinal) or the index (categorical)
+        k = min(max(1, n), size)
+        if not ordinal or k == size:
+            out.append(rank)
+        elif extremes and k >= 3:  # ranks 0 and size-1 alone, the interior in k-2 equal strata
+            inner = 1 + ((rank - 1) * (k - 2)) // (size - 2)
+            out.append(np.where(rank == 0, 0, np.where(rank == size - 1, k - 1, inner)))
+        else:
+            out.append((rank * k) // size)
+    return out
+
+
+def covering_pick(candidates: np.ndarray, strata: list[np.ndarray], available: np.ndarray,
+                  rng: np.random.Generator) -> int:
+    """An available candidate that covers the most parameters' least-covered strata, drawn at random among
+    the ties. Coverage counts every candidate no longer available (measured, or being measured), so
+    successive picks spread over each parameter's values like a Latin hypercube, within the valid
+    candidates only."""
+    taken = ~available
+    score = np.zeros(len(candidates))
+    for d, of in enumerate(strata):
+        if len(of) == 1:
+            continue
+        s = of[candidates[:, d]]
+        counts = np.bincount(s[taken], minlength=len(of))
+        reachable = np.bincount(s[available], minlength=len(of)) > 0
+        score += counts[s] == counts[reachable].min()
+    rows = np.flatnonzero(available)
+    best = rows[score[rows] == score[rows].max()]
+    return int(rng.choice(best))
+
+
 class TPEStrategy:
     """Multivariate TPE over the enumerated candidates, with a local-search mix, far steps out of a stalled
     basin, a Gaussian-process companion and prior warm-start.
 
     Args:
-        n_startup: proposals drawn uniformly at random before the model is used (initial configurations
-            count toward it). Default 8; with a prior, ``n_startup_prior`` (default 0) instead.
+        n_startup: proposals made before the model is used (initial configurations count toward it).
+            Default 8; with a prior, ``n_startup_prior`` (default 0) instead.
+        design: how those first proposals are chosen. "cover" (default): a space-filling design over the
+            valid candidates (``covering_pick``), each proposal covering the least-covered strata of every
+            parameter, an ordinal parameter's smallest and largest values included; "cover-even": the same
+            with equal strata of consecutive values (the extremes not singled out); "random": uniformly.
         gamma: fraction of the finite measurements in the good group. Default 0.15.
         max_good: most configurations in the good group. Default 20.
         bandwidth: ordinal kernel width as a fraction of the number of choices. Default 0.1.
@@ -100,8 +146,9 @@ class TPEStrategy:
             False: restarts follow one another. (On pnpoly it gave back only part of what restarts cost.)
     """
 
-    def __init__(self, *, n_startup: int = 8, n_startup_prior: int = 0, gamma: float = 0.15,
-                 max_good: int = 20, bandwidth: float = 0.1, min_bandwidth: float = 1.0, eps: float = 0.2,
+    def __init__(self, *, n_startup: int = 8, n_startup_prior: int = 0, design: str = "cover",
+                 gamma: float = 0.15, max_good: int = 20, bandwidth: float = 0.1, min_bandwidth: float = 1.0,
+                 eps: float = 0.2,
                  prior_weight: float = 12.0, prior_gamma: float = 0.1, prior_max_good: int = 50,
                  n_ei_candidates: int | None = None, local_every: int = 3, stall: int = 10, far: int = 3,
                  far_rank: float = 0.15, gp_every: int = 2, gp_lengthscale: float = 0.35,
@@ -109,6 +156,9 @@ class TPEStrategy:
                  restart_backoff: bool = False):
         self.n_startup = n_startup
         self.n_startup_prior = n_startup_prior
+        if design not in DESIGNS:
+            raise ValueError(f"unknown design {design!r}; choose one of {DESIGNS}")
+        self.design = design
         self.gamma = gamma
         self.max_good = max_good
         self.bandwidth = bandwidth
@@ -138,6 +188,7 @@ class TPEStrategy:
         self.moved = np.asarray([max(1.0, round(self.far_rank * (n - 1))) if o else 1.0
                                  for n, o in zip(space.sizes, space.ordinal)])
         self.where = space.positions_of(candidates)  # (C, D) position of every candidate's choices
+        self.strata = design_strata(space, self.n_startup, extremes=self.design == "cover")
         self.gp = (CandidateGP(space, candidates, lengthscale=self.gp_lengthscale, noise=self.gp_noise)
                    if self.gp_every else None)
         self.n_global = 0  # model proposals that were not local steps
@@ -220,7 +271,9 @@ class TPEStrategy:
     def propose(self, available):
         finite = [v for v in self.values if math.isfinite(v)]
         if len(self.values) < self._startup() or (not finite and self.prior_good is None):
-            return int(self.rng.choice(np.flatnonzero(available)))
+            if self.design == "random" or len(self.values) >= self._startup():
+                return int(self.rng.choice(np.flatnonzero(available)))
+            return covering_pick(self.rows.candidates, self.strata, available, self.rng)
         if self.stall and finite and self.since_best >= self.stall:
             self.since_best = 0  # the next far step waits for another stall
             row = self._far_step(available)

@@ -1,0 +1,141 @@
+"""Issue 20's replay table from results files: per space and at 20 / 50 / 200 measurements, each method's mean
+fraction of the optimum [worst decile of seeds], the best of Kernel Tuner's strategies, and whether the judged
+column is at or above the best of every other (at 3 decimals).
+
+    python benchmarks/replay_table.py --judge after \
+        --col before=results/search_efficiency-A.json:tune --col after=results/search_efficiency-B.json:tune \
+        --col "optuna TPE=tpe.jsonl:optuna_tpe" --col random=results/search_efficiency-C.json:random \
+        --kt results/kernel_tuner_baseline-D.json --kt results/kernel_tuner_baseline-E.json
+
+--save WHAT also writes results/replay_table-<date>.json (the summaries, the inputs, the machine).
+A column is LABEL=FILE:METHOD: a search_efficiency.py results file (its summary) or its --log file (JSON lines,
+summarised here: a run that was stopped). --kt: kernel_tuner_baseline.py results files (repeatable).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from replay import summarize, write_results  # noqa: E402
+
+CHECKPOINTS = (20, 50, 200)
+
+
+def _int_keys(s: dict) -> dict:
+    return {k: {int(c): v for c, v in s[k].items()} for k in ("fraction", "worst_decile")} | {"seeds": s["seeds"]}
+
+
+def load_column(path: str, method: str, budget: int = 200) -> dict:
+    """space -> {"fraction", "worst_decile", "seeds"} of ``method`` in a results file or a --log file (whose
+    runs had ``budget`` measurements: a log does not say)."""
+    if path.endswith(".jsonl"):
+        runs: dict = {}
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    name, m, seed, out = json.loads(line)
+                    if m == method:
+                        out["fraction"] = {int(c): v for c, v in out["fraction"].items()}
+                        runs.setdefault(name, {})[seed] = out  # a seed run twice counts once
+        return {name: _int_keys(summarize(list(by.values()), budget, CHECKPOINTS)) for name, by in runs.items()}
+    with open(path) as f:
+        summary = json.load(f)["summary"]
+    return {name: _int_keys(by[method]) for name, by in summary.items() if method in by}
+
+
+def load_kt(paths: list[str]) -> dict:
+    """space -> strategy -> summary over every Kernel Tuner results file (a later file's space replaces)."""
+    out: dict = {}
+    for path in paths:
+        with open(path) as f:
+            for name, by in json.load(f)["summary"].items():
+                out[name] = {s: _int_keys(r) for s, r in by.items()}
+    return out
+
+
+def table(cols: dict[str, dict], kt: dict, judge: str, seeds: int = 50, own: tuple[str, ...] = ()) -> str:
+    """The markdown table; a cell on fewer than ``seeds`` seeds says how many. Columns in ``own`` (earlier
+    versions of the judged search) are shown but are not rivals."""
+    names = sorted({n for c in cols.values() for n in c})
+    head = list(cols) + ["best Kernel Tuner mean", "best Kernel Tuner worst decile",
+                         f"{judge} vs best of the others"]
+    lines = ["| space | at | " + " | ".join(head) + " |", "| --- " * (len(head) + 2) + "|"]
+    for name in names:
+        present = [c for c in CHECKPOINTS if any(c in col[name]["fraction"] for col in cols.values() if name in col)
+                   or any(c in r["fraction"] for r in kt.get(name, {}).values())]
+        for i, c in enumerate(present):
+            cells = []
+            for col in cols.values():
+                s = col.get(name)
+                cell = (f"{s['fraction'][c]:.3f} [{s['worst_decile'][c]:.3f}]" if s and c in s["fraction"]
+                        else "-")
+                if s and i == 0 and s["seeds"] != seeds:  # a column stopped early: say on how many seeds
+                    cell += f" ({s['seeds']} seeds)"
+                cells.append(cell)
+            strategies = {k: r for k, r in kt.get(name, {}).items() if c in r["fraction"]}
+            verdict = []
+            if strategies:
+                bm = max(strategies, key=lambda k: strategies[k]["fraction"][c])
+                bw = max(strategies, key=lambda k: strategies[k]["worst_decile"][c])
+                cells.append(f"{strategies[bm]['fraction'][c]:.3f} ({bm}, {strategies[bm]['seeds']})")
+                cells.append(f"{strategies[bw]['worst_decile'][c]:.3f} ({bw})")
+            else:
+                cells += ["not run", "not run"]
+            mine = cols[judge].get(name)
+            mine = mine if mine and c in mine["fraction"] else None
+            rivals = [s for label, col in cols.items() if label != judge and label not in own
+                      for s in [col.get(name)] if s and c in s["fraction"]]
+            rivals += list(strategies.values())
+            if mine and rivals:
+                for key, word in (("fraction", "mean"), ("worst_decile", "worst")):
+                    a = round(mine[key][c], 3)
+                    b = max(round(r[key][c], 3) for r in rivals)
+                    verdict.append(f"{word} {'ahead' if a > b else 'level' if a == b else 'MISS'}")
+            cells.append(", ".join(verdict) or "-")
+            lines.append(f"| {name if i == 0 else ''} | {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--col", action="append", default=[], help="LABEL=FILE:METHOD (repeatable, in order)")
+    p.add_argument("--kt", action="append", default=[], help="a kernel_tuner_baseline.py results file")
+    p.add_argument("--budget", type=int, default=200, help="the measurements of the runs in a --log file")
+    p.add_argument("--seeds", type=int, default=50, help="a column on fewer seeds says how many")
+    p.add_argument("--own", action="append", default=[], help="a column shown but not counted as a rival "
+                   "(an earlier version of the judged search; repeatable)")
+    p.add_argument("--save", default="", help="also write the table and every column's summary to "
+                   "OUT/replay_table-<date>.json (machine, versions, the inputs): keeps a stopped run's log")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--judge", required=True, help="the column checked against every other and Kernel Tuner")
+    a = p.parse_args(argv)
+    cols = {}
+    for spec in a.col:
+        label, rest = spec.split("=", 1)
+        path, method = rest.rsplit(":", 1)
+        cols[label] = load_column(path, method, a.budget)
+    if a.judge not in cols:
+        p.error(f"--judge {a.judge!r} is not a column")
+    kt = load_kt(a.kt)
+    text = table(cols, kt, a.judge, a.seeds, tuple(a.own))
+    print(text)
+    if a.save:
+        import datetime
+        import platform
+
+        import numpy
+
+        write_results({"benchmark": "replay_table", "what": a.save,
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                       "machine": platform.node(), "platform": platform.platform(),
+                       "python": platform.python_version(), "versions": {"numpy": numpy.__version__},
+                       "inputs": {"col": a.col, "kt": a.kt, "judge": a.judge, "own": a.own, "budget": a.budget},
+                       "columns": cols, "kernel_tuner": kt, "table": text}, a.out, "replay_table")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
