@@ -101,60 +101,70 @@ def _model(name: str):
 
 
 def _models(smoke: bool) -> dict:
-    import torch
-    import torch._dynamo
-    import torchtune_ops
-    from torchtune_ops.runtime import backend, dispatch
+    from torchtune_ops import settings
 
     n, rounds = (3, 3) if smoke else (40, 15)
     out: dict = {}
     for name in ("mlp",) if smoke else ("mlp", "gpt2", "resnet"):
         for mode in ("inference", "training"):
-            torch._dynamo.reset()
-            base, example = _model(name)
-            ours_m = copy.deepcopy(base)
-            if mode == "training":
-                base.train()
-                ours_m.train()
-            ind = torch.compile(base, backend="inductor")
-            backend.reset_counts()
-            ours = torchtune_ops.optimize(ours_m)
+            with tempfile.TemporaryDirectory() as d, settings.override(cache_dir=d):  # empty for each row
+                out.update(_model_rows(name, mode, n, rounds))
+    return out
 
-            def call(m):
-                if mode == "inference":
-                    def f():
-                        with torch.no_grad():
-                            m(example)
-                else:
-                    def f():
-                        loss = m(example).float().sum()
-                        loss.backward()
-                return f
 
-            f_ind, f_ours = call(ind), call(ours)
-            f_ind()
-            f_ours()  # compiles (and, with the interpreter, resolves every key once)
-            counts = backend.intercepted()
-            ops = sum(v for k, v in counts.items() if not k.startswith("skipped:"))
-            out[f"{name}/{mode}"] = _row(_interleaved({"inductor": f_ind, "ours": f_ours}, n, rounds), ops)
-            if not _cache_aten_winners():
-                continue
-            # the same model once its problems are tuned and PyTorch's kernel won each (what tuning finds on
-            # a CPU, where an interpreted Triton kernel is far slower): recompiled against that cache
-            for _ in range(3):   # a key seen only after recompiling (e.g. linear_act's addmm) is cached too
-                torch._dynamo.reset()
-                dispatch.reset()
-                backend.reset_counts()
-                ind = torch.compile(base, backend="inductor")
-                ours = torchtune_ops.optimize(copy.deepcopy(ours_m))
-                f_ind, f_ours = call(ind), call(ours)
-                f_ind()
-                f_ours()
-                if not _cache_aten_winners():
-                    break
-            row = _row(_interleaved({"inductor": f_ind, "ours": f_ours}, n, rounds), ops)
-            row["ops_in_graph"] = sum(v for k, v in backend.intercepted().items() if not k.startswith("skipped:"))
-            out[f"{name}/{mode}/aten-cached"] = row
+def _model_rows(name: str, mode: str, n: int, rounds: int) -> dict:
+    """The rows of one model and mode: with an empty cache, then (with the interpreter) aten-cached."""
+    import torch
+    import torch._dynamo
+    import torchtune_ops
+    from torchtune_ops.runtime import backend, dispatch
+
+    out: dict = {}
+    torch._dynamo.reset()
+    base, example = _model(name)
+    ours_m = copy.deepcopy(base)
+    if mode == "training":
+        base.train()
+        ours_m.train()
+    ind = torch.compile(base, backend="inductor")
+    backend.reset_counts()
+    ours = torchtune_ops.optimize(ours_m)
+
+    def call(m):
+        if mode == "inference":
+            def f():
+                with torch.no_grad():
+                    m(example)
+        else:
+            def f():
+                loss = m(example).float().sum()
+                loss.backward()
+        return f
+
+    f_ind, f_ours = call(ind), call(ours)
+    f_ind()
+    f_ours()  # compiles (and, with the interpreter, resolves every key once)
+    counts = backend.intercepted()
+    ops = sum(v for k, v in counts.items() if not k.startswith("skipped:"))
+    out[f"{name}/{mode}"] = _row(_interleaved({"inductor": f_ind, "ours": f_ours}, n, rounds), ops)
+    if not _cache_aten_winners():
+        return out
+    # the same model once its problems are tuned and PyTorch's kernel won each (what tuning finds on
+    # a CPU, where an interpreted Triton kernel is far slower): recompiled against that cache
+    for _ in range(3):   # a key seen only after recompiling (e.g. linear_act's addmm) is cached too
+        torch._dynamo.reset()
+        dispatch.reset()
+        backend.reset_counts()
+        ind = torch.compile(base, backend="inductor")
+        ours = torchtune_ops.optimize(copy.deepcopy(ours_m))
+        f_ind, f_ours = call(ind), call(ours)
+        f_ind()
+        f_ours()
+        if not _cache_aten_winners():
+            break
+    row = _row(_interleaved({"inductor": f_ind, "ours": f_ours}, n, rounds), ops)
+    row["ops_in_graph"] = sum(v for k, v in backend.intercepted().items() if not k.startswith("skipped:"))
+    out[f"{name}/{mode}/aten-cached"] = row
     return out
 
 
