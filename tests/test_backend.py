@@ -318,3 +318,16 @@ def test_problems_the_kernels_do_not_cover_are_left_to_inductor(no_compile_cache
         torch.testing.assert_close(out, m(x))
     assert "torchtune_ops" not in code, code
     assert any("the kernels do not cover it" in k for k in backend.skipped()), backend.skipped()
+
+
+def test_pass_uuid_changes_with_the_store():
+    """Inductor's caches key on the pass's uuid: a store that changed since a graph was cached (a node left
+    to Inductor may now have a Triton winner) must give a new key; an unchanged one the same key."""
+    from torchtune_ops.storage.device import fingerprint
+    from torchtune_ops.storage.store import Entry, default_store
+
+    p = backend._make_pass("", None)
+    first = p.uuid()
+    assert p.uuid() == first
+    default_store().put(Entry(fingerprint(torch.device("cpu")).key, "gemm", '{"M":3}', "aten", 1.0, 1.0, 1))
+    assert p.uuid() != first
