@@ -197,3 +197,137 @@ def test_inductor_calls_our_ops_as_extern_kernels_where_shapes_are_static(dynami
         sites = re.findall(r"= extern_kernels\.torchtune_ops_\w+_site\(.*'([0-9a-f]{16})'\)", text)
         assert len(sites) == extern and len(set(sites)) == extern, text
     assert dispatch.stats()["ops"]["conv2d"]["calls"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile-time resolution: a static-shape op whose cached winner is PyTorch's kernel is left to Inductor.
+
+class Small(nn.Module):
+    """Two convolutions (one with an input gradient), linear + relu, linear, bmm: odd sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 5, 3, padding=1)
+        self.l1 = nn.Linear(5 * 3 * 3, 7)
+        self.l2 = nn.Linear(7, 6)
+
+    def forward(self, x):
+        y = torch.tanh(self.conv(torch.relu(self.conv0(x)))).flatten(1)
+        h = F.relu(self.l1(y))
+        q = self.l2(h).view(-1, 2, 3)
+        return (torch.bmm(q, q.transpose(1, 2)).flatten(1).sum(1, keepdim=True) + h).square()
+
+
+def _step(m, x, train):
+    """One call (training: forward and backward) and what Inductor generated for it."""
+    from torch._inductor.utils import run_and_get_code
+
+    def f():
+        if not train:
+            with torch.no_grad():
+                return m(x), []
+        for p in m.parameters():
+            p.grad = None
+        out = m(x)
+        out.sum().backward()
+        return out.detach(), [p.grad.clone() for p in m.parameters()]
+
+    (out, grads), code = run_and_get_code(f)
+    return out, grads, "\n".join(code)
+
+
+def _tune_then_recompile(train, timer, *, tune_trials=2, trials=2, autotune="on"):
+    """Compile and run Small with tuning on (every problem tuned at its first call, ``timer`` deciding
+    aten or Triton), then compile it again in a fresh runtime with ``autotune``/``trials``: (the first
+    run's code, the second's code, the second's results, Inductor's results)."""
+    import copy
+
+    from torchtune_ops.tuning.timing import FakeTimer
+
+    torch.manual_seed(3)
+    m, x = Small(), torch.randn(2, 3, 3, 3)
+    if not train:
+        m.eval()
+    ref_m = copy.deepcopy(m)
+    dispatch.set_tune_options(timer=FakeTimer(timer, default=10.0 if timer["aten"] < 10 else 1.0))
+    try:
+        with settings.override(autotune="on", max_trials=tune_trials):
+            first = _step(torch.compile(m, backend="torchtune_ops"), x, train)[2]
+            tuned = sum(c.get("tuned", 0) for c in dispatch.stats()["ops"].values())
+            assert tuned >= 4, dispatch.stats()["ops"]   # a miss with tuning on: our op, tuned at its first call
+        torch._dynamo.reset()
+        backend.reset_counts()
+        dispatch.reset()
+        with settings.override(autotune=autotune, max_trials=trials):
+            out, grads, code = _step(torch.compile(m, backend="torchtune_ops"), x, train)
+    finally:
+        dispatch.set_tune_options(timer=None)
+    ref, ref_grads, _ = _step(torch.compile(ref_m, backend="inductor"), x, train)
+    return first, code, (out, grads), (ref, ref_grads)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("autotune", ["on", "off"])
+def test_cached_aten_winners_are_left_to_inductor(train, autotune, no_compile_caches):
+    """Every problem tuned with PyTorch's kernel the winner: recompiled, the graphs (forward, backward)
+    hold none of our ops, as torch.compile's, with the same results; skipped() says why."""
+    first, code, (out, grads), (ref, ref_grads) = _tune_then_recompile(train, {"aten": 1.0}, autotune=autotune)
+    assert "torchtune_ops" in first
+    assert "torchtune_ops" not in code, code
+    assert not {k: v for k, v in backend.intercepted().items() if not k.startswith("skipped:")}
+    why = backend.skipped()
+    assert why and all("PyTorch's kernel is the cached winner" in k for k in why), why
+    kinds = {k.split(":")[0].split(" ")[0] for k in why}
+    assert {"convolution", "addmm", "bmm"} <= kinds, why
+    if train:
+        assert "convolution_backward" in kinds, why   # the input gradient stays in aten's one call
+    assert dispatch.stats()["ops"] == {}    # nothing dispatched
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_cached_triton_winners_keep_our_ops(train, no_compile_caches):
+    first, code, (out, grads), (ref, ref_grads) = _tune_then_recompile(train, {"aten": 10.0})
+    assert "extern_kernels.torchtune_ops_" in code
+    assert not any("cached winner" in k for k in backend.skipped())
+    kernels = {p["kernel"] for p in dispatch.stats()["problems"]}
+    assert kernels - {"aten"}, dispatch.stats()["problems"]   # Triton kernels ran
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4)
+
+
+def test_aten_winner_tuned_with_a_smaller_budget_keeps_our_op_and_is_tuned_again(no_compile_caches):
+    """Issue 19's rule: with tuning on, an entry tuned with fewer trials than asked now is tuned again,
+    so its aten winner is not final at compile time."""
+    _first, code, _ours, _ref = _tune_then_recompile(False, {"aten": 1.0}, tune_trials=2, trials=3)
+    assert "extern_kernels.torchtune_ops_" in code
+    assert not any("cached winner" in k for k in backend.skipped())
+    assert sum(c.get("tuned", 0) for c in dispatch.stats()["ops"].values()) >= 4
+
+
+def test_problems_the_kernels_do_not_cover_are_left_to_inductor(no_compile_caches):
+    """float64 (no kernel of ours takes it) is PyTorch's at compile time, tuning on or off: no custom op."""
+    torch.manual_seed(4)
+    m, x = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)).double().eval(), torch.randn(4, 5).double()
+    with torch.no_grad(), settings.override(autotune="on"):
+        out, _grads, code = _step(torch.compile(m, backend="torchtune_ops"), x, False)
+        torch.testing.assert_close(out, m(x))
+    assert "torchtune_ops" not in code, code
+    assert any("the kernels do not cover it" in k for k in backend.skipped()), backend.skipped()
+
+
+def test_pass_uuid_changes_with_the_store():
+    """Inductor's caches key on the pass's uuid: a store that changed since a graph was cached (a node left
+    to Inductor may now have a Triton winner) must give a new key; an unchanged one the same key."""
+    from torchtune_ops.storage.device import fingerprint
+    from torchtune_ops.storage.store import Entry, default_store
+
+    p = backend._make_pass("", None)
+    first = p.uuid()
+    assert p.uuid() == first
+    default_store().put(Entry(fingerprint(torch.device("cpu")).key, "gemm", '{"M":3}', "aten", 1.0, 1.0, 1))
+    assert p.uuid() != first

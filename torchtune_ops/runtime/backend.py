@@ -17,7 +17,12 @@ functionalization and decomposition), so backward matmuls and convolutions are i
                                             transposed weight (weight/bias gradients stay with aten)
 
 Transposed and 3-D convolutions, and the input gradients the rule above does not cover, stay with PyTorch:
-``skipped()`` says which and why (``explain()`` prints it).
+``skipped()`` says which and why (``explain()`` prints it). So does a node of static shapes whose problem
+is already decided for PyTorch's kernel when the graph is compiled (``resolve.decided_aten``, read-only: a
+store or bundle entry final for the settings in force whose winner is aten, or a problem the kernels do
+not cover): Inductor compiles it as torch.compile would. A miss, an entry to be tuned again, a Triton winner
+or dynamic shapes keep our op; a winner that changes later is followed when the graph is compiled again
+(the pass's ``uuid`` covers the store's state, so Inductor's caches do not hand back the old graph).
 
 A matmul whose result is also needed elsewhere (e.g. saved as the pre-activation for a gelu backward) is not
 fused: it becomes our addmm/mm followed by aten's activation. With Inductor the rewrite is a
@@ -131,8 +136,12 @@ def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
         t = node.target
         if t in simple or t in with_bias:
             fused = _try_fuse(graph, node, opts)
-            if fused:
+            if fused is True:
                 counts["mm_act"] += 1
+                continue
+            if fused:   # a fused mm_act decided for PyTorch: the matmul and its activation stay Inductor's
+                counts[f"skipped:{t.overloadpacket.__name__}"] += 1
+                why[f"{t.overloadpacket.__name__} (with its activation): {fused}"] += 1
                 continue
             if t in simple:
                 a, b = node.args[:2]
@@ -144,12 +153,19 @@ def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
                 alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
                 new_args = (bias, a, b, beta, alpha, opts)
                 name = with_bias[t]
+            reason = _decided_aten(name, new_args[:-1], opts)
+            if reason is not None:
+                counts[f"skipped:{t.overloadpacket.__name__}"] += 1
+                why[f"{t.overloadpacket.__name__}: {reason}"] += 1
+                continue
             _replace(graph, node, ours.op(name), new_args)
             counts[name] += 1
         elif t is aten.convolution.default:
             x, w, bias, stride, padding, dilation, transposed, _output_padding, groups = node.args[:9]
             xv = _val(x)
             reason = _conv_skip_reason(xv, transposed, stride)
+            if reason is None:
+                reason = _decided_conv(node, opts)
             if reason is not None:
                 counts["skipped:convolution"] += 1
                 why[f"convolution: {reason}"] += 1
@@ -173,6 +189,47 @@ def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
         _counts.update(counts)
         _skipped.update(why)
     return dict(counts)
+
+
+def _decided_aten(op: str, args: tuple, opts: str, *, meta: str = "val") -> str | None:
+    """Why PyTorch's kernel is the final choice of our op ``op`` on ``args`` (graph nodes or constants),
+    known at compile time (``resolve.decided_aten``: a cached aten winner, a problem the kernels do not
+    cover), or None where our op must go into the graph. Such a node is left to Inductor as torch.compile
+    would compile it: no dispatch, and Inductor plans its buffers and layouts (channels-last convolutions)."""
+    from .resolve import decided_aten
+
+    vals = [a.meta.get(meta) if isinstance(a, torch.fx.Node) else a for a in args]
+    if any(isinstance(a, torch.fx.Node) and not isinstance(v, torch.Tensor) for a, v in zip(args, vals)):
+        return None   # an input without a fake tensor: no lookup (keep our op)
+    return decided_aten(op, tuple(vals), opts)
+
+
+def _fake_apply(fn: Callable, vals: list) -> Any:
+    """``fn(*vals)`` under the fake mode of the fake tensors in ``vals`` (their own: a backend may run
+    under another one; None without one)."""
+    mode = next((v.fake_mode for v in vals if getattr(v, "fake_mode", None) is not None), None)
+    if mode is None:
+        return None
+    with mode:
+        return fn(*vals)
+
+
+def _decided_conv(node: torch.fx.Node, opts: str) -> str | None:
+    """``_decided_aten`` for an aten convolution (1-D as our conv2d on a height of 1)."""
+    x, w, bias, stride, padding, dilation, _transposed, _output_padding, groups = node.args[:9]
+    if len(stride) == 2:
+        return _decided_aten("conv2d", (x, w, bias, list(stride), list(padding), list(dilation), groups), opts)
+    vals = [_val(x), _val(w)]
+    if not all(isinstance(v, torch.Tensor) for v in vals):
+        return None
+    got = _fake_apply(lambda a, b: (a.unsqueeze(2), b.unsqueeze(2)), vals)
+    if got is None:
+        return None
+    x4, w4 = got
+    from .resolve import decided_aten
+
+    return decided_aten("conv2d", (x4, w4, _val(bias), [1, stride[0]], [0, padding[0]], [1, dilation[0]], groups),
+                        opts)
 
 
 def _conv_skip_reason(xv: Any, transposed: bool, stride: Sequence[int]) -> str | None:
@@ -243,6 +300,9 @@ def _rewrite_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, opts: str
     getters = [u for u in node.users if u.target is operator.getitem]
     if len(getters) != len(node.users):
         return "its results are used as a tuple"
+    decided = _decided_grad_input(grad, w, one_d, [kernel[0] - 1 - pad[0], kernel[1] - 1 - pad[1]], opts)
+    if decided is not None:   # aten's convolution_backward makes all the gradients in one call
+        return decided
     from . import ops as ours
 
     with graph.inserting_before(node):
@@ -279,8 +339,30 @@ def _rewrite_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, opts: str
     return None
 
 
-def _try_fuse(graph: torch.fx.Graph, node: torch.fx.Node, opts: str) -> bool:
-    """mm/addmm whose only user is a supported activation -> one mm_act node."""
+def _decided_grad_input(grad: Any, w: Any, one_d: bool, pad: list, opts: str) -> str | None:
+    """``_decided_aten`` for an input gradient: the conv2d problem it runs (dispatch.conv2d_grad_input: the
+    output gradient with the flipped, transposed weight, padding ``pad``)."""
+    vals = [_val(grad), _val(w)]
+    if not all(isinstance(v, torch.Tensor) for v in vals):
+        return None
+    from .dispatch import _flipped
+    from .resolve import decided_aten
+
+    def flipped(g, wt):
+        if one_d:
+            g, wt = g.unsqueeze(2), wt.unsqueeze(2)
+        return g, _flipped(wt)
+
+    got = _fake_apply(flipped, vals)
+    if got is None:
+        return None
+    g4, wf = got
+    return decided_aten("conv2d", (g4, wf, None, (1, 1), pad, (1, 1), 1), opts)
+
+
+def _try_fuse(graph: torch.fx.Graph, node: torch.fx.Node, opts: str) -> bool | str:
+    """mm/addmm whose only user is a supported activation -> one mm_act node (True); why the mm_act is
+    PyTorch's at compile time (a string: both nodes left as they are); False where no mm_act applies."""
     aten = torch.ops.aten
     if node.target not in (aten.mm.default, aten.addmm.default) or len(node.users) != 1:
         return False
@@ -300,6 +382,9 @@ def _try_fuse(graph: torch.fx.Graph, node: torch.fx.Node, opts: str) -> bool:
         bv, bval = _val(b), _val(bias)
         if beta != 1 or alpha != 1 or bval is None or bv is None or bval.dim() != 1:
             return False
+    decided = _decided_aten("mm_act", (a, b, bias, act), opts)
+    if decided is not None:
+        return decided
     with graph.inserting_before(user):
         new = graph.call_function(ours.op("mm_act"), (a, b, bias, act, opts))
     new.meta.update(user.meta)
@@ -332,6 +417,25 @@ def _dynamo_activation(node: torch.fx.Node) -> str | None:
     return None
 
 
+def _linear_decided(x: Any, w: Any, bias: Any, act: str, opts: str) -> bool:
+    """Whether the mm_act that ``linear_act(x, w, bias, act)`` runs (a Dynamo graph's nodes, fake tensors
+    in ``example_value``) is decided for PyTorch's kernel at compile time."""
+    vals = [a.meta.get("example_value") if isinstance(a, torch.fx.Node) else a for a in (x, w, bias)]
+    if not all(isinstance(v, torch.Tensor) for v in vals[:2]) or vals[1].dim() != 2 or vals[0].dim() < 1:
+        return False
+
+    def operands(xv, wv, bv):
+        return xv.reshape(-1, xv.shape[-1]), wv.t(), bv
+
+    try:
+        a, b, bv = _fake_apply(operands, vals)
+    except Exception:   # no fake mode, a reshape the fake tensors refuse: keep the fusion
+        return False
+    from .resolve import decided_aten
+
+    return decided_aten("mm_act", (a, b, bv, act), opts) is not None
+
+
 def prefuse_linear_activation(gm: torch.fx.GraphModule, *, opts: str = "") -> dict[str, int]:
     """Inference only: ``activation(F.linear(x, w, b))`` in a Dynamo graph -> ``torchtune_ops.linear_act``.
 
@@ -352,6 +456,8 @@ def prefuse_linear_activation(gm: torch.fx.GraphModule, *, opts: str = "") -> di
             continue
         x, w = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if _linear_decided(x, w, bias, act, opts):
+            continue   # AOT autograd's addmm and activation are looked up again after it (rewrite_graph)
         with gm.graph.inserting_before(user):
             new = gm.graph.call_function(ours.op("linear_act"), (x, w, bias, act, opts))
         new.meta.update(user.meta)
@@ -380,6 +486,28 @@ def _source_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def _decision_sources(opts: str) -> str:
+    """A digest of what compile-time resolution reads (``resolve.decided_aten``): the settings in force
+    and the store's files as they are now (path, size, modification time; a write changes them), so that
+    Inductor's caches do not hand back a graph compiled against another state of the cache."""
+    from ..storage.store import default_path, default_store
+    from .resolve import _decode_opts
+
+    overrides, _graph = _decode_opts(opts)
+    with settings.override(**overrides):
+        s = settings.current()
+        path = default_path()
+        default_store()   # created now, as the pass's lookups would: the same key before and after them
+    files = []
+    for f in (path, path.with_name(path.name + "-wal")):
+        try:
+            st = f.stat()
+            files.append((str(f), st.st_size, st.st_mtime_ns))
+        except OSError:
+            files.append((str(f), None))
+    return hashlib.sha256(repr((s, files)).encode()).hexdigest()[:16]
+
+
 def _custom_graph_pass_base():
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
@@ -388,7 +516,8 @@ def _custom_graph_pass_base():
 
 class RewritePass:
     """Inductor ``post_grad_custom_pre_pass``: ``rewrite_graph`` with a stable ``uuid`` (our sources, the
-    opts string and the pass it chains to), so Inductor's caches key on it."""
+    opts string, the pass it chains to, and the settings and store state compile-time resolution reads),
+    so Inductor's caches key on it."""
 
     def __init__(self, opts: str = "", chained: Any = None):
         self.opts = opts
@@ -405,7 +534,7 @@ class RewritePass:
             chained = self.chained.uuid() if hasattr(self.chained, "uuid") else None
             if chained is None:
                 return None  # an uncacheable user pass: let Inductor bypass its cache
-        return ("torchtune_ops", _source_hash(), self.opts, chained)
+        return ("torchtune_ops", _source_hash(), self.opts, chained, _decision_sources(self.opts))
 
 
 def _make_pass(opts: str, chained: Any):

@@ -251,9 +251,7 @@ def _decide(op: str, args: tuple, device: torch.device, aten: Callable, capturin
     info = dict(time_ms=getattr(entry, "time_ms", None), aten_ms=getattr(entry, "aten_ms", None),
                 trials=_ntrials(entry), decided=getattr(entry, "decided", ""))
     winner = entry.winner
-    beat = (winner != "aten" and info["time_ms"] is not None and info["aten_ms"] is not None
-            and info["time_ms"] < info["aten_ms"])
-    if not beat:
+    if not _beats_aten(entry):
         return Choice(aten, kernel="aten", source=source, **base, **info)
     from ..kernels.base import Config
 
@@ -297,7 +295,9 @@ def _lookup_or_tune(family, problem, pkey: str, fp: str, device: torch.device, s
     return _lookup_or_tune_local(family, problem, pkey, fp, device, s)
 
 
-def _lookup_or_tune_local(family, problem, pkey, fp, device, s):
+def _found(family, problem, pkey: str, fp: str, s: settings.Settings):
+    """(store or None, [(entry, "store" | "bundle")], the entries final for the settings ``s``): with tuning
+    on, an answer tuned with a smaller budget than asked now (or untuned) is tuned again, so not final."""
     store = None
     try:
         store = _open_store(s)
@@ -307,8 +307,71 @@ def _lookup_or_tune_local(family, problem, pkey, fp, device, s):
         entry = None
     shipped = _bundle_entry(family, problem, fp, s)
     found = [(e, src) for e, src in ((entry, "store"), (shipped, "bundle")) if e is not None]
-    # with tuning on, an answer tuned with a smaller budget than asked now (or untuned) is tuned again
     enough = [f for f in found if not s.tuning or f[0].covers(s.max_trials, s.time_budget)]
+    return store, found, enough
+
+
+def _beats_aten(entry: Any) -> bool:
+    """Whether a tuned entry's winner is a configuration of ours that beat PyTorch's kernel."""
+    time_ms, aten_ms = getattr(entry, "time_ms", None), getattr(entry, "aten_ms", None)
+    return entry.winner != "aten" and time_ms is not None and aten_ms is not None and time_ms < aten_ms
+
+
+def decided_aten(op: str, args: tuple, opts: str) -> str | None:
+    """At compile time: why PyTorch's kernel is already the final choice of an op call, or None where our
+    op must stay in the graph.
+
+    Args:
+        op: our op's run-time name ("mm", "addmm", "mm_act", "conv2d", ...).
+        args: its arguments as the run-time dispatch would see them (fake tensors of the graph, static
+            shapes), without ``opts``.
+        opts: the op's ``opts`` string (settings overrides).
+
+    Read-only, as ``_resolve`` would decide but without tuning, prediction or writes: a problem the
+    kernels do not cover, or a store or bundle entry that is final for the settings in force (with tuning
+    on, one tuned with at least the budget asked now) and whose winner is PyTorch's kernel. A miss (tuned
+    at its first call, predicted or recorded), an entry to be tuned again (in the background or not), a
+    Triton winner, dynamic shapes, torch.distributed (rank 0 decides at run time) and any failure of the
+    lookup keep our op. The in-process memory is not read: its decided choices come from the store and
+    bundles (tuned entries are stored); the rest (predicted, untuned, claimed by another process) is not
+    final.
+    """
+    try:
+        tensors = [t for t in args if isinstance(t, torch.Tensor)]
+        if not tensors or not all(isinstance(d, int) for t in tensors for d in (*t.shape, *t.stride())):
+            return None
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return None
+        overrides, _graph = _decode_opts(opts)
+        with settings.override(**overrides):
+            s = settings.current()
+            if s.disable:
+                return None
+            try:
+                family, problem, _launch = _family_and_problem(op, args, s)
+            except UnsupportedProblem as e:
+                return f"the kernels do not cover it: {e}"
+            problem = _bucketed(family, problem, s)
+            pkey = _problem_key(family, problem)
+            from ..storage.device import fingerprint
+
+            _store, _all, enough = _found(family, problem, pkey, fingerprint(tensors[0].device).key, s)
+            if not enough:
+                return None
+            entry, src = min(enough, key=lambda f: f[0].time_ms)
+            if _beats_aten(entry):
+                return None
+            return f"PyTorch's kernel is the cached winner ({'shipped bundle' if src == 'bundle' else 'store'})"
+    except KeyboardInterrupt:
+        raise
+    except Exception:  # compile-time resolution is an optimisation: keep our op, as before it
+        return None
+
+
+def _lookup_or_tune_local(family, problem, pkey, fp, device, s):
+    store, found, enough = _found(family, problem, pkey, fp, s)
     if enough:
         return min(enough, key=lambda f: f[0].time_ms)  # the store's on a tie
     if found and s.autotune == "background":  # serve the answer we have while a better one is sought
