@@ -4,7 +4,8 @@ complex dtypes, NaN and Inf, mismatched dtypes / shapes / devices (PyTorch's err
 inference_mode, requires_grad and CPU autocast; each with a Triton winner forced into the cache for the
 shape (so our kernel really runs) and with none; a few under optimize().
 
-The counts (inputs tried, wrong results) go to benchmarks/results/faults_summary.json."""
+The counts (inputs tried, wrong results) are printed, and merged into the JSON file named by
+FAULTS_SUMMARY when set (benchmarks/results/faults_summary.json holds the committed figures)."""
 from __future__ import annotations
 
 import contextlib

@@ -66,14 +66,18 @@ def _check_kept(st: Store, entries: list[Entry]) -> None:
 
 
 def write_figures(part: str, figures: dict) -> None:
-    """Merge one test file's figures into benchmarks/results/faults_summary.json (with the machine, the
-    versions and the date) and print them."""
+    """Print one test file's figures; with FAULTS_SUMMARY=<path> set, also merge them into that JSON file
+    (with the machine, the versions and the date), e.g. benchmarks/results/faults_summary.json. A plain
+    test run leaves the checkout untouched."""
     import datetime
     import platform
 
     import triton
 
-    path = ROOT / "benchmarks" / "results" / "faults_summary.json"
+    print(f"\n[{part}] " + ", ".join(f"{k}: {v}" for k, v in figures.items()))
+    if not os.environ.get("FAULTS_SUMMARY"):
+        return
+    path = Path(os.environ["FAULTS_SUMMARY"])
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -88,7 +92,6 @@ def write_figures(part: str, figures: dict) -> None:
                      for k in ("inputs_tried", "faults_injected", "wrong_results", "entries_lost")}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    print(f"\n[{part}] " + ", ".join(f"{k}: {v}" for k, v in figures.items()))
 
 
 @pytest.fixture(scope="module", autouse=True)
