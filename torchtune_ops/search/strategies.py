@@ -146,13 +146,15 @@ class TPEStrategy:
             False: restarts follow one another. (On pnpoly it gave back only part of what restarts cost.)
         far_every: a *portfolio*: every this many model proposals is a far step (as for ``stall``, but without
             waiting for one), so a search that settled early in a second-best basin also tries the most
-            promising other basin. 0 (default) turns it off (docs/search.md: screened, not adopted).
+            promising other basin. 0 (default) turns it off.
         second_every: every this many local steps searches the one-parameter neighbours of the *runner-up*
             (the best measurement outside the best's basin, ``far`` parameters away) instead of the best's,
             so a second basin is refined alongside the first. 0 (default) turns it off.
         gp_far_every: every this many Gaussian-process proposals takes the candidate of highest expected
             improvement *outside* the best's basin, over the best measured there (a portfolio led by the
             model's uncertainty). 0 (default) turns it off.
+            The three portfolios above were screened and judged on the development spaces and not adopted
+            (docs/search.md, "early basin switching").
     """
 
     def __init__(self, *, n_startup: int = 8, n_startup_prior: int = 0, design: str = "cover",
@@ -418,10 +420,6 @@ class TPEStrategy:
     def _best_row(self) -> int:
         """Candidate row of the best configuration measured so far."""
         return self.cands[int(np.argmin(np.asarray(self.values, dtype=float)))]
-
-    def _best_point(self) -> np.ndarray:
-        """Choice indices of the best configuration measured so far."""
-        return self.rows.candidates[self._best_row()]
 
     def _far_step(self, available: np.ndarray) -> int | None:
         """The best-scored available candidate at least ``far`` parameters from the best so far (counted with
