@@ -331,3 +331,31 @@ def test_pass_uuid_changes_with_the_store():
     assert p.uuid() == first
     default_store().put(Entry(fingerprint(torch.device("cpu")).key, "gemm", '{"M":3}', "aten", 1.0, 1.0, 1))
     assert p.uuid() != first
+
+
+@pytest.mark.parametrize("act", [nn.GELU(approximate="tanh"), nn.SiLU()])
+def test_a_cached_aten_linear_activation_leaves_its_matmul_to_inductor_untuned(act, no_compile_caches):
+    """Inference fuses linear + activation before AOT autograd; when the fused problem's cached winner is
+    PyTorch's kernel the pair is left alone, and the addmm Inductor's decomposition leaves behind (the
+    activation turned into pointwise code) is not looked up, nor tuned, under a key of its own."""
+    from torchtune_ops.tuning.timing import FakeTimer
+
+    torch.manual_seed(5)
+    m, x = nn.Sequential(nn.Linear(11, 13), act, nn.Linear(13, 3)).eval(), torch.randn(2, 7, 11)
+    dispatch.set_tune_options(timer=FakeTimer({"aten": 1.0}, default=10.0))
+    try:
+        with settings.override(autotune="on", max_trials=2):
+            with torch.no_grad():
+                torch.compile(m, backend="torchtune_ops")(x)
+            assert sum(c.get("tuned", 0) for c in dispatch.stats()["ops"].values()) == 2   # mm_act, addmm
+            torch._dynamo.reset()
+            backend.reset_counts()
+            dispatch.reset()
+            out, _, code = _step(torch.compile(m, backend="torchtune_ops"), x, False)
+    finally:
+        dispatch.set_tune_options(timer=None)
+    assert dispatch.stats()["ops"] == {}, dispatch.stats()["ops"]   # nothing dispatched, nothing tuned
+    assert "torchtune_ops" not in code, code
+    assert any("cached winner" in k for k in backend.skipped()), backend.skipped()
+    with torch.no_grad():
+        torch.testing.assert_close(out, m(x), rtol=1e-4, atol=1e-5)

@@ -583,3 +583,14 @@ def test_cli_tune_cached_retunes_chosen_cache_entries(tmp_path, fake_timer, monk
     got = {e.problem: e for e in Store.open(d / "tuning.sqlite").entries()}
     assert got[keys[1]].trials == 5 and got[keys[1]].max_trials == 40      # not chosen: untouched
     assert got[keys[0]].max_trials == 2 and got[keys[0]].winner != "aten"   # chosen: tuned again (replaced)
+
+
+def test_demo_second_run_is_served_by_the_cache(tmp_path):
+    """The main job end to end (tiny models, few trials): the second process tunes nothing and is served
+    by the cache, ops whose winner is PyTorch's kernel left to Inductor at compile time included."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHTUNE_OPS_")}
+    r = subprocess.run([sys.executable, "-m", "torchtune_ops.demo", "--max-trials", "2", "--cache-dir",
+                        str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    second = r.stdout.split("second run (cache only)", 1)[1]
+    assert "tuned 0" in second and "demo passed" in second, second

@@ -154,6 +154,9 @@ def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
                 new_args = (bias, a, b, beta, alpha, opts)
                 name = with_bias[t]
             reason = _decided_aten(name, new_args[:-1], opts)
+            if reason is None and t is aten.addmm.default and _mm_signature(
+                    _val(a), _val(b), _val(bias)) in getattr(_left_with_activation, "sigs", ()):
+                reason = "PyTorch's kernel is the cached winner of its linear + activation"
             if reason is not None:
                 counts[f"skipped:{t.overloadpacket.__name__}"] += 1
                 why[f"{t.overloadpacket.__name__}: {reason}"] += 1
@@ -417,6 +420,17 @@ def _dynamo_activation(node: torch.fx.Node) -> str | None:
     return None
 
 
+# Matmuls (a, b, bias signatures) of linear + activation pairs that prefuse_linear_activation left to
+# PyTorch for this compile: after AOT autograd the activation may be decomposed into pointwise code, and
+# the bare addmm must not be looked up (and tuned) under a key of its own.
+_left_with_activation = threading.local()
+
+
+def _mm_signature(a: Any, b: Any, bias: Any) -> tuple:
+    return tuple((tuple(t.shape), tuple(t.stride()), t.dtype) if isinstance(t, torch.Tensor) else None
+                 for t in (a, b, bias))
+
+
 def _linear_decided(x: Any, w: Any, bias: Any, act: str, opts: str) -> bool:
     """Whether the mm_act that ``linear_act(x, w, bias, act)`` runs (a Dynamo graph's nodes, fake tensors
     in ``example_value``) is decided for PyTorch's kernel at compile time."""
@@ -433,7 +447,10 @@ def _linear_decided(x: Any, w: Any, bias: Any, act: str, opts: str) -> bool:
         return False
     from .resolve import decided_aten
 
-    return decided_aten("mm_act", (a, b, bv, act), opts) is not None
+    if decided_aten("mm_act", (a, b, bv, act), opts) is None:
+        return False
+    _left_with_activation.__dict__.setdefault("sigs", set()).add(_mm_signature(a, b, bv))
+    return True
 
 
 def prefuse_linear_activation(gm: torch.fx.GraphModule, *, opts: str = "") -> dict[str, int]:
@@ -587,6 +604,7 @@ def torchtune_ops_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
         s = settings.current()
     op_opts = dispatch.encode_opts(overrides, graph=graph)
     rewrite = not s.disable and _kernels_can_run(example_inputs)
+    _left_with_activation.sigs = set()
     if rewrite and not _wants_grad(example_inputs):
         prefuse_linear_activation(gm, opts=op_opts)
     if compiler == "eager":
