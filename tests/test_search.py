@@ -201,6 +201,34 @@ def test_without_far_steps_a_stalled_search_does_not_go_to_the_poorer_region():
     assert (cands[strat.propose(available)] != 7).sum() >= 2
 
 
+@pytest.mark.parametrize("far_every", [0, 2, 3])
+def test_far_every_makes_every_kth_model_proposal_a_far_step_without_a_stall(far_every):
+    # stall off, and only one measurement since the best: any far step is the portfolio's
+    strat, cands, available = _stalled_strategy(0, n_worse=1, far_every=far_every)
+    far = [(_measure(strat, cands, available, 5.0) != 0).sum() >= strat.far for _ in range(6)]
+    if far_every:
+        assert all(far[k - 1] for k in range(far_every, 7, far_every)), far
+    else:
+        assert far.count(True) < 6 // 3, far
+
+
+@pytest.mark.parametrize("second_every", [0, 2])
+def test_second_every_centres_every_kth_local_step_on_the_best_outside_the_best_basin(second_every):
+    # every model proposal a local step; the runner-up is the far measurement at (7, 7, 7, 7)
+    strat, cands, available = _stalled_strategy(0, n_worse=1, local_every=1, second_every=second_every)
+    steps = [_measure(strat, cands, available, 5.0) for _ in range(6)]
+    for k, step in enumerate(steps, 1):
+        around = 7 if second_every and k % second_every == 0 else 0
+        assert (step != around).sum() == 1, (k, step)
+
+
+def test_gp_far_every_sends_every_kth_gp_proposal_outside_the_best_basin():
+    # no local steps: model proposals alternate TPE, GP; every second GP proposal (the 4th, 8th, 12th) is far
+    strat, cands, available = _stalled_strategy(0, n_worse=1, local_every=0, gp_far_every=2)
+    steps = [_measure(strat, cands, available, 5.0) for _ in range(12)]
+    assert all((steps[k - 1] != 0).sum() >= strat.far for k in (4, 8, 12)), steps
+
+
 @pytest.mark.parametrize("failure", ["inf", "nan", "raise"])
 def test_failing_configs_are_scored_as_failed_and_the_search_goes_on(failure):
     def objective(cfg):

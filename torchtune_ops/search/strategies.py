@@ -144,6 +144,17 @@ class TPEStrategy:
         restart_backoff: when True, after a restart ends the next one waits until ``explore_after * 2**k``
             more measurements have gone without a new best (k: restarts since the last new best). Default
             False: restarts follow one another. (On pnpoly it gave back only part of what restarts cost.)
+        far_every: a *portfolio*: every this many model proposals is a far step (as for ``stall``, but without
+            waiting for one), so a search that settled early in a second-best basin also tries the most
+            promising other basin. 0 (default) turns it off.
+        second_every: every this many local steps searches the one-parameter neighbours of the *runner-up*
+            (the best measurement outside the best's basin, ``far`` parameters away) instead of the best's,
+            so a second basin is refined alongside the first. 0 (default) turns it off.
+        gp_far_every: every this many Gaussian-process proposals takes the candidate of highest expected
+            improvement *outside* the best's basin, over the best measured there (a portfolio led by the
+            model's uncertainty). 0 (default) turns it off.
+            The three portfolios above were screened and judged on the development spaces and not adopted
+            (docs/search.md, "early basin switching").
     """
 
     def __init__(self, *, n_startup: int = 8, n_startup_prior: int = 0, design: str = "cover",
@@ -153,7 +164,8 @@ class TPEStrategy:
                  n_ei_candidates: int | None = None, local_every: int = 3, stall: int = 10, far: int = 3,
                  far_rank: float = 0.15, gp_every: int = 2, gp_lengthscale: float = 0.35,
                  gp_noise: float = 1e-2, explore_after: int = 0, explore_every: int = 2,
-                 restart_backoff: bool = False):
+                 restart_backoff: bool = False, far_every: int = 0, second_every: int = 0,
+                 gp_far_every: int = 0):
         self.n_startup = n_startup
         self.n_startup_prior = n_startup_prior
         if design not in DESIGNS:
@@ -178,6 +190,9 @@ class TPEStrategy:
         self.explore_after = explore_after
         self.explore_every = explore_every
         self.restart_backoff = restart_backoff
+        self.far_every = far_every
+        self.second_every = second_every
+        self.gp_far_every = gp_far_every
 
     def start(self, space, candidates, prior, rng):
         self.rng = rng
@@ -194,7 +209,7 @@ class TPEStrategy:
         self.n_global = 0  # model proposals that were not local steps
         self.values: list[float] = []
         self.cands: list[int] = []
-        self.n_model = 0
+        self.n_model = self.n_local = 0
         self.since_best, self.best_value = 0, math.inf
         self.stuck = 0  # measurements since the last new best (far steps do not reset it)
         self.restart: list[int] = []  # indices of the current restart's measurements
@@ -284,17 +299,33 @@ class TPEStrategy:
             if row is not None:
                 return row
         self.n_model += 1
+        if self.far_every and finite and self.n_model % self.far_every == 0:
+            row = self._far_step(available)
+            if row is not None:
+                return row
         local = bool(self.local_every and finite and self.n_model % self.local_every == 0)
         if not local and self.gp is not None and len(finite) >= 3:
             self.n_global += 1
             if self.n_global % self.gp_every == 0:
+                values = np.asarray(self.values, dtype=float)
+                if self.gp_far_every and (self.n_global // self.gp_every) % self.gp_far_every == 0:
+                    basin = self._basin(self._best_row())
+                    outside = ~basin[np.asarray(self.cands)]
+                    rows = np.flatnonzero(available & ~basin)
+                    if len(rows) and outside.any():
+                        gain = self.gp.expected_improvement(values, rows, self.rng, incumbent=outside)
+                        return int(rows[np.argmax(gain)])
                 rows = np.flatnonzero(available)
-                gain = self.gp.expected_improvement(np.asarray(self.values, dtype=float), rows, self.rng)
+                gain = self.gp.expected_improvement(values, rows, self.rng)
                 return int(rows[np.argmax(gain)])
         score = self.log_ratio()
         pool = available
         if local:
-            near = (self.rows.candidates != self._best_point()).sum(axis=1) == 1
+            centre = self._best_row()
+            self.n_local += 1
+            if self.second_every and self.n_local % self.second_every == 0:
+                centre = self._runner_up(centre)
+            near = (self.rows.candidates != self.rows.candidates[centre]).sum(axis=1) == 1
             if (near & available).any():
                 pool = near & available
         rows = np.flatnonzero(pool)
@@ -368,6 +399,15 @@ class TPEStrategy:
                  if outside[i] and math.isfinite(values[i]) and int(i) not in self.used_seeds]
         return order[0] if order else None
 
+    def _runner_up(self, best: int) -> int:
+        """Candidate row of the best finite measurement outside the basin of candidate ``best`` (``best`` when
+        there is none)."""
+        values = np.asarray(self.values, dtype=float)
+        outside = ~self._basin(best)[np.asarray(self.cands)] & np.isfinite(values)
+        if not outside.any():
+            return best
+        return self.cands[int(np.argmin(np.where(outside, values, math.inf)))]
+
     def _best_scored(self, pool: np.ndarray, values: np.ndarray) -> int:
         """The candidate in ``pool`` of highest l/g, with the good group drawn from ``values`` (inf: not in it)
         and every other measurement in the bad group."""
@@ -380,10 +420,6 @@ class TPEStrategy:
     def _best_row(self) -> int:
         """Candidate row of the best configuration measured so far."""
         return self.cands[int(np.argmin(np.asarray(self.values, dtype=float)))]
-
-    def _best_point(self) -> np.ndarray:
-        """Choice indices of the best configuration measured so far."""
-        return self.rows.candidates[self._best_row()]
 
     def _far_step(self, available: np.ndarray) -> int | None:
         """The best-scored available candidate at least ``far`` parameters from the best so far (counted with
