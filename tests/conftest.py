@@ -40,6 +40,19 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def ops_stay(tmp_path, monkeypatch):
+    """Keep our ops in compiled graphs with tuning off: with nothing cached and nothing to record, the
+    backend leaves an op to Inductor (PyTorch's kernel would serve it all along); recording unseen problems
+    (TORCHTUNE_OPS_RECORD) is a configuration in which the first call must reach our op."""
+    monkeypatch.setenv("TORCHTUNE_OPS_RECORD", str(tmp_path / "recorded.jsonl"))
+    from torchtune_ops import settings
+
+    settings.reload()
+    yield str(tmp_path / "recorded.jsonl")
+    settings.reload()
+
+
+@pytest.fixture
 def fresh_runtime():
     """No compiled graphs, in-memory choices, counts or tune options before the test, and none left after."""
     import torch

@@ -55,7 +55,7 @@ def _train_step(m, fn, x):
     return out.detach(), _grads(m)
 
 
-def test_eager_compiler_rewrites_forward_and_backward_and_matches_eager():
+def test_eager_compiler_rewrites_forward_and_backward_and_matches_eager(ops_stay):
     torch.manual_seed(0)
     m, x = Net(), torch.randn(3, 3, 5, 5)
     compiled = torch.compile(m, backend="torchtune_ops", options={"compiler": "eager"})
@@ -84,7 +84,7 @@ def no_compile_caches():
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
-def test_inference_graph_fuses_linear_and_activation(compiler, no_compile_caches):
+def test_inference_graph_fuses_linear_and_activation(compiler, no_compile_caches, ops_stay):
     m = nn.Sequential(nn.Linear(8, 16), nn.GELU(approximate="tanh"), nn.Linear(16, 16), nn.SiLU(),
                       nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 4, bias=False), nn.ReLU())
     x = torch.randn(2, 5, 8)
@@ -115,7 +115,7 @@ def test_rewrite_graph_leaves_transposed_convolution():
     assert counts == {"skipped:convolution": 1}
 
 
-def test_inductor_training_and_inference_match_eager(no_compile_caches):
+def test_inductor_training_and_inference_match_eager(no_compile_caches, ops_stay):
     torch.manual_seed(1)
     m, x = Net(), torch.randn(3, 3, 5, 5)
     compiled = torch.compile(m, backend="torchtune_ops")
@@ -130,7 +130,7 @@ def test_inductor_training_and_inference_match_eager(no_compile_caches):
     assert dispatch.stats()["ops"]["conv2d"]["calls"] >= 1
 
 
-def test_entry_point_backend_without_importing_the_package(tmp_path):
+def test_entry_point_backend_without_importing_the_package(tmp_path, ops_stay):
     script = textwrap.dedent("""
         import sys, torch
         m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
@@ -142,6 +142,7 @@ def test_entry_point_backend_without_importing_the_package(tmp_path):
         print("COUNTS", sorted(backend.intercepted().items()))
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHTUNE_OPS_")}
+    env["TORCHTUNE_OPS_RECORD"] = ops_stay
     env["TORCHTUNE_OPS_CACHE_DIR"] = str(tmp_path)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -160,10 +161,11 @@ print("CALLS", sum(c["calls"] for c in dispatch.stats()["ops"].values()))
 """
 
 
-def test_inductor_cache_hit_in_a_new_process_runs_our_ops(tmp_path):
+def test_inductor_cache_hit_in_a_new_process_runs_our_ops(tmp_path, ops_stay):
     """The second process loads the compiled graphs from Inductor's caches (our pass does not run there);
     the ops must still be registered and run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHTUNE_OPS_")}
+    env["TORCHTUNE_OPS_RECORD"] = ops_stay
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
     env["TORCHTUNE_OPS_CACHE_DIR"] = str(tmp_path / "cache")
     for _ in range(2):
@@ -175,7 +177,7 @@ def test_inductor_cache_hit_in_a_new_process_runs_our_ops(tmp_path):
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_inductor_calls_our_ops_as_extern_kernels_where_shapes_are_static(dynamic, no_compile_caches):
+def test_inductor_calls_our_ops_as_extern_kernels_where_shapes_are_static(dynamic, no_compile_caches, ops_stay):
     """Static shapes: Inductor's code calls the run-time dispatch directly (extern_kernels.torchtune_ops_*),
     not through the dispatcher; dynamic shapes keep the op call. Results and calls are the same."""
     from torch._inductor.utils import run_and_get_code

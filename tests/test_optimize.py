@@ -52,7 +52,7 @@ def _tuned():
     return sum(c.get("tuned", 0) for c in dispatch.stats()["ops"].values())
 
 
-def test_optimize_matches_eager_forward_backward_and_keeps_module_state():
+def test_optimize_matches_eager_forward_backward_and_keeps_module_state(ops_stay):
     torch.manual_seed(0)
     m, x = Net(), torch.randn(3, 3, 4, 4)
     om = torchtune_ops.optimize(m, compiler="eager")
@@ -118,7 +118,7 @@ def test_tuning_on_fills_the_cache_and_a_fresh_process_tunes_nothing(tmp_path, f
     assert "TUNED 0" in r.stdout and f"STORE {tuned}" in r.stdout, r.stdout
 
 
-def test_tuning_off_tunes_nothing(tmp_path):
+def test_tuning_off_tunes_nothing(tmp_path, ops_stay):
     m, x = Net().eval(), torch.randn(2, 3, 4, 4)
     with torch.no_grad():
         torchtune_ops.optimize(m, cache_dir=tmp_path, compiler="eager")(x)
@@ -127,6 +127,27 @@ def test_tuning_off_tunes_nothing(tmp_path):
     assert _tuned() == 0
     assert not (tmp_path / "tuning.sqlite").exists() or Store.open(tmp_path / "tuning.sqlite").entries() == []
     assert {p["source"] for p in dispatch.stats()["problems"]} == {"untuned"}
+
+
+def test_tuning_off_with_nothing_cached_leaves_every_op_to_inductor(tmp_path):
+    """Nothing to tune, record or predict: PyTorch's kernel would serve every call, so the graph is
+    Inductor's own (no op of ours), and skipped() says why."""
+    torch.manual_seed(0)
+    m, x = Net(), torch.randn(2, 3, 4, 4)
+    om = torchtune_ops.optimize(m, cache_dir=tmp_path, compiler="eager")
+    out = om(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    ref = m(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for g, p in zip(grads, m.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+    assert backend.intercepted() and all(k.startswith("skipped:") for k in backend.intercepted())
+    assert dispatch.stats()["problems"] == []
+    reasons = backend.skipped()
+    assert any("tuning is off and nothing is cached" in r for r in reasons), reasons
 
 
 def test_dynamic_shapes_tune_each_new_shape_once_without_recompiling(fake_timer):

@@ -328,8 +328,9 @@ def decided_aten(op: str, args: tuple, opts: str) -> str | None:
         opts: the op's ``opts`` string (settings overrides).
 
     Read-only, as ``_resolve`` would decide but without tuning, prediction or writes: a problem the
-    kernels do not cover, or a store or bundle entry that is final for the settings in force (with tuning
-    on, one tuned with at least the budget asked now) and whose winner is PyTorch's kernel. A miss (tuned
+    kernels do not cover, a store or bundle entry that is final for the settings in force (with tuning
+    on, one tuned with at least the budget asked now) and whose winner is PyTorch's kernel, or a miss
+    with tuning off, nothing to record and no confident performance model. A miss otherwise (tuned
     at its first call, predicted or recorded), an entry to be tuned again (in the background or not), a
     Triton winner, dynamic shapes, torch.distributed (rank 0 decides at run time) and any failure of the
     lookup keep our op. The in-process memory is not read: its decided choices come from the store and
@@ -357,9 +358,10 @@ def decided_aten(op: str, args: tuple, opts: str) -> str | None:
             pkey = _problem_key(family, problem)
             from ..storage.device import fingerprint
 
-            _store, _all, enough = _found(family, problem, pkey, fingerprint(tensors[0].device).key, s)
+            fp = fingerprint(tensors[0].device).key
+            store, found, enough = _found(family, problem, pkey, fp, s)
             if not enough:
-                return None
+                return _untuned_is_final(family, tensors[0].device, fp, store, found, s)
             entry, src = min(enough, key=lambda f: f[0].time_ms)
             if _beats_aten(entry):
                 return None
@@ -368,6 +370,21 @@ def decided_aten(op: str, args: tuple, opts: str) -> str | None:
         raise
     except Exception:  # compile-time resolution is an optimisation: keep our op, as before it
         return None
+
+
+def _untuned_is_final(family, device, fp: str, store, found: list, s: settings.Settings) -> str | None:
+    """A miss that PyTorch's kernel serves for the whole process, as its first call would find: tuning
+    off, nothing to record, and no confident performance model to predict a kernel of ours."""
+    if found or s.tuning or s.record:
+        return None
+    if s.perfmodel and store is not None:
+        from ..kernels.base import device_limits
+        from ..tuning import perfmodel
+
+        model = perfmodel.model_with_prior(store, fp, family.name, limits=device_limits(device), reuse=True)
+        if model is not None and model.confident():
+            return None
+    return "tuning is off and nothing is cached for it: PyTorch's kernel serves (TORCHTUNE_OPS_AUTOTUNE tunes)"
 
 
 def _lookup_or_tune_local(family, problem, pkey, fp, device, s):
