@@ -107,12 +107,17 @@ def _models(smoke: bool) -> dict:
     out: dict = {}
     for name in ("mlp",) if smoke else ("mlp", "gpt2", "resnet"):
         for mode in ("inference", "training"):
-            with tempfile.TemporaryDirectory() as d, settings.override(cache_dir=d):  # empty for each row
-                out.update(_model_rows(name, mode, n, rounds))
+            # an empty cache for each row; tuning off: with nothing to tune, record or predict, every op is
+            # left to Inductor. "/recording" keeps our ops in the graph (a miss must reach our op to be
+            # recorded), PyTorch's kernel behind them: what an intercepted op costs.
+            for tag in ("", "/recording"):
+                with tempfile.TemporaryDirectory() as d, settings.override(
+                        cache_dir=d, record=os.path.join(d, "recorded.jsonl") if tag else None):
+                    out.update(_model_rows(name, mode, n, rounds, tag))
     return out
 
 
-def _model_rows(name: str, mode: str, n: int, rounds: int) -> dict:
+def _model_rows(name: str, mode: str, n: int, rounds: int, tag: str = "") -> dict:
     """The rows of one model and mode: with an empty cache, then (with the interpreter) aten-cached."""
     import torch
     import torch._dynamo
@@ -146,7 +151,7 @@ def _model_rows(name: str, mode: str, n: int, rounds: int) -> dict:
     f_ours()  # compiles (and, with the interpreter, resolves every key once)
     counts = backend.intercepted()
     ops = sum(v for k, v in counts.items() if not k.startswith("skipped:"))
-    out[f"{name}/{mode}"] = _row(_interleaved({"inductor": f_ind, "ours": f_ours}, n, rounds), ops)
+    out[f"{name}/{mode}{tag}"] = _row(_interleaved({"inductor": f_ind, "ours": f_ours}, n, rounds), ops)
     if not _cache_aten_winners():
         return out
     # the same model once its problems are tuned and PyTorch's kernel won each (what tuning finds on
@@ -164,7 +169,7 @@ def _model_rows(name: str, mode: str, n: int, rounds: int) -> dict:
             break
     row = _row(_interleaved({"inductor": f_ind, "ours": f_ours}, n, rounds), ops)
     row["ops_in_graph"] = sum(v for k, v in backend.intercepted().items() if not k.startswith("skipped:"))
-    out[f"{name}/{mode}/aten-cached"] = row
+    out[f"{name}/{mode}{tag}/aten-cached"] = row
     return out
 
 

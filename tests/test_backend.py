@@ -361,3 +361,22 @@ def test_a_cached_aten_linear_activation_leaves_its_matmul_to_inductor_untuned(a
     assert any("cached winner" in k for k in backend.skipped()), backend.skipped()
     with torch.no_grad():
         torch.testing.assert_close(out, m(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_failing_graph_pass_compiles_the_model_as_torch_compile_would(train, monkeypatch, no_compile_caches):
+    """Our pass hitting an unexpected error is a warning, not a compile error: the graph runs unchanged."""
+    def broken(*args, **kwargs):
+        raise TypeError("unhashable type: non-nested SymInt")
+
+    monkeypatch.setattr(backend, "_decided_aten", broken)
+    monkeypatch.setattr(backend, "_rewrite_warned", set())
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(7, 9), nn.GELU(approximate="tanh"), nn.Linear(9, 3))
+    x = torch.randn(4, 7)
+    with pytest.warns(RuntimeWarning, match="failed .*TypeError"):
+        out, grads, _ = _step(torch.compile(m, backend="torchtune_ops"), x, train)
+    ref, ref_grads, _ = _step(m, x, train)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)

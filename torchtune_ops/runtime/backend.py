@@ -53,6 +53,7 @@ import hashlib
 import operator
 import threading
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -154,8 +155,9 @@ def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
                 new_args = (bias, a, b, beta, alpha, opts)
                 name = with_bias[t]
             reason = _decided_aten(name, new_args[:-1], opts)
-            if reason is None and t is aten.addmm.default and _mm_signature(
-                    _val(a), _val(b), _val(bias)) in getattr(_left_with_activation, "sigs", ()):
+            left = getattr(_left_with_activation, "sigs", None)
+            if reason is None and left and t is aten.addmm.default and _mm_signature(
+                    _val(a), _val(b), _val(bias)) in left:
                 reason = "PyTorch's kernel is the cached winner of its linear + activation"
             if reason is not None:
                 counts[f"skipped:{t.overloadpacket.__name__}"] += 1
@@ -426,9 +428,16 @@ def _dynamo_activation(node: torch.fx.Node) -> str | None:
 _left_with_activation = threading.local()
 
 
-def _mm_signature(a: Any, b: Any, bias: Any) -> tuple:
-    return tuple((tuple(t.shape), tuple(t.stride()), t.dtype) if isinstance(t, torch.Tensor) else None
-                 for t in (a, b, bias))
+def _mm_signature(a: Any, b: Any, bias: Any) -> tuple | None:
+    """Shapes, strides and dtypes of a matmul's operands; None where any is symbolic (dynamic shapes are
+    never decided at compile time)."""
+    sig = tuple((tuple(t.shape), tuple(t.stride()), t.dtype) if isinstance(t, torch.Tensor) else None
+                for t in (a, b, bias))
+    try:
+        hash(sig)
+    except TypeError:   # SymInts
+        return None
+    return sig
 
 
 def _linear_decided(x: Any, w: Any, bias: Any, act: str, opts: str) -> bool:
@@ -449,7 +458,9 @@ def _linear_decided(x: Any, w: Any, bias: Any, act: str, opts: str) -> bool:
 
     if decided_aten("mm_act", (a, b, bv, act), opts) is None:
         return False
-    _left_with_activation.__dict__.setdefault("sigs", set()).add(_mm_signature(a, b, bv))
+    sig = _mm_signature(a, b, bv)
+    if sig is not None:
+        _left_with_activation.__dict__.setdefault("sigs", set()).add(sig)
     return True
 
 
@@ -525,6 +536,23 @@ def _decision_sources(opts: str) -> str:
     return hashlib.sha256(repr((s, files)).encode()).hexdigest()[:16]
 
 
+_rewrite_warned: set[str] = set()
+
+
+def _guarded(fn: Callable, graph_or_module: Any, opts: str) -> None:
+    """Run one of our graph passes; a failure leaves the graph as it is (each rewrite of a node is whole, so
+    a pass stopped half-way leaves a valid graph) and warns once per kind of failure: never a compile error
+    in the user's model."""
+    try:
+        fn(graph_or_module, opts=opts)
+    except Exception as e:  # noqa: BLE001 - the model must compile whatever our pass hits
+        kind = f"{fn.__name__}: {type(e).__name__}"
+        if kind not in _rewrite_warned:
+            _rewrite_warned.add(kind)
+            warnings.warn(f"torchtune_ops: {fn.__name__} failed ({type(e).__name__}: {e}); the rest of this "
+                          "graph is compiled as torch.compile would", RuntimeWarning, stacklevel=2)
+
+
 def _custom_graph_pass_base():
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
@@ -543,7 +571,7 @@ class RewritePass:
     def __call__(self, graph: torch.fx.Graph) -> None:
         if self.chained is not None:
             self.chained(graph)
-        rewrite_graph(graph, opts=self.opts)
+        _guarded(rewrite_graph, graph, self.opts)
 
     def uuid(self) -> Any:
         chained = None
@@ -606,7 +634,7 @@ def torchtune_ops_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
     rewrite = not s.disable and _kernels_can_run(example_inputs)
     _left_with_activation.sigs = set()
     if rewrite and not _wants_grad(example_inputs):
-        prefuse_linear_activation(gm, opts=op_opts)
+        _guarded(prefuse_linear_activation, gm, op_opts)
     if compiler == "eager":
         return _eager(gm, example_inputs, op_opts if rewrite else None)
     return _inductor(gm, example_inputs, op_opts if rewrite else None, mode, opts_in)
@@ -661,7 +689,7 @@ def _eager(gm, example_inputs, opts: str | None) -> Callable:
 
     def compiler(g: torch.fx.GraphModule, _inputs) -> Callable:
         if opts is not None:
-            rewrite_graph(g.graph, opts=opts)
+            _guarded(rewrite_graph, g.graph, opts)
             g.recompile()
         return make_boxed_func(g.forward)
 
