@@ -30,12 +30,11 @@ import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from replay import best_so_far, json_safe, list_spaces, summarize, trace_metrics, write_results  # noqa: E402
+from replay import best_so_far, list_spaces, run_logged, summarize, trace_metrics, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATASETS = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "datasets"))
@@ -161,14 +160,7 @@ def main(argv=None) -> int:
         for d in done:
             d[3]["fraction"] = {int(c): v for c, v in d[3].get("fraction", {}).items()}
     else:
-        log = open(a.log, "a") if a.log else None
-        done = []
-        with ProcessPoolExecutor(max(1, a.jobs)) as ex:
-            for item in ex.map(_job, jobs):
-                done.append(item)
-                if log:
-                    log.write(json.dumps(json_safe(list(item))) + "\n")
-                    log.flush()
+        done = run_logged(_job, jobs, a.jobs, a.log)
     runs, errors = {}, {}
     for name, strategy, seed, out in done:
         if "error" in out:

@@ -74,6 +74,26 @@ def json_safe(x: Any) -> Any:
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
+def run_logged(fn, jobs: list, n_jobs: int, log_path: str | None = None) -> list:
+    """``fn`` over ``jobs`` in ``n_jobs`` processes, in order; with ``log_path``, each result is appended
+    to it as a JSON line as soon as it is done (a stopped run's log keeps what finished)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    done = []
+    log = open(log_path, "a") if log_path else None
+    try:
+        with ProcessPoolExecutor(max(1, n_jobs)) as ex:
+            for item in ex.map(fn, jobs):
+                done.append(item)
+                if log:
+                    log.write(json.dumps(json_safe(list(item))) + "\n")
+                    log.flush()
+    finally:
+        if log:
+            log.close()
+    return done
+
+
 def write_results(record: dict[str, Any], out_dir: str, name: str) -> str:
     """Write ``record`` (made JSON-safe) to ``out_dir/<name>-<UTC stamp>.json``; print and return the path."""
     os.makedirs(out_dir, exist_ok=True)

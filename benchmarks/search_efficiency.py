@@ -21,13 +21,12 @@ import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 # One BLAS thread per worker: the search's linear algebra is small, and --jobs workers share the cores.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from replay import (ReplaySpace, best_so_far, json_safe, list_spaces, load_space, summarize,  # noqa: E402
+from replay import (ReplaySpace, best_so_far, list_spaces, load_space, run_logged, summarize,  # noqa: E402
                     tpe_knobs, trace_metrics, write_results)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -254,14 +253,7 @@ def main(argv=None) -> int:
     jobs = [(path, name, m, seed, a.budget, related(path, name) if m == "tune_prior" else (), tpe)
             for path, name in paths for m in methods for seed in seeds]
     t0 = time.perf_counter()
-    log = open(a.log, "a") if a.log else None
-    done = []
-    with ProcessPoolExecutor(max(1, a.jobs)) as ex:
-        for item in ex.map(_job, jobs):
-            done.append(item)
-            if log:
-                log.write(json.dumps(json_safe(list(item))) + "\n")
-                log.flush()
+    done = run_logged(_job, jobs, a.jobs, a.log)
     runs: dict = {}
     for name, method, seed, out in done:
         runs.setdefault(name, {}).setdefault(method, []).append(out)
