@@ -1,4 +1,4 @@
-"""Triton device functions shared by the kernel families: tile order and the fused activation."""
+"""Triton device functions shared by the kernel families: tile order, the fused activation and the MMA step."""
 from __future__ import annotations
 
 import triton
@@ -32,3 +32,13 @@ def activate(acc, ACT: tl.constexpr):
     elif ACT == 3:  # silu: x * sigmoid(x), NaN at -inf like torch
         acc = acc * (1.0 / (1.0 + tl.exp(-acc)))
     return acc
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b``; with UPCAST the operands go to float32 first (the interpreter multiplies bf16
+    operands as raw bits)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)

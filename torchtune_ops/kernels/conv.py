@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ..errors import InvalidConfig, UnsupportedProblem
 from . import _compat
-from ._jit import ACTIVATION_CODES, activate, tile_order
+from ._jit import ACTIVATION_CODES, activate, mma, tile_order
 from .base import Config, DeviceLimits, KernelFamily, Value, iter_known
 
 ACTIVATIONS = tuple(ACTIVATION_CODES)
@@ -60,14 +60,6 @@ def _output_pixel(m, P, Q):
     pq = m - img * (P * Q)
     p = pq // Q
     return img, p, pq - p * Q
-
-
-@triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:  # the interpreter multiplies bf16 operands as raw bits
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -134,7 +126,7 @@ def _conv2d_kernel(
                         other=0.0)
             b = tl.load(w_ptr + (w_cols[None, :] + (c * swc + r * swr + s * sws)[:, None]), mask=k_ok[:, None],
                         other=0.0)
-            acc = _mma(a, b, acc, PRECISION, UPCAST)
+            acc = mma(a, b, acc, PRECISION, UPCAST)
     else:
         for it in range(lo, hi):
             rs = it // cb
@@ -161,7 +153,7 @@ def _conv2d_kernel(
                 b = tl.load(b_ptrs)
             else:
                 b = tl.load(b_ptrs, mask=(c < CG)[:, None], other=0.0)
-            acc = _mma(a, b, acc, PRECISION, UPCAST)
+            acc = mma(a, b, acc, PRECISION, UPCAST)
 
     mask = (offs_m < M)[:, None] & (offs_n < KG)[None, :]
     if SPLIT_K > 1:  # float32 partial sums to the workspace [SPLIT_K, M, K]; _splitk_reduce_kernel finishes

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ..errors import InvalidConfig, UnsupportedProblem
 from . import _compat
-from ._jit import ACTIVATION_CODES, activate, tile_order
+from ._jit import ACTIVATION_CODES, activate, mma, tile_order
 from .base import Config, DeviceLimits, KernelFamily, Value
 from .gemm_space import (DESCRIPTOR_STORE_AXES, TORCH_DTYPES, GemmProblem, check, gemm_problem,
                          known_configs, space)
@@ -212,10 +212,7 @@ def _tma_mainloop(a_desc, b_desc, off_m, off_n, pid_k, K,
             b = b_desc.load([off_k, off_n])
         else:
             b = b_desc.load([off_n, off_k]).T
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = mma(a, b, acc, PRECISION, UPCAST)
     return acc
 
 
@@ -260,10 +257,7 @@ def _pointer_mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, st
             b = tl.load(b_ptrs, mask=(rn < N)[None, :], other=0.0)
         else:
             b = tl.load(b_ptrs)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = mma(a, b, acc, PRECISION, UPCAST)
         a_ptrs += a_step
         b_ptrs += b_step
     if not EVEN_K:  # the K remainder: one masked iteration
@@ -276,10 +270,7 @@ def _pointer_mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, st
             b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
         else:
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = mma(a, b, acc, PRECISION, UPCAST)
     return acc
 
 
