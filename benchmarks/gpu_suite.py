@@ -657,13 +657,11 @@ def _measure(spec: dict) -> dict:
             from torchtune_ops.runtime import backend
 
             probs = torchtune_ops.explain(print_it=False).get("problems", [])
-            # ops whose cached winner is PyTorch's kernel are left to Inductor when the graph is compiled
-            left = {why: n for why, n in backend.skipped().items() if "cached winner" in why}
+            left = backend.left_by_cache()   # cache hits left to Inductor at compile time, by source
             out["left_to_inductor"] = sum(left.values())
             out["problems"] = len(probs) + out["left_to_inductor"]
             out["triton_winners"] = sum(1 for p in probs if p.get("kernel") != "aten")
-            out["sources"] = sorted({p.get("source", "") for p in probs}
-                                    | {"bundle" if "shipped bundle" in why else "store" for why in left})
+            out["sources"] = sorted({p.get("source", "") for p in probs} | set(left))
     return out
 
 

@@ -280,6 +280,7 @@ def test_cached_aten_winners_are_left_to_inductor(train, autotune, no_compile_ca
     assert not {k: v for k, v in backend.intercepted().items() if not k.startswith("skipped:")}
     why = backend.skipped()
     assert why and all("PyTorch's kernel is the cached winner" in k for k in why), why
+    assert backend.left_by_cache() == {"store": sum(why.values())}
     kinds = {k.split(":")[0].split(" ")[0] for k in why}
     assert {"convolution", "addmm", "bmm"} <= kinds, why
     if train:

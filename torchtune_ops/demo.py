@@ -165,8 +165,7 @@ def run(args: argparse.Namespace) -> int:
         st = dispatch.stats()
         tuned = sum(c.get("tuned", 0) for c in st["ops"].values())
         hits = sum(c.get("store", 0) + c.get("bundle", 0) for c in st["ops"].values())
-        # ops whose cached winner is PyTorch's kernel are left to Inductor when the graph is compiled
-        left = sum(n for why, n in backend.skipped().items() if "cached winner" in why)
+        left = sum(backend.left_by_cache().values())   # cache hits left to Inductor at compile time
         problems = [p for p in st["problems"] if p["source"] in ("tuned", "store", "bundle")]
         print(f"   problems: {len(st['problems'])}, tuned now: {tuned}, from the cache: {hits}"
               + (f", left to Inductor by the cache (PyTorch's kernel won): {left}" if left else ""))

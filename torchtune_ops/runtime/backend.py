@@ -85,6 +85,17 @@ def skipped() -> dict[str, int]:
         return dict(_skipped)
 
 
+def left_by_cache() -> dict[str, int]:
+    """Of ``skipped()``: the nodes left to Inductor because the cache's winner is PyTorch's kernel, by where
+    the answer came from (``"store"`` or ``"bundle"``); cache hits that never reach our dispatch."""
+    out: dict[str, int] = {}
+    for why, n in skipped().items():
+        if "the cached winner" in why:
+            src = "bundle" if "shipped bundle" in why else "store"
+            out[src] = out.get(src, 0) + n
+    return out
+
+
 def reset_counts() -> None:
     """Zero the counts of ``intercepted()``, ``skipped()`` and ``passthrough()``."""
     with _counts_lock:
