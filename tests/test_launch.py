@@ -166,7 +166,8 @@ def test_tuned_choice_runs_through_the_binding(monkeypatch, device):
     dispatch.reset()
 
 
-_DRIVER_SCRIPT = r"""
+# what both stubbed-driver scripts start with (run by _driver_script in a process without the interpreter)
+_DRIVER_PRELUDE = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from _fake_driver import fake_driver
@@ -174,7 +175,21 @@ from torchtune_ops.kernels import gemm as kgemm
 
 def plain(args):   # tensors by pointer, everything else as it is
     return [("ptr", a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
+"""
 
+
+def _driver_script(body: str, tmp_path) -> dict:
+    """Run ``_DRIVER_PRELUDE + body`` without the interpreter (Triton's real JIT, stubbed driver); its RESULT."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+               TORCHTUNE_OPS_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", _DRIVER_PRELUDE + body, os.path.join(ROOT, "benchmarks")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.split("RESULT ", 1)[1])
+
+
+_DRIVER_SCRIPT = r"""
 cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2, SPLIT_K=3, TMA=0)
 res = {}
 with fake_driver(kgemm._gemm_kernel, kgemm._splitk_epilogue_kernel) as launches:
@@ -209,12 +224,7 @@ def test_bound_launch_passes_what_the_jit_passes(tmp_path):
     """Without the interpreter, against Triton's real JIT on a stubbed driver: the first call compiles
     (once per kernel), later calls go straight to the compiled kernel's launcher with the same arguments
     as ``kernel[grid](...)`` gives it; a misaligned operand goes through the JIT (a new specialisation)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    r = subprocess.run([sys.executable, "-c", _DRIVER_SCRIPT, os.path.join(ROOT, "benchmarks")], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    res = _driver_script(_DRIVER_SCRIPT, tmp_path)
     assert res["first"] == [2, 2, 0]                  # GEMM + split-K epilogue, both through the JIT
     assert res["same_args"] == [True, True] and res["ptrs_in_place"] == [True, True]
     assert res["bound"] == [1, 1, 2]                  # straight to the kept kernels, nothing compiled
@@ -222,17 +232,10 @@ def test_bound_launch_passes_what_the_jit_passes(tmp_path):
 
 
 _SPECIALISED_SCRIPT = r"""
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from _fake_driver import fake_driver
 import triton
-from torchtune_ops.kernels import gemm as kgemm
 from torchtune_ops.runtime import launch
 from torchtune_ops.runtime.choices import Choice
 from torchtune_ops.runtime.aten import aten_for
-
-def plain(args):   # tensors by pointer, everything else as it is
-    return [("ptr", a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
 
 cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=2, num_stages=1, SPLIT_K=1, TMA=0)
 res = {}
@@ -276,13 +279,7 @@ def test_a_tuned_choice_launches_through_the_specialised_call(tmp_path):
     launcher; a misaligned operand and an installed launch hook go through the JIT."""
     if not hasattr(__import__("triton"), "knobs"):
         pytest.skip("this Triton has no knobs.runtime launch hooks: every call goes through the JIT")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
-               TORCHTUNE_OPS_CACHE_DIR=str(tmp_path / "cache"))
-    r = subprocess.run([sys.executable, "-c", _SPECIALISED_SCRIPT, os.path.join(ROOT, "benchmarks")], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    res = _driver_script(_SPECIALISED_SCRIPT, tmp_path)
     assert res["first"] == [1, 1]
     assert res["same_args"] and res["ptrs"] and res["out"] == [[33, 17], [17, 1]]
     assert res["compiled"] == 1                        # nothing compiled again
