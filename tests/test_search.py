@@ -48,6 +48,7 @@ class Recorder:
 
 STRATEGIES = [pytest.param(lambda: "tpe", id="tpe"), pytest.param(lambda: "random", id="random"),
               pytest.param(lambda: TPEStrategy(n_ei_candidates=8, local_every=0), id="tpe-sampled"),
+              pytest.param(lambda: TPEStrategy(gp_fit="ard"), id="tpe-gp-ard"),
               pytest.param(lambda: RandomStrategy(), id="random-object")]
 
 

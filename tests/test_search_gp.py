@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from torchtune_ops.search import Space, TPEStrategy, tune
-from torchtune_ops.search.gp import CandidateGP, features
+from torchtune_ops.search.gp import CandidateGP, feature_groups, features
 
 
 def _grid(*sizes):
@@ -149,3 +149,90 @@ def test_gp_every_0_is_plain_tpe_and_builds_no_model():
     result = _run(strat)
     assert strat.gp is None
     assert result.best_value == 1.0
+
+
+# ---- length scales fitted by marginal likelihood (fit="iso" / "ard") ----
+
+def test_feature_groups_name_the_parameter_of_each_feature_column():
+    space = Space({"block": [16, 32, 64], "one": [7], "order": ["row", "col", "tile"], "warps": [2, 4]})
+    groups = feature_groups(space)
+    assert len(groups) == features(space, _grid(3, 1, 3, 2)).shape[1]
+    # block (ordinal, 1 column), one (dropped), order (categorical, 3 columns), warps (two values: categorical)
+    assert groups.tolist() == [0, 1, 1, 1, 2, 2]
+
+
+def _matern(r):
+    return (1 + math.sqrt(5) * r + 5 / 3 * r * r) * np.exp(-math.sqrt(5) * r)
+
+
+@pytest.mark.parametrize("fit", ["iso", "ard"])
+def test_refitted_kernel_cache_equals_the_kernel_at_the_fitted_scales(fit):
+    space = Space({"a": list(range(7)), "b": ["x", "y", "z"], "c": list(range(5))})
+    cands = _grid(7, 3, 5)
+    rng = np.random.default_rng(1)
+    rows = rng.choice(len(cands), 17, replace=False)
+    told = [(int(r), 1.0 + cands[r][0] + 0.1 * cands[r][2] ** 2) for r in rows]
+    gp, values = _gp_told(space, cands, told, fit=fit)
+    gp.expected_improvement(values, np.arange(len(cands)), rng)  # fits
+    x = features(space, cands) / gp.scales[feature_groups(space)]
+    want = _matern(np.linalg.norm(x[:, None, :] - x[None, rows, :], axis=2))
+    assert gp._k[:, :len(rows)] == pytest.approx(want, abs=1e-5)
+    if fit == "iso":
+        assert len(set(gp.scales.tolist())) == 1
+    gp.add_candidates(cands[:4])  # new candidates get kernel values at the fitted scales too
+    assert gp._k[len(cands):, :len(rows)] == pytest.approx(want[:4], abs=1e-5)
+
+
+def test_ard_gives_a_parameter_that_does_not_change_the_time_a_longer_length_scale():
+    """Time depends on a only (a rough, non-monotone function of it); b is irrelevant."""
+    space = Space({"a": list(range(12)), "b": list(range(12))})
+    cands = _grid(12, 12)
+    rows = np.random.default_rng(0).choice(len(cands), 40, replace=False)
+    told = [(int(r), 2.0 + math.sin(2.0 * cands[r][0])) for r in rows]
+    gp, values = _gp_told(space, cands, told, fit="ard")
+    gp.fit_scales(values)
+    assert gp.scales[1] > 2 * gp.scales[0], gp.scales
+    # ... which is also what the marginal likelihood prefers to a single scale for both
+    y = np.log(values)
+    y = (y - y.mean()) / y.std()
+    assert gp.log_evidence(y, gp.scales) > gp.log_evidence(y, np.full(2, gp.scales[0]))
+
+
+@pytest.mark.parametrize("rough", [False, True])
+def test_iso_fit_takes_a_short_length_scale_for_a_rough_function_and_a_long_one_for_a_smooth_one(rough):
+    space = Space({"x": list(range(40))})
+    cands = _grid(40)
+    f = (lambda i: 2.0 + (i % 2)) if rough else (lambda i: 1.0 + i / 10.0)
+    told = [(i, f(i)) for i in range(0, 40, 3)]
+    gp, values = _gp_told(space, cands, told, fit="iso")
+    gp.fit_scales(values)
+    if rough:
+        assert gp.scales[0] < 0.35
+    else:
+        assert gp.scales[0] > 0.35
+
+
+def test_fixed_fit_keeps_the_length_scale_and_unknown_fits_are_refused():
+    space = Space({"x": list(range(10))})
+    gp, values = _gp_told(space, _grid(10), [(0, 1.0), (4, 3.0), (9, 2.0), (6, 1.5)])
+    gp.expected_improvement(values, np.arange(10), np.random.default_rng(0))
+    assert gp.scales.tolist() == [0.35]
+    assert gp._k[:, 0] == pytest.approx(_matern(np.arange(10) / 9 / 0.35), abs=1e-6)
+    with pytest.raises(ValueError, match="fit"):
+        CandidateGP(space, _grid(10), fit="mle")
+
+
+def test_feasibility_mode_regresses_on_successes_and_discounts_candidates_next_to_failures():
+    """Time falls as x grows, but x >= 25 fails. "slowest" counts the failures as slow; "feasibility" leaves
+    them out of the regression and only lowers the chance that their neighbours run."""
+    space = Space({"x": list(range(30))})
+    told = [(i, 30.0 - i) for i in (0, 6, 12, 18)] + [(27, math.inf), (29, math.inf)]
+    rows = np.asarray([20, 24, 26])
+    gains = {}
+    for mode in ("slowest", "feasibility"):
+        gp, values = _gp_told(space, _grid(30), told, failures=mode)
+        gains[mode] = gp.expected_improvement(values, rows, np.random.default_rng(0))
+    assert gains["feasibility"][2] < gains["feasibility"][0]  # 26 sits between the two failures
+    assert gains["feasibility"][0] > gains["slowest"][0]  # 20 is not dragged towards the failures' "slowness"
+    with pytest.raises(ValueError, match="failures"):
+        CandidateGP(space, _grid(30), failures="ignore")

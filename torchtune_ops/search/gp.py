@@ -23,6 +23,21 @@ _SQRT5 = math.sqrt(5.0)
 _erf = np.frompyfunc(math.erf, 1, 1)
 
 
+FITS = ("fixed", "iso", "ard")
+FAILURES = ("slowest", "feasibility")
+
+
+def feature_groups(space: Space) -> np.ndarray:
+    """The parameter (its index among the parameters of more than one choice) of each column of
+    ``features``: an ordinal parameter has one column, a categorical one a column per choice."""
+    groups, g = [], 0
+    for size, ordinal in zip(space.sizes, space.ordinal):
+        if size > 1:
+            groups.extend([g] * (1 if ordinal else size))
+            g += 1
+    return np.asarray(groups or [0], dtype=np.int64)
+
+
 def features(space: Space, points: np.ndarray) -> np.ndarray:
     """(m, k) coordinates in [0, 1] of configurations given as choice indices ``points`` (m, D)."""
     where = space.positions_of(points)
@@ -45,20 +60,52 @@ class CandidateGP:
     Args:
         space: the search space.
         candidates: (C, D) choice indices of the candidates.
-        lengthscale: Matern 5/2 length scale in the [0, 1] coordinates. Default 0.35.
+        lengthscale: Matern 5/2 length scale in the [0, 1] coordinates; with ``fit``, the centre of the
+            length scales' prior and the first guess. Default 0.35.
         noise: observation noise variance, relative to the (standardised) signal. Default 1e-2.
+        fit: "fixed" (default): every parameter keeps ``lengthscale``; "iso": one length scale for all,
+            chosen among ``LENGTH_GRID`` x ``lengthscale`` by the log marginal likelihood of the measured
+            log-times plus a log-normal prior around ``lengthscale`` (``prior_sd``); "ard": that one, then
+            a length scale per parameter (its relevance: a parameter that does not change the time gets a
+            long one) by coordinate search over the same grid. Refitted as measurements arrive (every one
+            up to 30, then each time their number grew by 10%).
+        prior_sd: the standard deviation of log(length scale) under the prior. Default log(4).
+        failures: how failed measurements enter the model. "slowest" (default): as slow as the slowest
+            success; "feasibility": the regression sees only the successes, and the expected improvement is
+            weighed by a kernel-smoothed chance that the candidate runs, (1 + sum of kernel values to the
+            successes) / (2 + sum to all measurements), so a failure lowers the chance of its neighbours
+            without making the region look slow.
     """
 
-    def __init__(self, space: Space, candidates: np.ndarray, *, lengthscale: float = 0.35, noise: float = 1e-2):
+    LENGTH_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+    def __init__(self, space: Space, candidates: np.ndarray, *, lengthscale: float = 0.35, noise: float = 1e-2,
+                 fit: str = "fixed", prior_sd: float = math.log(4.0), failures: str = "slowest"):
+        if fit not in FITS:
+            raise ValueError(f"unknown fit {fit!r}; choose one of {FITS}")
         self.space = space
         self.lengthscale = lengthscale
         self.noise = noise
+        self.fit = fit
+        self.prior_sd = prior_sd
+        if failures not in FAILURES:
+            raise ValueError(f"unknown failures {failures!r}; choose one of {FAILURES}")
+        self.failures = failures
         self.x = features(space, candidates)
+        self.groups = feature_groups(space)
+        self.scales = np.full(int(self.groups.max()) + 1, float(lengthscale))  # length scale per parameter
         self._k = np.zeros((len(candidates), 16), dtype=np.float32)  # kernel(candidate, measurement)
         self.measured: list[int] = []
+        self._fitted_at = 0  # measurements at the last fit
+
+    def _scaled(self, x: np.ndarray) -> np.ndarray:
+        return x / self.scales[self.groups].astype(np.float32)
 
     def _kernel(self, points: np.ndarray, centre: np.ndarray) -> np.ndarray:
-        r = np.sqrt(((points - centre) ** 2).sum(axis=1)) / self.lengthscale
+        if self.fit == "fixed":
+            r = np.sqrt(((points - centre) ** 2).sum(axis=1)) / self.lengthscale
+        else:
+            r = np.sqrt((self._scaled(points - centre) ** 2).sum(axis=1))
         return (1.0 + _SQRT5 * r + (5.0 / 3.0) * r * r) * np.exp(-_SQRT5 * r)
 
     def add(self, row: int) -> None:
@@ -77,6 +124,60 @@ class CandidateGP:
             k[:, j] = self._kernel(x, self.x[row])
         self.x = np.concatenate([self.x, x])
         self._k = np.concatenate([self._k, k])
+
+    def log_evidence(self, y: np.ndarray, scales: np.ndarray, use: np.ndarray | None = None) -> float:
+        """Log marginal likelihood of standardised values ``y`` at the measurements (in ``add`` order; only
+        those at positions ``use`` when given) under per-parameter length scales ``scales``, plus the log
+        prior of those scales."""
+        measured = np.asarray(self.measured) if use is None else np.asarray(self.measured)[use]
+        x = self.x[measured] / scales[self.groups]
+        d2 = np.maximum((x * x).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2.0 * x @ x.T, 0.0)
+        r = np.sqrt(d2.astype(np.float64))
+        k = (1.0 + _SQRT5 * r + (5.0 / 3.0) * r * r) * np.exp(-_SQRT5 * r) + self.noise * np.eye(len(y))
+        try:
+            chol = np.linalg.cholesky(k)
+        except np.linalg.LinAlgError:
+            return -math.inf
+        a = np.linalg.solve(chol, y)
+        z = np.log(scales / self.lengthscale) / self.prior_sd
+        return float(-0.5 * a @ a - np.log(np.diag(chol)).sum() - 0.5 * (z * z).sum())
+
+    def fit_scales(self, values: np.ndarray) -> None:
+        """Choose the length scales (see ``fit``) for the measured ``values`` and recompute the cached kernel
+        values when they changed."""
+        n = len(self.measured)
+        if self.fit == "fixed" or n < 3 or (n > 30 and n < 1.1 * self._fitted_at):
+            return
+        use = self._regressed(values)
+        if len(use) < 3:
+            return
+        self._fitted_at = n
+        y = _standardised(values[use])
+        grid = [self.lengthscale * g for g in self.LENGTH_GRID]
+        best = max(grid, key=lambda s: self.log_evidence(y, np.full(len(self.scales), s), use))
+        scales = np.full(len(self.scales), best)
+        if self.fit == "ard" and len(scales) > 1:
+            score = self.log_evidence(y, scales, use)
+            for _ in range(2):  # coordinate search, two sweeps
+                moved = False
+                for p in range(len(scales)):
+                    for s in grid:
+                        if s == scales[p]:
+                            continue
+                        trial = scales.copy()
+                        trial[p] = s
+                        t = self.log_evidence(y, trial, use)
+                        if t > score + 1e-9:
+                            scales, score, moved = trial, t, True
+                if not moved:
+                    break
+        if not np.array_equal(scales, self.scales):
+            self.scales = scales
+            xs = self._scaled(self.x)
+            m = xs[self.measured]
+            d2 = np.maximum((xs * xs).sum(1)[:, None] + (m * m).sum(1)[None, :] - 2.0 * xs @ m.T, 0.0)
+            r = np.sqrt(d2)
+            self._k[:, :n] = (1.0 + _SQRT5 * r + (5.0 / 3.0) * r * r) * np.exp(-_SQRT5 * r)
 
     def uncertainty(self, rows: np.ndarray) -> np.ndarray:
         """The prior-relative posterior standard deviation (0 to 1) at candidate ``rows``: how far they are,
@@ -99,16 +200,19 @@ class CandidateGP:
         ``incumbent``: a boolean mask over the measurements; the improvement is then counted below the best of
         those (another region's best) rather than the best of all. Default None: all.
         """
+        self.fit_scales(values)
         n = len(self.measured)
-        finite = np.isfinite(values)
-        y = np.log(np.where(finite, values, np.nan))
-        y = np.where(finite, y, np.nanmax(y))
-        y = (y - y.mean()) / (y.std() + 1e-12)
+        use = self._regressed(values)
+        finite = np.isfinite(values)[use]
+        y = _standardised(values[use])
         k_all = self._k[:, :n]
-        chol = np.linalg.cholesky(k_all[self.measured].astype(np.float64) + self.noise * np.eye(n))
+        measured = np.asarray(self.measured)[use]
+        chol = np.linalg.cholesky(k_all[measured][:, use].astype(np.float64) + self.noise * np.eye(len(use)))
         alpha = np.linalg.solve(chol.T, np.linalg.solve(chol, y))
-        k_rows = k_all[rows].astype(np.float64)
+        k_rows = k_all[rows][:, use].astype(np.float64)
         mean = k_rows @ alpha
+        if incumbent is not None:
+            incumbent = incumbent[use]
         out = np.full(len(rows), -np.inf)
         keep = np.arange(len(rows))
         if len(rows) > max_variance_rows:
@@ -123,4 +227,24 @@ class CandidateGP:
         cdf = 0.5 * (1.0 + _erf(z / math.sqrt(2.0)).astype(float))
         pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
         out[keep] = np.maximum(gain * cdf + sd * pdf, 0.0)
+        if len(use) < n:  # weigh by the chance that the candidate runs: successes and failures nearby
+            ok = np.isfinite(values).astype(np.float64)
+            near = k_all[rows[keep]].astype(np.float64)
+            out[keep] *= (1.0 + near @ ok) / (2.0 + near.sum(axis=1))
         return out
+
+    def _regressed(self, values: np.ndarray) -> np.ndarray:
+        """Positions of the measurements the regression sees: all, or with ``failures="feasibility"`` the
+        successes (when there are at least 2)."""
+        finite = np.isfinite(values)
+        if self.failures == "feasibility" and finite.sum() >= 2:
+            return np.flatnonzero(finite)
+        return np.arange(len(values))
+
+
+def _standardised(values: np.ndarray) -> np.ndarray:
+    """Log-times with mean 0 and standard deviation 1; failures (inf) count as the slowest success."""
+    finite = np.isfinite(values)
+    y = np.log(np.where(finite, values, np.nan))
+    y = np.where(finite, y, np.nanmax(y))
+    return (y - y.mean()) / (y.std() + 1e-12)

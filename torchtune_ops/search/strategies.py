@@ -131,6 +131,11 @@ class TPEStrategy:
         gp_lengthscale: the Gaussian process's length scale, in coordinates where each parameter spans 1.
             Default 0.35.
         gp_noise: its observation noise, relative to the signal's variance. Default 1e-2.
+        gp_fit: how the Gaussian process's length scales are set (``gp.CandidateGP``'s ``fit``): "fixed"
+            (default) keeps ``gp_lengthscale``; "iso" fits one length scale and "ard" one per parameter by
+            marginal likelihood, ``gp_lengthscale`` then the centre of their prior.
+        gp_failures: how failed measurements enter it (``gp.CandidateGP``'s ``failures``): "slowest"
+            (default) as the slowest success, "feasibility" as a chance of failing that weighs its proposals.
         explore_after: after this many measurements in a row without a new best (far steps do not restart
             the count), every ``explore_every``-th proposal belongs to a *restart*: a local search outside
             the best's basin (candidates at least ``far`` parameters from it), started where the Gaussian
@@ -163,7 +168,7 @@ class TPEStrategy:
                  prior_weight: float = 12.0, prior_gamma: float = 0.1, prior_max_good: int = 50,
                  n_ei_candidates: int | None = None, local_every: int = 3, stall: int = 10, far: int = 3,
                  far_rank: float = 0.15, gp_every: int = 2, gp_lengthscale: float = 0.35,
-                 gp_noise: float = 1e-2, explore_after: int = 0, explore_every: int = 2,
+                 gp_noise: float = 1e-2, gp_fit: str = "fixed", gp_failures: str = "slowest", explore_after: int = 0, explore_every: int = 2,
                  restart_backoff: bool = False, far_every: int = 0, second_every: int = 0,
                  gp_far_every: int = 0):
         self.n_startup = n_startup
@@ -187,6 +192,8 @@ class TPEStrategy:
         self.gp_every = gp_every
         self.gp_lengthscale = gp_lengthscale
         self.gp_noise = gp_noise
+        self.gp_fit = gp_fit
+        self.gp_failures = gp_failures
         self.explore_after = explore_after
         self.explore_every = explore_every
         self.restart_backoff = restart_backoff
@@ -204,7 +211,8 @@ class TPEStrategy:
                                  for n, o in zip(space.sizes, space.ordinal)])
         self.where = space.positions_of(candidates)  # (C, D) position of every candidate's choices
         self.strata = design_strata(space, self.n_startup, extremes=self.design == "cover")
-        self.gp = (CandidateGP(space, candidates, lengthscale=self.gp_lengthscale, noise=self.gp_noise)
+        self.gp = (CandidateGP(space, candidates, lengthscale=self.gp_lengthscale, noise=self.gp_noise,
+                               fit=self.gp_fit, failures=self.gp_failures)
                    if self.gp_every else None)
         self.n_global = 0  # model proposals that were not local steps
         self.values: list[float] = []
