@@ -14,7 +14,16 @@ functionalization and decomposition), so backward matmuls and convolutions are i
                                          -> torchtune_ops.mm_act (the activation fused in the epilogue)
     aten.convolution_backward's input gradient (1-D or 2-D, stride 1, no dilation, one group)
                                          -> torchtune_ops.conv2d of the output gradient with the flipped,
-                                            transposed weight (weight/bias gradients stay with aten)
+                                            transposed weight; 2-D with the weight gradient asked:
+                                            torchtune_ops.conv2d_backward (both in one call, one aten
+                                            convolution_backward where PyTorch's kernel serves; a bias
+                                            gradient is a sum), else conv2d_grad_input (weight and bias
+                                            gradients stay with aten)
+
+Layouts: where Inductor's layout optimization would run the graph's convolutions channels-last (its own
+decision, asked on the graph before the rewrite: it counts aten's convolution nodes only), our conv2d's input
+and weight are constrained to channels-last as Inductor's convolution lowering does, so the graph is laid out
+as torch.compile's (see ``_inductor_channels_last``).
 
 Transposed and 3-D convolutions, and the input gradients the rule above does not cover, stay with PyTorch:
 ``skipped()`` says which and why (``explain()`` prints it). So does a node of static shapes whose problem
@@ -418,7 +427,8 @@ def _fake_val(target, args: tuple):
 def _rewrite_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, opts: str) -> str | None:
     """Input gradient of a stride-1, undilated, ungrouped 2-D (or 1-D: a height of 1) convolution as our
     conv2d_grad_input (a tuned conv2d of the output gradient with the flipped, transposed weight); weight
-    and bias gradients stay with aten. Returns None when rewritten, else why not."""
+    and bias gradients stay with aten, except for a 2-D convolution whose weight gradient is asked too:
+    one conv2d_backward (``_fold_conv_backward``). Returns None when rewritten, else why not."""
     aten = torch.ops.aten
     grad, x, w, _bias_sizes, stride, padding, dilation, transposed, _op, groups, mask = node.args[:11]
     wv = _val(w)
@@ -443,6 +453,8 @@ def _rewrite_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, opts: str
         return decided
     from . import ops as ours
 
+    if mask[1] and not one_d:
+        return _fold_conv_backward(graph, node, getters, pad, opts)
     with graph.inserting_before(node):
         g4, w4 = grad, w
         if one_d:
@@ -474,6 +486,39 @@ def _rewrite_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, opts: str
         nv = _fake_val(aten.convolution_backward.default, node.args)
         if nv is not None:
             node.meta["val"] = nv
+    return None
+
+
+def _fold_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, getters: list, pad: list,
+                        opts: str) -> str | None:
+    """Input and weight gradients of a 2-D convolution as one conv2d_backward (one aten
+    convolution_backward where PyTorch's kernel serves, as Inductor's graph runs it); a bias gradient is the
+    output gradient's sum over batch and pixels (a reduction Inductor fuses with what makes the gradient),
+    as aten computes it."""
+    from . import ops as ours
+
+    aten = torch.ops.aten
+    grad, x, w = node.args[:3]
+    args = (grad, x, w, pad, opts)
+    val = _fake_val(ours.op("conv2d_backward"), args)
+    if val is None:
+        return "no fake tensors to trace it"
+    parts: dict[int, torch.fx.Node] = {}
+    with graph.inserting_before(node):
+        both = graph.call_function(ours.op("conv2d_backward"), args)
+        both.meta["val"] = val
+        for i in (0, 1):
+            parts[i] = graph.call_function(operator.getitem, (both, i))
+            parts[i].meta["val"] = val[i]
+        if node.args[10][2]:
+            parts[2] = _call(graph, aten.sum.dim_IntList, (grad, [0, 2, 3]))
+    for u in getters:
+        new = parts.get(u.args[1])
+        if new is not None:
+            new.meta.update({k: v for k, v in u.meta.items() if k != "val"})
+            u.replace_all_uses_with(new)
+        graph.erase_node(u)
+    graph.erase_node(node)
     return None
 
 
@@ -855,6 +900,7 @@ def _register_lowerings() -> None:
 
     from . import dispatch, ops as ours
 
+    multi_ok = _multi_output_ir(ir)
     for name in ours._IMPLS:
         if name in _LOWERED:
             continue
@@ -864,25 +910,69 @@ def _register_lowerings() -> None:
         call_name = f"torchtune_ops_{name}_site"
         setattr(extern_kernels, call_name, dispatch.SITES[name])
 
-        def lower(*args, _overload=overload, _call=call_name, **kwargs):
-            val = V.graph.current_node.meta.get("val") if V.graph.current_node is not None else None
+        def lower(*args, _overload=overload, _call=call_name, _name=name, **kwargs):
+            node = V.graph.current_node
+            val = node.meta.get("val") if node is not None else None
+            vals = list(val) if isinstance(val, (tuple, list)) else [val]
             n = 0
             while n < len(args) and isinstance(args[n], ir.IRNode):
                 n += 1
-            static = (isinstance(val, torch.Tensor) and not any(isinstance(a, ir.IRNode) for a in args[n:])
-                      and all(isinstance(d, int) for d in (*val.shape, *val.stride())))
-            if not static or kwargs:   # (the rewrite passes every argument by position)
-                return fallback_handler(_overload, add_to_fallback_set=False)(*args, **kwargs)
+            static = (all(isinstance(v, torch.Tensor) for v in vals)
+                      and not any(isinstance(a, ir.IRNode) for a in args[n:])
+                      and all(isinstance(d, int) for v in vals for d in (*v.shape, *v.stride())))
+            if not static or kwargs or (len(vals) > 1 and not multi_ok):   # (the rewrite passes every
+                return fallback_handler(_overload, add_to_fallback_set=False)(*args, **kwargs)  # argument by position)
             inputs = [ir.ExternKernel.realize_input(a) for a in args[:n]]
-            layout = ir.FixedLayout(inputs[0].get_device(), val.dtype, list(val.shape), list(val.stride()))
+            if _name.startswith("conv2d"):
+                # a convolution's output layout follows its inputs': hold them to the fake values' strides
+                inputs = [_fx_strides(ir, a, arg) for a, arg in zip(inputs, node.args)]
+            device = inputs[0].get_device()
             # every argument of the op (defaults filled in), then the site id
             constants = [*args[n:], *(a.default_value for a in _overload._schema.arguments[len(args):]),
                          uuid.uuid4().hex[:16]]
-            return ir.TensorBox.create(ir.ExternKernelAlloc(layout=layout, inputs=inputs, constant_args=constants,
-                                                            python_kernel_name=f"extern_kernels.{_call}"))
+
+            def layout(v):
+                return ir.FixedLayout(device, v.dtype, list(v.shape), list(v.stride()))
+
+            kernel = f"extern_kernels.{_call}"
+            if isinstance(val, torch.Tensor):
+                return ir.TensorBox.create(ir.ExternKernelAlloc(layout=layout(val), inputs=inputs,
+                                                                constant_args=constants, python_kernel_name=kernel))
+            # several outputs (conv2d_backward): one call, then each output indexed from its result
+            packed = ir.ExternKernelAlloc(layout=ir.MultiOutputLayout(device=device), inputs=inputs,
+                                          constant_args=constants, python_kernel_name=kernel)
+            outs = [ir.MultiOutput(layout(v), packed, [(tuple, i)]) for i, v in enumerate(vals)]
+            packed.outputs = outs
+            return tuple(ir.TensorBox.create(o) for o in outs)
 
         register_lowering(overload, type_promotion_kind=None)(lower)
         _LOWERED.add(name)
+
+
+def _multi_output_ir(ir) -> bool:
+    """Whether this Inductor's IR builds an extern call with several outputs as the lowering does
+    (``MultiOutputLayout(device=...)``, ``MultiOutput(layout, input, indices)``); elsewhere such an op is
+    called through the dispatcher."""
+    import inspect
+
+    try:
+        ir.MultiOutputLayout(device=torch.device("cpu"))
+        params = list(inspect.signature(ir.MultiOutput.__init__).parameters)[1:4]
+    except Exception:  # noqa: BLE001 - another torch's private IR
+        return False
+    return params == ["layout", "input", "indices"]
+
+
+def _fx_strides(ir, node, arg: Any):
+    """``node`` (a realized input of our lowering) held to the stride order of its graph argument's fake
+    value where that is a contiguous or channels-last 4-D tensor (a copy only where Inductor laid it out
+    otherwise)."""
+    v = _val(arg)
+    if not isinstance(v, torch.Tensor) or v.dim() != 4 or not all(isinstance(d, int) for d in v.stride()):
+        return node
+    if not (v.is_contiguous() or v.is_contiguous(memory_format=torch.channels_last)):
+        return node
+    return ir.ExternKernel.require_stride_order(node, ir.get_stride_order(v.stride()))
 
 
 def _inductor(gm, example_inputs, opts: str | None, mode: str | None, patches: dict[str, Any], *,
