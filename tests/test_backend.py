@@ -406,6 +406,13 @@ def _conv_outputs(code: str, op: str) -> list:
     return sorted(re.findall(r"assert_size_stride\(\w+, (\([\d, ]*\)), (\([\d, ]*\)), '" + re.escape(op), code))
 
 
+def _saved_layouts(code: str) -> list:
+    """The (sizes, strides) asserted of the graphs' 4-D inputs whose layout is not ambiguous (more than one
+    channel and one pixel), sorted."""
+    found = re.findall(r"assert_size_stride\(\w+, \((\d+), (\d+), (\d+), (\d+)\), (\([\d, ]*\)), 'input'\)", code)
+    return sorted(f for f in found if int(f[1]) > 1 and int(f[2]) * int(f[3]) > 1)
+
+
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 def test_conv_layouts_follow_inductors(train, fmt, no_compile_caches, ops_stay):
@@ -427,7 +434,8 @@ def test_conv_layouts_follow_inductors(train, fmt, no_compile_caches, ops_stay):
     ours, theirs = (_conv_outputs(code, "torch.ops.torchtune_ops.conv2d.default"),
                     _conv_outputs(ref_code, "torch.ops.aten.convolution.default"))
     assert len(ours) == 4 and ours == theirs, (ours, theirs)
-    if train:
+    if train:   # the backward reads the saved inputs and weights in Inductor's layouts
+        assert _saved_layouts(code) == _saved_layouts(ref_code)
         assert "conv2d_grad_input_site" not in code
         # conv2 (conv1 and the shortcut need no input gradient, the strided conv3's is aten's)
         assert code.count("torchtune_ops_conv2d_backward_site(") == 1

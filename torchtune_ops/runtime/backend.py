@@ -222,6 +222,7 @@ def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "", channels_last: bool 
                 why[f"convolution_backward (input gradient): {reason}"] += 1
     graph.eliminate_dead_code()
     if relaid:
+        _save_constrained(graph)
         _repropagate(graph)
     graph.lint()
     with _counts_lock:
@@ -295,6 +296,20 @@ def _channels_last_args(graph: torch.fx.Graph, node: torch.fx.Node, args: tuple)
             if not ambiguous[i]:   # (a 1x1 weight is channels-last as it is)
                 new[i] = _call(graph, force, (new[i], _channels_last_strides(shapes[i])))
     return (new[0], new[1], *args[2:])
+
+
+def _save_constrained(graph: torch.fx.Graph) -> None:
+    """A graph input that a convolution takes channels-last and that the graph also returns (a training
+    forward saves it for the backward): return the channels-last copy instead, as Inductor's layout
+    optimization does, so that the backward's weight gradients read it in that layout and the backward
+    does not convert it again. (Saved tensors only: outputs aliasing inputs are not graph outputs.)"""
+    force = _force_stride_order()
+    out = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    if out is None or force is None:
+        return
+    for n in graph.nodes:
+        if n.target is force and n.args[0].op == "placeholder" and out in n.args[0].users:
+            out.replace_input_with(n.args[0], n)
 
 
 def _repropagate(graph: torch.fx.Graph) -> bool:
