@@ -179,7 +179,8 @@ def test_inductor_cache_hit_in_a_new_process_runs_our_ops(tmp_path, ops_stay):
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_inductor_calls_our_ops_as_extern_kernels_where_shapes_are_static(dynamic, no_compile_caches, ops_stay):
     """Static shapes: Inductor's code calls the run-time dispatch directly (extern_kernels.torchtune_ops_*),
-    not through the dispatcher; dynamic shapes keep the op call. Results and calls are the same."""
+    not through the dispatcher, and asserts the layout of the convolutions' outputs only; dynamic shapes keep
+    the op call. Results and calls are the same."""
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(2)
@@ -198,6 +199,10 @@ def test_inductor_calls_our_ops_as_extern_kernels_where_shapes_are_static(dynami
         # each call is its op's site function with a site id of its own (the key kept per call site)
         sites = re.findall(r"= extern_kernels\.torchtune_ops_\w+_site\(.*'([0-9a-f]{16})'\)", text)
         assert len(sites) == extern and len(set(sites)) == extern, text
+        # a matmul site's output (new, torch.empty's strides) is not asserted; a convolution's is
+        for buf, op in re.findall(r"(buf\d+) = extern_kernels\.torchtune_ops_(\w+)_site\(", text):
+            asserted = f"assert_size_stride({buf}," in text
+            assert asserted == op.startswith("conv2d"), (buf, op, text)
     assert dispatch.stats()["ops"]["conv2d"]["calls"] == 2
 
 

@@ -166,7 +166,8 @@ def test_tuned_choice_runs_through_the_binding(monkeypatch, device):
     dispatch.reset()
 
 
-_DRIVER_SCRIPT = r"""
+# what both stubbed-driver scripts start with (run by _driver_script in a process without the interpreter)
+_DRIVER_PRELUDE = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from _fake_driver import fake_driver
@@ -174,7 +175,21 @@ from torchtune_ops.kernels import gemm as kgemm
 
 def plain(args):   # tensors by pointer, everything else as it is
     return [("ptr", a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
+"""
 
+
+def _driver_script(body: str, tmp_path) -> dict:
+    """Run ``_DRIVER_PRELUDE + body`` without the interpreter (Triton's real JIT, stubbed driver); its RESULT."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+               TORCHTUNE_OPS_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", _DRIVER_PRELUDE + body, os.path.join(ROOT, "benchmarks")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.split("RESULT ", 1)[1])
+
+
+_DRIVER_SCRIPT = r"""
 cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2, SPLIT_K=3, TMA=0)
 res = {}
 with fake_driver(kgemm._gemm_kernel, kgemm._splitk_epilogue_kernel) as launches:
@@ -209,13 +224,64 @@ def test_bound_launch_passes_what_the_jit_passes(tmp_path):
     """Without the interpreter, against Triton's real JIT on a stubbed driver: the first call compiles
     (once per kernel), later calls go straight to the compiled kernel's launcher with the same arguments
     as ``kernel[grid](...)`` gives it; a misaligned operand goes through the JIT (a new specialisation)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    r = subprocess.run([sys.executable, "-c", _DRIVER_SCRIPT, os.path.join(ROOT, "benchmarks")], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    res = _driver_script(_DRIVER_SCRIPT, tmp_path)
     assert res["first"] == [2, 2, 0]                  # GEMM + split-K epilogue, both through the JIT
     assert res["same_args"] == [True, True] and res["ptrs_in_place"] == [True, True]
     assert res["bound"] == [1, 1, 2]                  # straight to the kept kernels, nothing compiled
     assert res["misaligned"] == [1, 3]                # not bound: the JIT compiled another specialisation
+
+
+_SPECIALISED_SCRIPT = r"""
+import triton
+from torchtune_ops.runtime import launch
+from torchtune_ops.runtime.choices import Choice
+from torchtune_ops.runtime.aten import aten_for
+
+cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=2, num_stages=1, SPLIT_K=1, TMA=0)
+res = {}
+with fake_driver(kgemm._gemm_kernel, kgemm._splitk_epilogue_kernel) as launches:
+    bias, a, b = torch.randn(17), torch.randn(33, 50), torch.randn(50, 17)
+    args = (bias, a, b, 1, 1)
+    c = Choice(aten_for("addmm", args), op="addmm", kernel="test", source="store", aten=aten_for("addmm", args))
+    c.fn = launch._kernel_fn("addmm", kgemm.gemm, cfg, c, torch.device("cpu"))
+    c.fn(*args)                          # binds, compiles (the JIT), then keeps the specialised call
+    res["first"] = [launches.count, len(launches.compiled)]
+    seen = []
+    def record(call):
+        n = launches.count
+        out = call()
+        seen.extend([plain(launches.last[9:])] * (launches.count - n))
+        return out
+    record(lambda: kgemm.gemm(a, b, config=cfg, bias=bias))    # the JIT's arguments
+    out = record(lambda: c.fn(*args))                          # the specialised call's
+    res["hook_passed"] = launches.last[7] is not None
+    res["same_args"] = [x for x in seen[0] if not isinstance(x, tuple)] == [x for x in seen[1] if not isinstance(x, tuple)]
+    res["ptrs"] = [x for x in seen[1] if isinstance(x, tuple)] == [("ptr", t.data_ptr()) for t in (a, b, out, bias)]
+    res["out"] = [list(out.shape), list(out.stride())]
+    res["compiled"] = len(launches.compiled)
+    big = torch.randn(33 * 50 + 1)
+    record(lambda: c.fn(bias, big[1:].view(33, 50), b, 1, 1))   # misaligned: through the JIT, a new specialisation
+    res["misaligned"] = [len(seen), len(launches.compiled)]
+    triton.knobs.runtime.launch_enter_hook.add(lambda *a_, **k_: None)
+    try:
+        record(lambda: c.fn(*args))                  # a hook installed: through the JIT, which passes it on
+    finally:
+        triton.knobs.runtime.launch_enter_hook.calls.clear()
+    res["hooked"] = [launches.last[7] is not None, len(seen)]
+print("RESULT", json.dumps(res))
+"""
+
+
+def test_a_tuned_choice_launches_through_the_specialised_call(tmp_path):
+    """Without the interpreter, against Triton's real JIT on a stubbed driver: after its first call compiled
+    the kernel, a tuned addmm choice launches through the binding's single closure
+    (``BoundGemm.specialised``) with the very arguments ``kernel[grid](...)`` gives the compiled kernel's
+    launcher; a misaligned operand and an installed launch hook go through the JIT."""
+    if not hasattr(__import__("triton"), "knobs"):
+        pytest.skip("this Triton has no knobs.runtime launch hooks: every call goes through the JIT")
+    res = _driver_script(_SPECIALISED_SCRIPT, tmp_path)
+    assert res["first"] == [1, 1]
+    assert res["same_args"] and res["ptrs"] and res["out"] == [[33, 17], [17, 1]]
+    assert res["compiled"] == 1                        # nothing compiled again
+    assert res["misaligned"] == [3, 2]                 # launched, through the JIT's new specialisation
+    assert res["hook_passed"] is False and res["hooked"] == [True, 4]   # the launcher got the hook to call

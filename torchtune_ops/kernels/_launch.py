@@ -27,7 +27,8 @@ _knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
 
 
 def _hooks_idle() -> bool:
-    """True when no launch hook is installed (Triton >= 3.4 keeps them in ``knobs.runtime``)."""
+    """True when no launch hook is installed (Triton >= 3.4 keeps them in ``knobs.runtime``; a caller
+    launching through ``Launcher.parts()`` reads the same two attributes inline)."""
     if _knobs is None:
         return False
     enter, leave = _knobs.launch_enter_hook, _knobs.launch_exit_hook   # None, a function or a HookChain
@@ -100,6 +101,17 @@ class Launcher:
             ck.run(g0, g1, g2, self.stream(self.device), ck.function, ck.packed_metadata, None, None, None, *tensors, *self.tail)
             return
         self.jit(tensors)
+
+    def parts(self) -> tuple | None:
+        """What ``__call__`` passes the compiled kernel, for a caller that launches it from its own hot path
+        (one Python frame less): ``(run, g0, g1, g2, get_stream, device, function, packed_metadata, tail)``,
+        called as ``run(g0, g1, g2, get_stream(device), function, packed_metadata, None, None, None,
+        *tensors, *tail)`` while ``hooks_idle()``. None before a launch kept the compiled kernel, under the
+        interpreter, and on a Triton without ``knobs.runtime`` (hooks unknown: every call through the JIT)."""
+        ck = self.compiled
+        if ck is None or _knobs is None:
+            return None
+        return (ck.run, *self.g, self.stream, self.device, ck.function, ck.packed_metadata, self.tail)
 
     def jit(self, tensors: tuple) -> None:
         """Launch through Triton's JIT (binding, specialisation, cache key); keep the compiled kernel."""

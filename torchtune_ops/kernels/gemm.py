@@ -761,6 +761,41 @@ class BoundGemm:
         self.epilogue((ws, out, bt))
         return out
 
+    def specialised(self):
+        """This binding's call as one closure, once its kernel is compiled and kept (after the first call):
+        the same checks and launch as ``__call__`` with every bound value a local, the launcher's frame
+        and the hook check's inlined (about 0.8 us less per call on the host). Only for a single launch
+        without descriptors or TMA (split-K, TMA and host descriptors keep ``__call__``); None otherwise, or
+        before the kernel is compiled (under the interpreter: never)."""
+        if self.epilogue is not None or self.descs is not None or self.tma:
+            return None
+        parts = self.main.parts()
+        if parts is None:
+            return None
+        from ._launch import _knobs as knobs
+
+        run, g0, g1, g2, get_stream, device, function, packed, tail = parts
+        main, general = self.main, self.__call__
+        al0, al1, al2 = self.align
+        has_bias, alloc, shape, strides, dtype = self.has_bias, self.alloc, self.shape, self.strides, self.dtype
+        fp32, cuda, index = self.fp32_precision, self.cuda, self.index
+        precision, current = torch.get_float32_matmul_precision, torch.cuda.current_device
+
+        def call(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            bt = bias if has_bias else a
+            enter, leave = knobs.launch_enter_hook, knobs.launch_exit_hook
+            if ((a.data_ptr() % 16 == 0) is not al0 or (b.data_ptr() % 16 == 0) is not al1
+                    or (has_bias and (bt.data_ptr() % 16 == 0) is not al2)
+                    or (fp32 is not None and precision() != fp32) or (cuda and current() != index)
+                    or getattr(enter, "calls", enter) or getattr(leave, "calls", leave)):
+                return general(a, b, bias)
+            out = alloc(shape, strides, dtype)
+            main.bound += 1
+            run(g0, g1, g2, get_stream(device), function, packed, None, None, None, a, b, out, bt, *tail)
+            return out
+
+        return call
+
     def _host_descs(self, a, b, out):
         """HOST_DESC: the bound descriptors of A, B (and C for a TMA store) re-based on this call's tensors."""
         da, db, dc = self.descs

@@ -18,7 +18,7 @@ class Choice:
     """What one key runs: ``fn`` (the kernel call or PyTorch's op) and what explain() shows."""
 
     __slots__ = ("fn", "op", "kernel", "source", "problem", "calls", "family", "problem_key", "aten",
-                 "time_ms", "aten_ms", "trials", "strict", "graph", "decided")
+                 "time_ms", "aten_ms", "trials", "strict", "graph", "decided", "live")
 
     def __init__(self, fn: Callable, *, op: str, kernel: str, source: str, aten: Callable,
                  problem: Any = None, family: Any = None, problem_key: str | None = None,
@@ -40,6 +40,8 @@ class Choice:
         self.strict = False           # re-raise kernel failures (the settings in force when resolved)
         self.graph = ""               # the compiled graph whose op call met the key ("" for a direct call)
         self.decided = decided        # which time decided the tuned entry: "device", "host" or "" (store.Entry)
+        self.live = True              # False once it left ``_memo`` (replaced, forgotten, reset): call sites
+        #                               that keep the choice itself (dispatch.py) look their key up again
 
 
 _memo: dict[tuple, Choice] = {}
@@ -59,6 +61,7 @@ def _count(op: str, what: str, n: int = 1) -> None:
 
 def _retire(c: Choice, calls: int | None = None) -> None:
     """Keep the calls of a choice leaving ``_memo`` (or never kept there) in ``stats()`` (under ``_lock``)."""
+    c.live = False
     r = _retired.setdefault(c.op, {})
     k = (c.source, c.kernel == "aten")
     r[k] = r.get(k, 0) + (c.calls if calls is None else calls)

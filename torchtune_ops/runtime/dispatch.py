@@ -10,8 +10,9 @@ the runtime's controls, re-exported from where they live.
 Call sites (``SITES``): Inductor's generated code for a graph with static shapes calls ``<op>_site(...,
 site)`` instead of the op, with a constant ``site`` id per call in the code (``backend._register_lowerings``).
 Everything the key holds but the float32 matmul precision is fixed at such a call (sizes, strides, dtypes and
-device are the code's own buffers or asserted inputs), so the site keeps the key built at its first call and
-later calls only look it up (its hash, no attribute reads or tuple building).
+device are the code's own buffers or asserted inputs), so the matmul sites keep the choice their first call
+resolved and later calls run it while it is live (``Choice.live``: ``_memo`` still holds it) and the
+precision is the same: no key built, hashed or looked up. (The convolution sites keep the key.)
 """
 from __future__ import annotations
 
@@ -230,21 +231,30 @@ def linear_act(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, acti
 # ---------------------------------------------------------------------------------------------------------
 # Call sites of Inductor's generated code (static shapes): the key built once per site.
 
-_sites: dict[str, tuple] = {}   # site id -> (key or _GradInput, its fp32 precision)
+_sites: dict[str, tuple] = {}   # site id -> (Choice, its fp32 precision[, ...]); conv: (key or _GradInput, precision)
+
+
+def _keep(site: str, key: tuple, *extra) -> None:
+    """Keep the choice of ``key`` (if ``_memo`` kept it) for the call site ``site``: its later calls read
+    the choice itself while it is live, without hashing the key."""
+    c = _memo.get(key)
+    if c is not None:
+        _sites[site] = (c, key[-1], *extra)
 
 
 def _ab_site(op: str, call):
     """The site function of ``mm`` or ``bmm`` (``call``)."""
     def site_fn(a, b, opts, site):
         s = _sites.get(site)
-        if s is not None and s[1] == _get_precision():
-            c = _memo.get(s[0])
-            if c is not None:
+        if s is not None:
+            c = s[0]
+            if c.live and s[1] == _get_precision():
                 c.calls += 1
                 return c.fn(a, b)
-        key = (op, a.dtype, b.dtype, a.device, a.shape, b.shape, a.stride(), b.stride(), opts, _get_precision())
-        _sites[site] = (key, key[-1])
-        return call(a, b, opts)
+        out = call(a, b, opts)
+        _keep(site, (op, a.dtype, b.dtype, a.device, a.shape, b.shape, a.stride(), b.stride(), opts,
+                     _get_precision()))
+        return out
 
     site_fn.__name__ = f"{op}_site"
     return site_fn
@@ -254,15 +264,15 @@ def _bias_site(op: str, call):
     """The site function of ``addmm`` or ``baddbmm`` (``call``)."""
     def site_fn(bias, a, b, beta, alpha, opts, site):
         s = _sites.get(site)
-        if s is not None and s[1] == _get_precision():
-            c = _memo.get(s[0])
-            if c is not None:
+        if s is not None:
+            c = s[0]
+            if c.live and s[1] == _get_precision():
                 c.calls += 1
                 return c.fn(bias, a, b, beta, alpha)
-        key = (op, a.dtype, b.dtype, bias.dtype, a.device, a.shape, b.shape, bias.shape, a.stride(), b.stride(),
-               bias.stride(), beta, alpha, opts, _get_precision())
-        _sites[site] = (key, key[-1])
-        return call(bias, a, b, beta, alpha, opts)
+        out = call(bias, a, b, beta, alpha, opts)
+        _keep(site, (op, a.dtype, b.dtype, bias.dtype, a.device, a.shape, b.shape, bias.shape, a.stride(),
+                     b.stride(), bias.stride(), beta, alpha, opts, _get_precision()))
+        return out
 
     site_fn.__name__ = f"{op}_site"
     return site_fn
@@ -274,32 +284,46 @@ addmm_site, baddbmm_site = _bias_site("addmm", addmm), _bias_site("baddbmm", bad
 
 def mm_act_site(a, b, bias, activation, opts, site):
     s = _sites.get(site)
-    if s is not None and s[1] == _get_precision():
-        c = _memo.get(s[0])
-        if c is not None:
+    if s is not None:
+        c = s[0]
+        if c.live and s[1] == _get_precision():
             c.calls += 1
             return c.fn(a, b, bias, activation)
-    key = _mm_act_key(a, b, bias, activation, opts)
-    _sites[site] = (key, key[-1])
-    return mm_act(a, b, bias, activation, opts)
+    out = mm_act(a, b, bias, activation, opts)
+    _keep(site, _mm_act_key(a, b, bias, activation, opts))
+    return out
 
 
 def linear_act_site(x, w, bias, activation, opts, site):
-    """A 2-D ``linear_act`` site keeps the key of its mm_act; where PyTorch's kernel serves it, PyTorch's
-    linear runs (the activation in place on its fresh output), without the transposed view of ``w``."""
+    """A ``linear_act`` site keeps the choice of its mm_act (on the flattened rows of an input of any rank);
+    where PyTorch's kernel serves it, PyTorch's linear runs (the activation in place on its fresh output),
+    without the transposed view of ``w`` or reshapes; our kernel runs on the rows, reshaped back."""
     s = _sites.get(site)
-    if s is not None and s[1] == _get_precision():
-        c = _memo.get(s[0])
-        if c is not None:
+    if s is not None:
+        c = s[0]
+        if c.live and s[1] == _get_precision():
             c.calls += 1
             if c.fn is c.aten:
                 act = ACT_INPLACE[activation]
                 return F.linear(x, w, bias) if act is None else act(F.linear(x, w, bias))
-            return c.fn(x, w.t(), bias, activation)
-    if x.dim() == 2 and w.dim() == 2 and activation in ACT_INPLACE:
-        key = _mm_act_key(x, w.t(), bias, activation, opts)
-        _sites[site] = (key, key[-1])
-    return linear_act(x, w, bias, activation, opts)
+            rows = s[2]
+            if rows is None:
+                return c.fn(x, w.t(), bias, activation)
+            return c.fn(x.reshape(rows, x.shape[-1]), w.t(), bias, activation).reshape(s[3])
+    out = linear_act(x, w, bias, activation, opts)
+    xd = x.dim()
+    # the shapes linear_act serves with one mm_act (see there); the key that call built
+    if (xd >= 1 and w.dim() == 2 and not (bias is not None and bias.dim() > 1 and xd != 2)
+            and activation in ACT_INPLACE):
+        if xd == 2:
+            _keep(site, _mm_act_key(x, w.t(), bias, activation, opts), None, None)
+        else:
+            rows = 1
+            for n in x.shape[:-1]:
+                rows *= n
+            _keep(site, _mm_act_key(x.reshape(rows, x.shape[-1]), w.t(), bias, activation, opts), rows,
+                  (*x.shape[:-1], w.shape[0]))
+    return out
 
 
 def conv2d_site(x, w, bias, stride, padding, dilation, groups, opts, site):

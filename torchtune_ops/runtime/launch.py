@@ -158,9 +158,18 @@ def _kernel_fn(op: str, launch: Callable, config: Any, c: Choice, device: torch.
     def first(*args):   # bind at the first call (the arguments of the key), then launch through it
         b = None if bind is None else _with_op_args(op, bind, config, args, **extra)
         bound[0] = run = unbound if b is None else _bound_call(op, b)
+        fn = None
         if c.fn is guarded:   # later calls skip this indirection (a kernel failure replaces c.fn itself)
-            c.fn = _guarded(op, run, c, device)
-        return run(*args)
+            c.fn = fn = _guarded(op, run, c, device)
+        out = run(*args)
+        # the binding's single closure once its first launch compiled the kernel (gemm: BoundGemm.specialised)
+        fast = getattr(b, "specialised", None)
+        fast = fast() if fast is not None else None
+        if fast is not None:
+            bound[0] = run = _bound_call(op, fast)
+            if fn is not None and c.fn is fn:
+                c.fn = _guarded(op, run, c, device)
+        return out
 
     bound[0] = first
     guarded = _guarded(op, lambda *args: bound[0](*args), c, device)

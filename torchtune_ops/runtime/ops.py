@@ -346,15 +346,22 @@ def _autograd_kernel(name: str, setup: Callable, backward: Callable) -> Callable
             return overload(*args)
 
     if name in ("mm", "bmm"):
-        def kernel(*args, **kwargs):
-            if kwargs:
-                args = normalize(*args, **kwargs)
-            if grad_enabled() and any_requires_grad(*args):
-                return fn.apply(*normalize(*args))
-            a = args[0]
-            if type(a) in plain_types and type(args[1]) in plain_types and (a.is_cpu or a.is_cuda) and not modes():
-                return impl(*args)
-            return below(args)
+        # named parameters, no argument tuple: the dispatcher passes the schema's arguments by position
+        # (opts left out where it is the default); about 0.3 us less per call than *args. The hit of
+        # ``dispatch.mm``/``bmm`` is inlined (the same key; a miss calls it): one Python frame less.
+        memo, precision = dispatch._memo, dispatch._get_precision
+
+        def kernel(a, b, opts=""):
+            if grad_enabled() and (a.requires_grad or b.requires_grad):
+                return fn.apply(a, b, opts)
+            if type(a) in plain_types and type(b) in plain_types and (a.is_cpu or a.is_cuda) and not modes():
+                c = memo.get((name, a.dtype, b.dtype, a.device, a.shape, b.shape, a.stride(), b.stride(), opts,
+                              precision()))
+                if c is None:
+                    return impl(a, b, opts)
+                c.calls += 1
+                return c.fn(a, b)
+            return below((a, b, opts))
     else:   # the third argument a tensor (addmm, baddbmm) or an optional bias
         def kernel(*args, **kwargs):
             if kwargs:

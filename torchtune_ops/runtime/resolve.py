@@ -550,6 +550,8 @@ def reset() -> None:
 
     background.reset()
     with _lock:
+        for c in _memo.values():
+            c.live = False
         _memo.clear()
         _grad_input.clear()
         _failed.clear()
