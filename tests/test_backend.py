@@ -386,3 +386,107 @@ def test_a_failing_graph_pass_compiles_the_model_as_torch_compile_would(train, m
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Convolution layouts: our conv ops run in the layout Inductor's layout optimization gives aten's.
+
+class Res(nn.Module):
+    """A residual block at odd sizes: conv-bn-relu, a conv with bias, a 1x1 shortcut, a strided conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5)
+        self.conv2 = nn.Conv2d(5, 5, 3, padding=1)
+        self.short = nn.Conv2d(3, 5, 1, bias=False)
+        self.conv3 = nn.Conv2d(5, 6, 3, stride=2, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.conv2(F.relu(self.bn1(self.conv1(x))))
+        return self.conv3(F.relu(y + self.short(x))).mean((2, 3))
+
+
+def _conv_outputs(code: str, op: str) -> list:
+    """The (sizes, strides) asserted after each call of ``op`` in Inductor's code, sorted."""
+    return sorted(re.findall(r"assert_size_stride\(\w+, (\([\d, ]*\)), (\([\d, ]*\)), '" + re.escape(op), code))
+
+
+def _saved_layouts(code: str) -> list:
+    """The (sizes, strides) asserted of the graphs' 4-D inputs whose layout is not ambiguous (more than one
+    channel and one pixel), sorted."""
+    found = re.findall(r"assert_size_stride\(\w+, \((\d+), (\d+), (\d+), (\d+)\), (\([\d, ]*\)), 'input'\)", code)
+    return sorted(f for f in found if int(f[1]) > 1 and int(f[2]) * int(f[3]) > 1)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_conv_layouts_follow_inductors(train, fmt, no_compile_caches, ops_stay):
+    """Our conv2d's outputs have the strides Inductor gives aten's convolutions in the same model
+    (channels-last on this CPU's oneDNN), the results and gradients are Inductor's, and a training step's
+    backward makes each stride-1 convolution's input and weight gradients in one call, as Inductor's does."""
+    import copy
+
+    torch.manual_seed(4)
+    m, x = Res(), torch.randn(2, 3, 7, 9).to(memory_format=fmt)
+    if not train:
+        m.eval()
+    ref_m = copy.deepcopy(m)
+    out, grads, code = _step(torch.compile(m, backend="torchtune_ops"), x, train)
+    ref, ref_grads, ref_code = _step(torch.compile(ref_m, backend="inductor"), x, train)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    ours, theirs = (_conv_outputs(code, "torch.ops.torchtune_ops.conv2d.default"),
+                    _conv_outputs(ref_code, "torch.ops.aten.convolution.default"))
+    assert len(ours) == 4 and ours == theirs, (ours, theirs)
+    if train:   # the backward reads the saved inputs and weights in Inductor's layouts
+        assert _saved_layouts(code) == _saved_layouts(ref_code)
+        assert "conv2d_grad_input_site" not in code
+        # conv2 (conv1 and the shortcut need no input gradient, the strided conv3's is aten's)
+        assert code.count("torchtune_ops_conv2d_backward_site(") == 1
+        calls = code.count("torch.ops.aten.convolution_backward.default(")
+        assert calls + 1 == ref_code.count("torch.ops.aten.convolution_backward.default(")
+        assert backend.intercepted().get("conv2d") == 4 + 1
+
+
+def test_conv_layout_falls_back_to_traced_layouts_without_inductors_decision(monkeypatch, no_compile_caches,
+                                                                              ops_stay):
+    """A torch whose Inductor has no layout decision, or one that fails: no channels-last constraint, our
+    convolutions keep the traced (contiguous) layouts, with the same results."""
+    from torch._inductor.graph import GraphLowering
+
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x, w: F.conv2d(x, w))(torch.randn(1, 2, 4, 4),
+                                                                                torch.randn(3, 2, 3, 3))
+    assert backend._inductor_channels_last(gm.graph, training=False) is True   # oneDNN CPU: Inductor's rule
+
+    def broken(*args, **kwargs):
+        raise TypeError("another torch")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(GraphLowering, "decide_layout_opt", staticmethod(broken))
+        assert backend._inductor_channels_last(gm.graph, training=False) is False
+        mp.delattr(GraphLowering, "decide_layout_opt")
+        assert backend._inductor_channels_last(gm.graph, training=True) is False
+    monkeypatch.setattr(backend, "_inductor_channels_last", lambda graph, training: False)
+    torch.manual_seed(5)
+    m, x = Res().eval(), torch.randn(2, 3, 7, 9)
+    out, _, code = _step(torch.compile(m, backend="torchtune_ops"), x, False)
+    torch.testing.assert_close(out, m(x), rtol=1e-4, atol=1e-5)
+    ours = _conv_outputs(code, "torch.ops.torchtune_ops.conv2d.default")
+    assert len(ours) == 4 and all(s == str(tuple(torch.empty(eval(z)).stride())) for z, s in ours), ours
+
+
+def test_conv_backward_with_dynamic_shapes_goes_through_the_dispatcher(no_compile_caches, ops_stay):
+    """Dynamic shapes: conv2d_backward (two outputs) is called as the op, through the dispatcher; the
+    gradients are eager PyTorch's."""
+    import copy
+
+    torch.manual_seed(6)
+    m, x = Res(), torch.randn(2, 3, 7, 9)
+    ref_m = copy.deepcopy(m)
+    out, grads, code = _step(torch.compile(m, backend="torchtune_ops", dynamic=True), x, True)
+    ref, ref_grads = _train_step(ref_m, ref_m, x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    assert "torch.ops.torchtune_ops.conv2d_backward.default(" in code

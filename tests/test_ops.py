@@ -62,6 +62,9 @@ def _samples():
         ("conv2d", (r(2, 4, 7, 6).to(memory_format=torch.channels_last), r(4, 2, 3, 1), None, [2, 1], [0, 1],
                     [1, 2], 2)),
         ("conv2d_grad_input", (r(2, 4, 7, 9), r(4, 3, 3, 2), [1, 0])),
+        ("conv2d_backward", (r(2, 4, 7, 9), r(2, 3, 7, 10), r(4, 3, 3, 2), [1, 0])),
+        ("conv2d_backward", (r(1, 5, 6, 5).to(memory_format=torch.channels_last),
+                             r(1, 3, 7, 5).to(memory_format=torch.channels_last), r(5, 3, 2, 1), [0, 0])),
         ("linear_act", (r(2, 3, 7, requires_grad=True), r(5, 7, requires_grad=True), r(5, requires_grad=True),
                         "gelu_tanh")),
         ("linear_act", (r(7), r(5, 7), None, "relu")),
@@ -469,6 +472,41 @@ def test_conv_grad_input_flips_the_weight_only_for_a_triton_kernel(shape, served
     assert p["calls"] == 3
     assert (p["kernel"] == "aten") == (served == "aten")
     assert len(flips) == (1 if served == "aten" else 3)
+
+
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 7, 9, 3, 3, 2, [1, 0]), (1, 5, 6, 5, 2, 1, 3, [0, 1]),
+                                   (3, 1, 5, 4, 2, 2, 2, [1, 1])])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed"])
+@pytest.mark.parametrize("served", ["aten", "tuned"])
+def test_conv2d_backward_matches_autograd_in_aten_memory_format(shape, layout, served, request):
+    """conv2d_backward's input and weight gradients are autograd's, in the strides aten's
+    convolution_backward gives (what a compiled graph's fake values assume), whichever kernel serves the
+    input gradient, and through its call site too."""
+    n, cout, ho, wo, cin, kh, kw, padding = shape
+    if served == "tuned":
+        request.getfixturevalue("kernels_win")
+    torch.manual_seed(n * 10 + cout)
+    h, wi = ho + kh - 1 - 2 * padding[0], wo + kw - 1 - 2 * padding[1]
+    x, w, g = torch.randn(n, cin, h, wi), torch.randn(cout, cin, kh, kw), torch.randn(n, cout, ho, wo)
+    if layout == "channels_last":
+        x, g = x.to(memory_format=CL), g.to(memory_format=CL)
+    elif layout == "mixed":   # output gradient channels-last, input contiguous
+        g = g.to(memory_format=CL)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    F.conv2d(xr, wr, None, 1, padding).backward(g)
+    ref = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], padding, [1, 1], False, [0, 0], 1,
+                                              [True, True, False])
+    for call in range(3):
+        gx, gw = (ops.conv2d_backward(g, x, w, padding) if call < 2
+                  else dispatch.conv2d_backward_site(g, x, w, padding, "", "bwd-site"))
+        _close(gx, xr.grad)
+        _close(gw, wr.grad)
+        assert (gx.stride(), gw.stride()) == (ref[0].stride(), ref[1].stride())
+    [p] = [p for p in dispatch.stats()["problems"] if p["op"] == "conv2d"]
+    assert (p["kernel"] == "aten") == (served == "aten") and p["calls"] == 3
 
 
 def test_a_call_site_keeps_its_key_and_follows_resets_and_precision():

@@ -14,7 +14,16 @@ functionalization and decomposition), so backward matmuls and convolutions are i
                                          -> torchtune_ops.mm_act (the activation fused in the epilogue)
     aten.convolution_backward's input gradient (1-D or 2-D, stride 1, no dilation, one group)
                                          -> torchtune_ops.conv2d of the output gradient with the flipped,
-                                            transposed weight (weight/bias gradients stay with aten)
+                                            transposed weight; 2-D with the weight gradient asked:
+                                            torchtune_ops.conv2d_backward (both in one call, one aten
+                                            convolution_backward where PyTorch's kernel serves; a bias
+                                            gradient is a sum), else conv2d_grad_input (weight and bias
+                                            gradients stay with aten)
+
+Layouts: where Inductor's layout optimization would run the graph's convolutions channels-last (its own
+decision, asked on the graph before the rewrite: it counts aten's convolution nodes only), our conv2d's input
+and weight are constrained to channels-last as Inductor's convolution lowering does, so the graph is laid out
+as torch.compile's (see ``_inductor_channels_last``).
 
 Transposed and 3-D convolutions, and the input gradients the rule above does not cover, stay with PyTorch:
 ``skipped()`` says which and why (``explain()`` prints it). So does a node of static shapes whose problem
@@ -126,12 +135,14 @@ def _val(node: Any):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
-def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
+def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "", channels_last: bool = False) -> dict[str, int]:
     """Replace aten matmuls and convolutions in ``graph`` (an AOT/post-grad aten graph) by our ops.
 
     Args:
         graph: the graph, changed in place.
         opts: the settings-overrides string written into every op call (``dispatch.encode_opts``).
+        channels_last: run the 2-D convolutions channels-last, as Inductor's layout optimization would have
+            run aten's (``_inductor_channels_last``); default False (the layouts the graph was traced with).
 
     Returns the counts of this graph (also added to ``intercepted()``).
     """
@@ -142,6 +153,7 @@ def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
     with_bias = {aten.addmm.default: "addmm", aten.baddbmm.default: "baddbmm"}
     counts: collections.Counter = collections.Counter()
     why: collections.Counter = collections.Counter()
+    relaid = False   # a convolution's inputs were made channels-last: strides downstream change
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -180,7 +192,14 @@ def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
             x, w, bias, stride, padding, dilation, transposed, _output_padding, groups = node.args[:9]
             xv = _val(x)
             reason = _conv_skip_reason(xv, transposed, stride)
-            if reason is None:
+            args = forced = None
+            if reason is None and xv.dim() == 4:
+                # looked up in the layout it will run in (a constraint left unused is dead code, removed)
+                args = (x, w, bias, list(stride), list(padding), list(dilation), groups)
+                forced = _channels_last_args(graph, node, args) if channels_last else None
+                args = forced or args
+                reason = _decided_aten("conv2d", args, opts)
+            elif reason is None:
                 reason = _decided_conv(node, opts)
             if reason is not None:
                 counts["skipped:convolution"] += 1
@@ -189,8 +208,10 @@ def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
             if xv.dim() == 3:
                 _rewrite_conv1d(graph, node, opts)
             else:
-                _replace(graph, node, ours.op("conv2d"),
-                         (x, w, bias, list(stride), list(padding), list(dilation), groups, opts))
+                new = _replace(graph, node, ours.op("conv2d"), (*args, opts))
+                if forced:
+                    new.meta["val"] = _fake_val(new.target, (*args, opts))
+                    relaid = True
             counts["conv2d"] += 1
         elif t is aten.convolution_backward.default:
             reason = _rewrite_conv_backward(graph, node, opts)
@@ -200,11 +221,136 @@ def rewrite_graph(graph: torch.fx.Graph, *, opts: str = "") -> dict[str, int]:
                 counts["skipped:convolution_backward"] += 1
                 why[f"convolution_backward (input gradient): {reason}"] += 1
     graph.eliminate_dead_code()
+    if relaid:
+        _save_constrained(graph)
+        _repropagate(graph)
     graph.lint()
     with _counts_lock:
         _counts.update(counts)
         _skipped.update(why)
     return dict(counts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layouts: Inductor's layout optimization (GraphLowering.decide_layout_opt) runs a graph's 2-D convolutions
+# channels-last (on a CPU with oneDNN: whenever there is one; on a GPU: by its heuristics), converting inputs
+# and weights where they are not, and plans every tensor around them in that layout. It counts aten's
+# convolution nodes only: once ours replace them it would see none and run the whole graph NCHW (measured on
+# the demo ResNet, 2-core CPU: 10-20 us more per convolution at these sizes, forward and backward). So the
+# pass asks Inductor's decision on the graph before the rewrite and, where it says channels-last, puts
+# Inductor's own stride constraint (prims.inductor_force_stride_order: free where the producer is not yet
+# laid out, a copy otherwise, as its convolution lowering does) on our conv2d's input and weight; the output
+# then follows aten's rule (channels-last in, channels-last out; the Triton kernel follows it too) and the
+# fake values downstream are computed again so that saved tensors keep that layout.
+
+def _inductor_channels_last(graph: torch.fx.Graph, *, training: bool) -> bool:
+    """Whether Inductor's layout optimization would run ``graph``'s convolutions channels-last (False where
+    this torch has no such decision or it fails: the layouts as traced)."""
+    try:
+        from torch._inductor.graph import GraphLowering
+
+        decide = getattr(GraphLowering, "decide_layout_opt", None)
+        gm = graph.owning_module
+        if decide is None or gm is None:
+            return False
+        return bool(decide(gm, is_inference=not training))
+    except Exception:  # noqa: BLE001 - another torch's private API: keep the traced layouts
+        return False
+
+
+def _force_stride_order():
+    """Inductor's stride constraint op (``prims.inductor_force_stride_order``), or None on a torch without it."""
+    try:
+        from torch._inductor import inductor_prims  # noqa: F401  (registers the prim)
+    except ImportError:
+        return None
+    packet = getattr(torch.ops.prims, "inductor_force_stride_order", None)
+    return getattr(packet, "default", None)
+
+
+def _channels_last_strides(shape) -> list[int]:
+    n, c, h, w = shape
+    return [h * w * c, 1, w * c, c]
+
+
+def _channels_last_args(graph: torch.fx.Graph, node: torch.fx.Node, args: tuple) -> tuple | None:
+    """``args`` of our conv2d with the input and weight constrained to channels-last (new nodes before
+    ``node``), or None where that cannot be done or would not be exact: dynamic shapes, or an input whose
+    channels-last strides are also contiguous ones (one channel, one pixel), where the run-time kernel and
+    the fake output could disagree on the output's strides. A weight of one channel or a 1x1 kernel is
+    left as it is (channels-last already)."""
+    force = _force_stride_order()
+    x, w = args[0], args[1]
+    vals = [_val(x), _val(w)]
+    if force is None or not all(isinstance(v, torch.Tensor) and v.dim() == 4 for v in vals):
+        return None
+    shapes = [tuple(v.shape) for v in vals]
+    if not all(isinstance(d, int) for s in shapes for d in s):
+        return None
+    ambiguous = [s[1] == 1 or s[2] * s[3] == 1 for s in shapes]
+    if ambiguous[0]:
+        return None
+    new = [x, w]
+    with graph.inserting_before(node):
+        for i in (0, 1):
+            if not ambiguous[i]:   # (a 1x1 weight is channels-last as it is)
+                new[i] = _call(graph, force, (new[i], _channels_last_strides(shapes[i])))
+    return (new[0], new[1], *args[2:])
+
+
+def _save_constrained(graph: torch.fx.Graph) -> None:
+    """A graph input that a convolution takes channels-last and that the graph also returns (a training
+    forward saves it for the backward): return the channels-last copy instead, as Inductor's layout
+    optimization does, so that the backward's weight gradients read it in that layout and the backward
+    does not convert it again. (Saved tensors only: outputs aliasing inputs are not graph outputs.)"""
+    force = _force_stride_order()
+    out = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    if out is None or force is None:
+        return
+    for n in graph.nodes:
+        if n.target is force and n.args[0].op == "placeholder" and out in n.args[0].users:
+            out.replace_input_with(n.args[0], n)
+
+
+def _repropagate(graph: torch.fx.Graph) -> bool:
+    """Compute again the fake values of the nodes downstream of a changed layout (inputs made channels-last),
+    in graph order, so that Inductor plans saved tensors and outputs in the layout the graph now computes.
+    All or nothing: where a node cannot be run again (dynamic or data-dependent shapes, no fake mode) every
+    value stays as it was (Inductor then converts where they differ: slower, still correct)."""
+    force = _force_stride_order()
+    vals: dict = {}
+    changed: set = set()
+    mode = None
+    try:
+        from torch.fx.experimental.symbolic_shapes import free_symbols
+
+        for n in graph.nodes:
+            v = n.meta.get("val")
+            if n.op in ("placeholder", "get_attr", "output"):
+                if isinstance(v, torch.Tensor) and mode is None:
+                    mode = getattr(v, "fake_mode", None)
+                continue
+            if n.op != "call_function":
+                return False
+            if free_symbols(v):
+                return False
+            if n.target is force:
+                changed.add(n)   # a constraint the rewrite put in: its value is the layout asked for
+                continue
+            if not any(a in changed for a in n.all_input_nodes):
+                continue
+            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs),
+                                                 lambda a: vals[a] if a in vals else a.meta.get("val"))
+            if mode is None:
+                return False
+            with mode:
+                vals[n] = n.target(*args, **kwargs)
+            changed.add(n)
+    except Exception:  # noqa: BLE001 - keep the values as they were (see above)
+        return False
+    for n, v in vals.items():
+        n.meta["val"] = v
+    return True
 
 
 def _decided_aten(op: str, args: tuple, opts: str, *, meta: str = "val") -> str | None:
@@ -296,7 +442,8 @@ def _fake_val(target, args: tuple):
 def _rewrite_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, opts: str) -> str | None:
     """Input gradient of a stride-1, undilated, ungrouped 2-D (or 1-D: a height of 1) convolution as our
     conv2d_grad_input (a tuned conv2d of the output gradient with the flipped, transposed weight); weight
-    and bias gradients stay with aten. Returns None when rewritten, else why not."""
+    and bias gradients stay with aten, except for a 2-D convolution whose weight gradient is asked too:
+    one conv2d_backward (``_fold_conv_backward``). Returns None when rewritten, else why not."""
     aten = torch.ops.aten
     grad, x, w, _bias_sizes, stride, padding, dilation, transposed, _op, groups, mask = node.args[:11]
     wv = _val(w)
@@ -321,6 +468,8 @@ def _rewrite_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, opts: str
         return decided
     from . import ops as ours
 
+    if mask[1] and not one_d:
+        return _fold_conv_backward(graph, node, getters, pad, opts)
     with graph.inserting_before(node):
         g4, w4 = grad, w
         if one_d:
@@ -352,6 +501,39 @@ def _rewrite_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, opts: str
         nv = _fake_val(aten.convolution_backward.default, node.args)
         if nv is not None:
             node.meta["val"] = nv
+    return None
+
+
+def _fold_conv_backward(graph: torch.fx.Graph, node: torch.fx.Node, getters: list, pad: list,
+                        opts: str) -> str | None:
+    """Input and weight gradients of a 2-D convolution as one conv2d_backward (one aten
+    convolution_backward where PyTorch's kernel serves, as Inductor's graph runs it); a bias gradient is the
+    output gradient's sum over batch and pixels (a reduction Inductor fuses with what makes the gradient),
+    as aten computes it."""
+    from . import ops as ours
+
+    aten = torch.ops.aten
+    grad, x, w = node.args[:3]
+    args = (grad, x, w, pad, opts)
+    val = _fake_val(ours.op("conv2d_backward"), args)
+    if val is None:
+        return "no fake tensors to trace it"
+    parts: dict[int, torch.fx.Node] = {}
+    with graph.inserting_before(node):
+        both = graph.call_function(ours.op("conv2d_backward"), args)
+        both.meta["val"] = val
+        for i in (0, 1):
+            parts[i] = graph.call_function(operator.getitem, (both, i))
+            parts[i].meta["val"] = val[i]
+        if node.args[10][2]:
+            parts[2] = _call(graph, aten.sum.dim_IntList, (grad, [0, 2, 3]))
+    for u in getters:
+        new = parts.get(u.args[1])
+        if new is not None:
+            new.meta.update({k: v for k, v in u.meta.items() if k != "val"})
+            u.replace_all_uses_with(new)
+        graph.erase_node(u)
+    graph.erase_node(node)
     return None
 
 
@@ -410,12 +592,13 @@ def _try_fuse(graph: torch.fx.Graph, node: torch.fx.Node, opts: str) -> bool | s
     return True
 
 
-def _replace(graph: torch.fx.Graph, node: torch.fx.Node, target, args: tuple) -> None:
+def _replace(graph: torch.fx.Graph, node: torch.fx.Node, target, args: tuple) -> torch.fx.Node:
     with graph.inserting_before(node):
         new = graph.call_function(target, args)
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+    return new
 
 
 def _dynamo_activation(node: torch.fx.Node) -> str | None:
@@ -550,12 +733,12 @@ def _decision_sources(opts: str) -> str:
 _rewrite_warned: set[str] = set()
 
 
-def _guarded(fn: Callable, graph_or_module: Any, opts: str) -> None:
+def _guarded(fn: Callable, graph_or_module: Any, opts: str, **kwargs: Any) -> None:
     """Run one of our graph passes; a failure leaves the graph as it is (each rewrite of a node is whole, so
     a pass stopped half-way leaves a valid graph) and warns once per kind of failure: never a compile error
     in the user's model."""
     try:
-        fn(graph_or_module, opts=opts)
+        fn(graph_or_module, opts=opts, **kwargs)
     except Exception as e:  # noqa: BLE001 - the model must compile whatever our pass hits
         kind = f"{fn.__name__}: {type(e).__name__}"
         if kind not in _rewrite_warned:
@@ -573,16 +756,19 @@ def _custom_graph_pass_base():
 class RewritePass:
     """Inductor ``post_grad_custom_pre_pass``: ``rewrite_graph`` with a stable ``uuid`` (our sources, the
     opts string, the pass it chains to, and the settings and store state compile-time resolution reads),
-    so Inductor's caches key on it."""
+    so Inductor's caches key on it. ``training``: whether the graphs are a training step's (forward and
+    backward; Inductor's layout decision for convolutions differs from inference's)."""
 
-    def __init__(self, opts: str = "", chained: Any = None):
+    def __init__(self, opts: str = "", chained: Any = None, training: bool = False):
         self.opts = opts
         self.chained = chained
+        self.training = training
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         if self.chained is not None:
             self.chained(graph)
-        _guarded(rewrite_graph, graph, self.opts)
+        _guarded(rewrite_graph, graph, self.opts,
+                 channels_last=_inductor_channels_last(graph, training=self.training))
 
     def uuid(self) -> Any:
         chained = None
@@ -590,13 +776,14 @@ class RewritePass:
             chained = self.chained.uuid() if hasattr(self.chained, "uuid") else None
             if chained is None:
                 return None  # an uncacheable user pass: let Inductor bypass its cache
-        return ("torchtune_ops", _source_hash(), self.opts, chained, _decision_sources(self.opts))
+        return ("torchtune_ops", _source_hash(), self.opts, chained, self.training,
+                _decision_sources(self.opts))
 
 
-def _make_pass(opts: str, chained: Any):
+def _make_pass(opts: str, chained: Any, training: bool = False):
     base = _custom_graph_pass_base()
     cls = type("TorchTuneOpsRewritePass", (RewritePass, base), {})
-    return cls(opts, chained)
+    return cls(opts, chained, training)
 
 
 _OWN_KEYS = ("compiler", "settings", "graph")
@@ -648,7 +835,8 @@ def torchtune_ops_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
         _guarded(prefuse_linear_activation, gm, op_opts)
     if compiler == "eager":
         return _eager(gm, example_inputs, op_opts if rewrite else None)
-    return _inductor(gm, example_inputs, op_opts if rewrite else None, mode, opts_in)
+    return _inductor(gm, example_inputs, op_opts if rewrite else None, mode, opts_in,
+                     training=_wants_grad(example_inputs))
 
 
 # Graphs left to Inductor (or AOT eager) untouched because no Triton kernel could run on their devices.
@@ -749,6 +937,7 @@ def _register_lowerings() -> None:
 
     from . import dispatch, ops as ours
 
+    multi_ok = _multi_output_ir(ir)
     for name in ours._IMPLS:
         if name in _LOWERED:
             continue
@@ -759,33 +948,78 @@ def _register_lowerings() -> None:
         setattr(extern_kernels, call_name, dispatch.SITES[name])
 
         def lower(*args, _overload=overload, _call=call_name, _name=name, **kwargs):
-            val = V.graph.current_node.meta.get("val") if V.graph.current_node is not None else None
+            node = V.graph.current_node
+            val = node.meta.get("val") if node is not None else None
+            vals = list(val) if isinstance(val, (tuple, list)) else [val]
             n = 0
             while n < len(args) and isinstance(args[n], ir.IRNode):
                 n += 1
-            static = (isinstance(val, torch.Tensor) and not any(isinstance(a, ir.IRNode) for a in args[n:])
-                      and all(isinstance(d, int) for d in (*val.shape, *val.stride())))
-            if not static or kwargs:   # (the rewrite passes every argument by position)
-                return fallback_handler(_overload, add_to_fallback_set=False)(*args, **kwargs)
+            static = (all(isinstance(v, torch.Tensor) for v in vals)
+                      and not any(isinstance(a, ir.IRNode) for a in args[n:])
+                      and all(isinstance(d, int) for v in vals for d in (*v.shape, *v.stride())))
+            if not static or kwargs or (len(vals) > 1 and not multi_ok):   # (the rewrite passes every
+                return fallback_handler(_overload, add_to_fallback_set=False)(*args, **kwargs)  # argument by position)
             inputs = [ir.ExternKernel.realize_input(a) for a in args[:n]]
-            layout = ir.FixedLayout(inputs[0].get_device(), val.dtype, list(val.shape), list(val.stride()))
+            if _name.startswith("conv2d"):
+                # a convolution's output layout follows its inputs': hold them to the fake values' strides
+                inputs = [_fx_strides(ir, a, arg) for a, arg in zip(inputs, node.args)]
+            device = inputs[0].get_device()
             # every argument of the op (defaults filled in), then the site id
             constants = [*args[n:], *(a.default_value for a in _overload._schema.arguments[len(args):]),
                          uuid.uuid4().hex[:16]]
-            node = _site_call_type()(layout=layout, inputs=inputs, constant_args=constants,
-                                     python_kernel_name=f"extern_kernels.{_call}")
-            # A matmul site returns a new tensor of the standard contiguous strides (torch.empty's), from
-            # PyTorch's kernel or ours (tests/test_backend.py checks): where the graph expects those, the
-            # size/stride assert after the call (about 0.5 us) has nothing to catch.
-            node.asserts = not (_name in _FRESH_CONTIGUOUS and
-                                tuple(val.stride()) == make_contiguous_strides_for(val.shape))
-            return ir.TensorBox.create(node)
+
+            def layout(v):
+                return ir.FixedLayout(device, v.dtype, list(v.shape), list(v.stride()))
+
+            kernel = f"extern_kernels.{_call}"
+            if isinstance(val, torch.Tensor):
+                call = _site_call_type()(layout=layout(val), inputs=inputs, constant_args=constants,
+                                         python_kernel_name=kernel)
+                # A matmul site returns a new tensor of the standard contiguous strides (torch.empty's), from
+                # PyTorch's kernel or ours (tests/test_backend.py checks): where the graph expects those, the
+                # size/stride assert after the call (about 0.5 us) has nothing to catch.
+                call.asserts = not (_name in _FRESH_CONTIGUOUS and
+                                    tuple(val.stride()) == make_contiguous_strides_for(val.shape))
+                return ir.TensorBox.create(call)
+            # several outputs (conv2d_backward): one call, then each output indexed from its result
+            packed = ir.ExternKernelAlloc(layout=ir.MultiOutputLayout(device=device), inputs=inputs,
+                                          constant_args=constants, python_kernel_name=kernel)
+            outs = [ir.MultiOutput(layout(v), packed, [(tuple, i)]) for i, v in enumerate(vals)]
+            packed.outputs = outs
+            return tuple(ir.TensorBox.create(o) for o in outs)
 
         register_lowering(overload, type_promotion_kind=None)(lower)
         _LOWERED.add(name)
 
 
-def _inductor(gm, example_inputs, opts: str | None, mode: str | None, patches: dict[str, Any]) -> Callable:
+def _multi_output_ir(ir) -> bool:
+    """Whether this Inductor's IR builds an extern call with several outputs as the lowering does
+    (``MultiOutputLayout(device=...)``, ``MultiOutput(layout, input, indices)``); elsewhere such an op is
+    called through the dispatcher."""
+    import inspect
+
+    try:
+        ir.MultiOutputLayout(device=torch.device("cpu"))
+        params = list(inspect.signature(ir.MultiOutput.__init__).parameters)[1:4]
+    except Exception:  # noqa: BLE001 - another torch's private IR
+        return False
+    return params == ["layout", "input", "indices"]
+
+
+def _fx_strides(ir, node, arg: Any):
+    """``node`` (a realized input of our lowering) held to the stride order of its graph argument's fake
+    value where that is a contiguous or channels-last 4-D tensor (a copy only where Inductor laid it out
+    otherwise)."""
+    v = _val(arg)
+    if not isinstance(v, torch.Tensor) or v.dim() != 4 or not all(isinstance(d, int) for d in v.stride()):
+        return node
+    if not (v.is_contiguous() or v.is_contiguous(memory_format=torch.channels_last)):
+        return node
+    return ir.ExternKernel.require_stride_order(node, ir.get_stride_order(v.stride()))
+
+
+def _inductor(gm, example_inputs, opts: str | None, mode: str | None, patches: dict[str, Any], *,
+              training: bool = False) -> Callable:
     from torch._inductor import config as iconfig
     from torch._inductor.compile_fx import compile_fx
 
@@ -797,5 +1031,5 @@ def _inductor(gm, example_inputs, opts: str | None, mode: str | None, patches: d
     config_patches.update(patches)
     if opts is not None:
         chained = config_patches.get("post_grad_custom_pre_pass", iconfig.post_grad_custom_pre_pass)
-        config_patches["post_grad_custom_pre_pass"] = _make_pass(opts, chained)
+        config_patches["post_grad_custom_pre_pass"] = _make_pass(opts, chained, training)
     return compile_fx(gm, example_inputs, config_patches=config_patches or None)

@@ -23,7 +23,8 @@ from .choices import _grad_input, _lock, _memo, stats
 from .resolve import _resolve, encode_opts, reset, set_tune_options, wait_background
 from .aten import ACT_INPLACE, activation_ref
 
-__all__ = ["mm", "bmm", "addmm", "baddbmm", "mm_act", "conv2d", "conv2d_grad_input", "linear_act", "stats",
+__all__ = ["mm", "bmm", "addmm", "baddbmm", "mm_act", "conv2d", "conv2d_grad_input", "conv2d_backward",
+           "linear_act", "stats",
            "reset", "set_tune_options", "wait_background", "encode_opts", "activation_ref", "SITES"]
 
 _get_precision = getattr(torch._C, "_get_float32_matmul_precision", torch.get_float32_matmul_precision)
@@ -134,10 +135,49 @@ class _GradInput:
         return c.fn(grad, _flipped(w), None, (1, 1), self.pad, (1, 1), 1)
 
 
+    def run_both(self, grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding):
+        """The input and weight gradients, or None where the conv2d key is not in memory. Where PyTorch's
+        kernel serves the input gradient, one aten convolution_backward makes both (as Inductor's graph
+        would); else the tuned kernel makes the input gradient (in the memory format aten's would have) and
+        aten the weight's."""
+        c = _memo.get(self.conv_key)
+        if c is None:
+            return None
+        c.calls += 1
+        if c.fn is c.aten:
+            gx, gw, _ = _conv_bwd(grad, x, w, None, _ONES, padding, _ONES, False, _ZEROS, 1, _INPUT_WEIGHT)
+            return gx, gw
+        gx = c.fn(grad, _flipped(w), None, (1, 1), self.pad, (1, 1), 1)
+        return _like_aten_grad(gx, x, w), _grad_weight(grad, x, w, padding)
+
+
+_conv_bwd = torch.ops.aten.convolution_backward.default
+_ONES, _ZEROS = [1, 1], [0, 0]
+_INPUT_WEIGHT, _WEIGHT = [True, True, False], [False, True, False]
+
+
+def _grad_weight(grad, x, w, padding) -> torch.Tensor:
+    return _conv_bwd(grad, x, w, None, _ONES, padding, _ONES, False, _ZEROS, 1, _WEIGHT)[1]
+
+
+def _like_aten_grad(gx: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``gx`` in the memory format aten's convolution_backward gives its input gradient (channels-last where
+    the input or the weight is), which the compiled graph's fake values assume."""
+    from torch._prims_common import suggest_memory_format
+
+    fmt = (torch.channels_last if torch.channels_last in (suggest_memory_format(x), suggest_memory_format(w))
+           else torch.contiguous_format)
+    return gx if gx.is_contiguous(memory_format=fmt) else gx.contiguous(memory_format=fmt)
+
+
+def _grad_input_key(grad, w, padding, opts) -> tuple:
+    return (grad.dtype, w.dtype, grad.device, grad.shape, w.shape, grad.stride(), w.stride(), padding[0],
+            padding[1], opts, _get_precision())
+
+
 def conv2d_grad_input(grad: torch.Tensor, w: torch.Tensor, padding, opts: str = "") -> torch.Tensor:
     """Input gradient of a stride-1, undilated, ungrouped conv2d with ``padding``."""
-    key = (grad.dtype, w.dtype, grad.device, grad.shape, w.shape, grad.stride(), w.stride(), padding[0],
-           padding[1], opts, _get_precision())
+    key = _grad_input_key(grad, w, padding, opts)
     g = _grad_input.get(key)
     if g is not None:
         out = g.run(grad, w, padding)
@@ -154,6 +194,20 @@ def _grad_input_miss(key: tuple, grad, w, padding, opts) -> torch.Tensor:
     with _lock:
         _grad_input[key] = g
     return conv2d(grad, wf, None, (1, 1), pad, (1, 1), 1, opts)
+
+
+def conv2d_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding,
+                    opts: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and weight gradients of a stride-1, undilated, ungrouped conv2d with ``padding`` (the input
+    gradient's problem as ``conv2d_grad_input``'s; see ``_GradInput.run_both``)."""
+    key = _grad_input_key(grad, w, padding, opts)
+    g = _grad_input.get(key)
+    if g is not None:
+        out = g.run_both(grad, x, w, padding)
+        if out is not None:
+            return out
+    gx = _grad_input_miss(key, grad, w, padding, opts)
+    return _like_aten_grad(gx, x, w), _grad_weight(grad, x, w, padding)
 
 
 def linear_act(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, activation: str,
@@ -290,13 +344,25 @@ def conv2d_grad_input_site(grad, w, padding, opts, site):
         out = s[0].run(grad, w, padding)
         if out is not None:
             return out
-    key = (grad.dtype, w.dtype, grad.device, grad.shape, w.shape, grad.stride(), w.stride(), padding[0],
-           padding[1], opts, _get_precision())
+    key = _grad_input_key(grad, w, padding, opts)
     out = conv2d_grad_input(grad, w, padding, opts)
+    _sites[site] = (_grad_input[key], key[-1])
+    return out
+
+
+def conv2d_backward_site(grad, x, w, padding, opts, site):
+    s = _sites.get(site)
+    if s is not None and s[1] == _get_precision():
+        out = s[0].run_both(grad, x, w, padding)
+        if out is not None:
+            return out
+    key = _grad_input_key(grad, w, padding, opts)
+    out = conv2d_backward(grad, x, w, padding, opts)
     _sites[site] = (_grad_input[key], key[-1])
     return out
 
 
 #: the site function of each op (what Inductor's code calls where shapes are static)
 SITES = {"mm": mm_site, "bmm": bmm_site, "addmm": addmm_site, "baddbmm": baddbmm_site, "mm_act": mm_act_site,
-         "linear_act": linear_act_site, "conv2d": conv2d_site, "conv2d_grad_input": conv2d_grad_input_site}
+         "linear_act": linear_act_site, "conv2d": conv2d_site, "conv2d_grad_input": conv2d_grad_input_site,
+         "conv2d_backward": conv2d_backward_site}

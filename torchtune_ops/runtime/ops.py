@@ -6,8 +6,8 @@ Each op has
 - a fake implementation that runs aten's own op on fake tensors, so shapes, strides and errors are exactly
   PyTorch's, under torch.compile (dynamic shapes included) and torch.export;
 - an autograd formula whose backward products are themselves calls of these ops, so training runs the
-  tuned kernels too (convolution: the input gradient where it is a stride-1 convolution; the weight gradient
-  is aten's).
+  tuned kernels too (convolution: the input gradient where it is a stride-1 convolution, made in one call
+  with aten's weight gradient where PyTorch's kernel serves it).
 
 Ops are registered with ``torch.library.Library.define`` + ``impl`` rather than ``torch.library.custom_op``,
 whose Python wrapper costs several microseconds per call. Every op takes a trailing ``opts`` string: the
@@ -26,6 +26,9 @@ Schemas (``Scalar`` arguments as in aten)::
            int groups, str opts="") -> Tensor
     conv2d_grad_input(Tensor grad, Tensor weight, int[2] padding, str opts="") -> Tensor
         the input gradient of a stride-1, undilated, ungrouped conv2d (no autograd of its own)
+    conv2d_backward(Tensor grad, Tensor input, Tensor weight, int[2] padding, str opts="") -> (Tensor, Tensor)
+        its input and weight gradients: one aten convolution_backward where PyTorch's kernel serves the input
+        gradient, else the tuned input gradient and aten's weight gradient (no autograd of its own)
     linear_act(Tensor input, Tensor weight, Tensor? bias, str activation, str opts="") -> Tensor
         activation(F.linear(input, weight, bias)) for any leading dims (one mm_act on flattened rows)
 """
@@ -53,6 +56,8 @@ _SCHEMAS = {
     "conv2d": "conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
               "int[2] dilation, int groups, str opts=\"\") -> Tensor",
     "conv2d_grad_input": "conv2d_grad_input(Tensor grad, Tensor weight, int[2] padding, str opts=\"\") -> Tensor",
+    "conv2d_backward": "conv2d_backward(Tensor grad, Tensor input, Tensor weight, int[2] padding, "
+                       "str opts=\"\") -> (Tensor, Tensor)",
     "linear_act": "linear_act(Tensor input, Tensor weight, Tensor? bias, str activation, str opts=\"\") -> Tensor",
 }
 
@@ -68,6 +73,7 @@ _IMPLS = {
     "mm_act": dispatch.mm_act,
     "conv2d": dispatch.conv2d,
     "conv2d_grad_input": dispatch.conv2d_grad_input,
+    "conv2d_backward": dispatch.conv2d_backward,
     "linear_act": dispatch.linear_act,
 }
 _flipped = dispatch._flipped
@@ -117,6 +123,13 @@ def _conv2d_fake(x, w, bias, stride, padding, dilation, groups, opts=""):
 def _conv2d_grad_input_fake(grad, w, padding, opts=""):
     kh, kw = w.shape[2], w.shape[3]
     return torch.conv2d(grad, _flipped(w), None, 1, [kh - 1 - padding[0], kw - 1 - padding[1]])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::conv2d_backward", lib=_lib)
+def _conv2d_backward_fake(grad, x, w, padding, opts=""):
+    gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], padding, [1, 1], False, [0, 0], 1,
+                                                    [True, True, False])
+    return gx, gw
 
 
 @torch.library.register_fake(f"{NAMESPACE}::linear_act", lib=_lib)
@@ -260,6 +273,11 @@ def _conv_backward(ctx, g):
     # of the output gradient with the flipped, transposed weight: run it through our own (tuned) op.
     own_gx = (want_x and stride == [1, 1] and dilation == [1, 1] and groups == 1
               and padding[0] < kh and padding[1] < kw)
+    if own_gx and want_w:
+        gx, gw = ops.conv2d_backward(g, x, w, padding, ctx.opts)
+        gb = torch.ops.aten.convolution_backward(g, x, w, list(ctx.bias_shape), stride, padding, dilation, False,
+                                                 [0, 0], groups, [False, False, True])[2] if want_b else None
+        return gx, gw, gb, None, None, None, None, None
     if own_gx:
         gx = ops.conv2d_grad_input(g, w, padding, ctx.opts)
     mask = [want_x and not own_gx, want_w, want_b]
