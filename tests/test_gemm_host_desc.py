@@ -4,11 +4,6 @@ of the tile). Correct through the interpreter (which emulates descriptors, host-
 shapes, dtypes, layouts, fused epilogues, persistent on and off; the same as the unbound launch bit for
 bit when bound; the rules of the space; what the launcher falls back to where a tensor does not allow it.
 The compiled code (TMA store in the PTX, no spills) is checked in test_compile_gate.py."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -17,8 +12,8 @@ from torchtune_ops.kernels.base import Config
 from torchtune_ops.kernels.gemm import GEMM, GemmProblem, gemm
 
 from test_gemm import A100, BIG, H100, assert_close, poisoned, ref64
+from test_launch import _driver_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=2, SPLIT_K=1, TMA=1)
 VARIANTS = {
     "host": dict(HOST_DESC=1),
@@ -229,10 +224,6 @@ def test_bound_split_k_with_host_descriptors(device):
 
 
 _DRIVER_SCRIPT = r"""
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from _fake_driver import fake_driver
-from torchtune_ops.kernels import gemm as kgemm
 from torchtune_ops.kernels._compat import TensorDescriptor
 
 kgemm._tma_usable = lambda device: True   # the fake driver's GPU is an sm_90
@@ -256,12 +247,7 @@ with fake_driver(kgemm._gemm_kernel, kgemm._splitk_epilogue_kernel) as launches:
     bound = kgemm.bind(a, b, config=cfg, bias=bias, activation="silu")
     bound(a, b, bias)
     res["first"] = [launches.count, len(launches.compiled), bound.main.bound]
-    seen = []
-    orig = type(launches.compiled[0]).run
-    def record(self, *args):
-        seen.append(plain(args[9:]))
-        orig(self, *args)
-    type(launches.compiled[0]).run = record
+    seen = record_runs(launches)
     a2, b2, bias2 = torch.randn(33, 48), torch.randn(48, 24), torch.randn(24)
     out = torch.empty(33, 24)
     kgemm.gemm(a2, b2, config=cfg, bias=bias2, activation="silu", out=out)
@@ -280,12 +266,7 @@ def test_bound_host_descriptors_reach_the_launcher_as_the_jit_passes_them(tmp_pa
     """Without the interpreter, against Triton's JIT on a stubbed sm_90 driver: the bound call hands the
     compiled kernel's launcher descriptors of the same bases, shapes, strides and blocks as the JIT's call
     (Triton's launcher encodes the TMA descriptors from them), and compiles nothing more."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    r = subprocess.run([sys.executable, "-c", _DRIVER_SCRIPT, os.path.join(ROOT, "benchmarks")], env=env,
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    res = _driver_script(_DRIVER_SCRIPT, tmp_path)
     assert res["first"] == [1, 1, 0]
     assert res["descs"] == [True, True, True] and res["same"] and res["out_ptr"]
     assert res["bound"] == [1, 1]

@@ -166,15 +166,26 @@ def test_tuned_choice_runs_through_the_binding(monkeypatch, device):
     dispatch.reset()
 
 
-# what both stubbed-driver scripts start with (run by _driver_script in a process without the interpreter)
+# what every stubbed-driver script starts with (here and in test_gemm_host_desc.py; run by _driver_script in a
+# process without the interpreter)
 _DRIVER_PRELUDE = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from _fake_driver import fake_driver
 from torchtune_ops.kernels import gemm as kgemm
 
-def plain(args):   # tensors by pointer, everything else as it is
+def plain(args):   # tensors by pointer, everything else as it is (a script may define its own)
     return [("ptr", a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
+
+def record_runs(launches):   # from now on, every stubbed launch's kernel arguments (after grid, stream
+    seen = []                 # and metadata) as plain(...), in the list returned
+    cls = type(launches.compiled[0])
+    orig = cls.run
+    def run(self, *args):
+        seen.append(plain(args[9:]))
+        orig(self, *args)
+    cls.run = run
+    return seen
 """
 
 
@@ -197,12 +208,7 @@ with fake_driver(kgemm._gemm_kernel, kgemm._splitk_epilogue_kernel) as launches:
     bound = kgemm.bind(a, b, config=cfg, bias=bias, activation="silu")
     bound(a, b, bias)                    # first call: Triton's JIT, compiled kernels kept
     res["first"] = [launches.count, len(launches.compiled), bound.main.bound]
-    seen = []
-    orig = type(launches.compiled[0]).run
-    def record(self, *args):
-        seen.append(plain(args[9:]))
-        orig(self, *args)
-    type(launches.compiled[0]).run = record
+    seen = record_runs(launches)
     kgemm.gemm(a, b, config=cfg, bias=bias, activation="silu")      # the JIT's arguments
     n_jit = len(seen)
     bound(a, b, bias)                                              # ours
