@@ -16,8 +16,11 @@ precision is the same: no key built, hashed or looked up. (The convolution sites
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 from .choices import _grad_input, _lock, _memo, stats
 from .resolve import _resolve, encode_opts, reset, set_tune_options, wait_background
@@ -163,8 +166,6 @@ def _grad_weight(grad, x, w, padding) -> torch.Tensor:
 def _like_aten_grad(gx: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``gx`` in the memory format aten's convolution_backward gives its input gradient (channels-last where
     the input or the weight is), which the compiled graph's fake values assume."""
-    from torch._prims_common import suggest_memory_format
-
     fmt = (torch.channels_last if torch.channels_last in (suggest_memory_format(x), suggest_memory_format(w))
            else torch.contiguous_format)
     return gx if gx.is_contiguous(memory_format=fmt) else gx.contiguous(memory_format=fmt)
@@ -214,18 +215,20 @@ def linear_act(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, acti
                opts: str = "") -> torch.Tensor:
     """``activation(F.linear(x, w, bias))`` for any leading dims of ``x``: one tuned mm_act on the
     flattened rows."""
-    # Shapes F.linear takes but one matmul of the flattened rows does not (a 1-D weight, a bias of 2 or
-    # more dims beside a vector or batched input) and its errors (0-d input): PyTorch's own.
-    xd = x.dim()
-    if xd == 2 and w.dim() == 2:  # the common case: one mm_act as it is
+    if x.dim() == 2 and w.dim() == 2:  # the common case: one mm_act as it is
         return mm_act(x, w.t(), bias, activation, opts)
-    if xd == 0 or w.dim() != 2 or (bias is not None and bias.dim() > 1 and xd != 2):
+    if not _one_mm_act(x, w, bias):
         return activation_ref(F.linear(x, w, bias), activation)
-    rows = 1
-    for n in x.shape[:-1]:
-        rows *= n
-    out = mm_act(x.reshape(rows, x.shape[-1]), w.t(), bias, activation, opts)  # K = 0 included
+    out = mm_act(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w.t(), bias, activation, opts)  # K = 0 included
     return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _one_mm_act(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether one mm_act on the flattened rows of ``x`` computes ``F.linear(x, w, bias)``. Not for shapes
+    F.linear takes but one matmul of the rows does not (a 1-D weight, a bias of 2 or more dims beside a
+    vector or batched input) nor its errors (0-d input): those stay PyTorch's own."""
+    xd = x.dim()
+    return xd != 0 and w.dim() == 2 and not (bias is not None and bias.dim() > 1 and xd != 2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,16 +314,11 @@ def linear_act_site(x, w, bias, activation, opts, site):
                 return c.fn(x, w.t(), bias, activation)
             return c.fn(x.reshape(rows, x.shape[-1]), w.t(), bias, activation).reshape(s[3])
     out = linear_act(x, w, bias, activation, opts)
-    xd = x.dim()
-    # the shapes linear_act serves with one mm_act (see there); the key that call built
-    if (xd >= 1 and w.dim() == 2 and not (bias is not None and bias.dim() > 1 and xd != 2)
-            and activation in ACT_INPLACE):
-        if xd == 2:
+    if activation in ACT_INPLACE and _one_mm_act(x, w, bias):   # the key that linear_act's mm_act built
+        if x.dim() == 2:
             _keep(site, _mm_act_key(x, w.t(), bias, activation, opts), None, None)
         else:
-            rows = 1
-            for n in x.shape[:-1]:
-                rows *= n
+            rows = math.prod(x.shape[:-1])
             _keep(site, _mm_act_key(x.reshape(rows, x.shape[-1]), w.t(), bias, activation, opts), rows,
                   (*x.shape[:-1], w.shape[0]))
     return out
