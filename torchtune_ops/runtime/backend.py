@@ -900,24 +900,22 @@ _LOWERED: set[str] = set()
 #: the ops whose site function always returns a new tensor of torch.empty's strides (PyTorch's matmuls and
 #: our GEMM's output alike)
 _FRESH_CONTIGUOUS = frozenset({"mm", "bmm", "addmm", "baddbmm", "mm_act", "linear_act"})
-_SITE_CALL: list[type] = []
 
 
+@functools.lru_cache(maxsize=1)
 def _site_call_type() -> type:
     """Inductor's ``ExternKernelAlloc`` whose size/stride assert after the call can be left out
     (``asserts = False``), made once (Inductor is imported lazily)."""
-    if not _SITE_CALL:
-        from torch._inductor import ir
+    from torch._inductor import ir
 
-        class SiteCall(ir.ExternKernelAlloc):
-            asserts = True
+    class SiteCall(ir.ExternKernelAlloc):
+        asserts = True
 
-            def codegen_size_asserts(self, wrapper) -> None:
-                if self.asserts:
-                    super().codegen_size_asserts(wrapper)
+        def codegen_size_asserts(self, wrapper) -> None:
+            if self.asserts:
+                super().codegen_size_asserts(wrapper)
 
-        _SITE_CALL.append(SiteCall)
-    return _SITE_CALL[0]
+    return SiteCall
 
 
 def _register_lowerings() -> None:
