@@ -23,6 +23,16 @@ _SQRT5 = math.sqrt(5.0)
 _erf = np.frompyfunc(math.erf, 1, 1)
 
 
+def _matern52(r: np.ndarray) -> np.ndarray:
+    """The Matern 5/2 kernel at scaled distances ``r``."""
+    return (1.0 + _SQRT5 * r + (5.0 / 3.0) * r * r) * np.exp(-_SQRT5 * r)
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) squared Euclidean distances between the rows of ``a`` and ``b``."""
+    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T, 0.0)
+
+
 FITS = ("fixed", "iso", "ard")
 FAILURES = ("slowest", "feasibility")
 
@@ -106,7 +116,7 @@ class CandidateGP:
             r = np.sqrt(((points - centre) ** 2).sum(axis=1)) / self.lengthscale
         else:
             r = np.sqrt((self._scaled(points - centre) ** 2).sum(axis=1))
-        return (1.0 + _SQRT5 * r + (5.0 / 3.0) * r * r) * np.exp(-_SQRT5 * r)
+        return _matern52(r)
 
     def add(self, row: int) -> None:
         """Record that candidate ``row`` was measured (its value is passed to ``expected_improvement``)."""
@@ -131,9 +141,7 @@ class CandidateGP:
         prior of those scales."""
         measured = np.asarray(self.measured) if use is None else np.asarray(self.measured)[use]
         x = self.x[measured] / scales[self.groups]
-        d2 = np.maximum((x * x).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2.0 * x @ x.T, 0.0)
-        r = np.sqrt(d2.astype(np.float64))
-        k = (1.0 + _SQRT5 * r + (5.0 / 3.0) * r * r) * np.exp(-_SQRT5 * r) + self.noise * np.eye(len(y))
+        k = _matern52(np.sqrt(_sq_dists(x, x).astype(np.float64))) + self.noise * np.eye(len(y))
         try:
             chol = np.linalg.cholesky(k)
         except np.linalg.LinAlgError:
@@ -175,9 +183,7 @@ class CandidateGP:
             self.scales = scales
             xs = self._scaled(self.x)
             m = xs[self.measured]
-            d2 = np.maximum((xs * xs).sum(1)[:, None] + (m * m).sum(1)[None, :] - 2.0 * xs @ m.T, 0.0)
-            r = np.sqrt(d2)
-            self._k[:, :n] = (1.0 + _SQRT5 * r + (5.0 / 3.0) * r * r) * np.exp(-_SQRT5 * r)
+            self._k[:, :n] = _matern52(np.sqrt(_sq_dists(xs, m)))
 
     def uncertainty(self, rows: np.ndarray) -> np.ndarray:
         """The prior-relative posterior standard deviation (0 to 1) at candidate ``rows``: how far they are,

@@ -168,7 +168,8 @@ class TPEStrategy:
                  prior_weight: float = 12.0, prior_gamma: float = 0.1, prior_max_good: int = 50,
                  n_ei_candidates: int | None = None, local_every: int = 3, stall: int = 10, far: int = 3,
                  far_rank: float = 0.15, gp_every: int = 2, gp_lengthscale: float = 0.35,
-                 gp_noise: float = 1e-2, gp_fit: str = "fixed", gp_failures: str = "slowest", explore_after: int = 0, explore_every: int = 2,
+                 gp_noise: float = 1e-2, gp_fit: str = "fixed", gp_failures: str = "slowest",
+                 explore_after: int = 0, explore_every: int = 2,
                  restart_backoff: bool = False, far_every: int = 0, second_every: int = 0,
                  gp_far_every: int = 0):
         self.n_startup = n_startup
