@@ -119,7 +119,8 @@ def _run(strategy, seed=0):
     return tune(space, cost, max_trials=40, seed=seed, strategy=strategy)
 
 
-def test_every_second_global_model_proposal_is_the_gp_argmax():
+@pytest.mark.parametrize("local_score", ["tpe", "gp"])
+def test_every_second_global_model_proposal_is_the_gp_argmax(local_score):
     calls = []
 
     class Spy(CandidateGP):
@@ -132,23 +133,32 @@ def test_every_second_global_model_proposal_is_the_gp_argmax():
     original = strategies.CandidateGP
     strategies.CandidateGP = Spy
     try:
-        strat = TPEStrategy(gp_every=2)
+        strat = TPEStrategy(gp_every=2, local_score=local_score)
         result = _run(strat)
     finally:
         strategies.CandidateGP = original
     measured = [strat.rows.candidates[c] for c in strat.cands]
     assert calls, "the GP was never asked"
-    # Every GP answer was measured next; about a third of the model's proposals came from it.
+    # Every GP answer was measured next. Of the model's proposals, every third is a local step and half of
+    # the others are GP steps: a third from the GP with local steps by l/g, two thirds with local steps by
+    # the GP's expected improvement.
     assert all(any((strat.rows.candidates[c] == m).all() for m in measured) for c in calls)
     model = len(result.trials) - strat.n_startup
-    assert model / 4 <= len(calls) <= model / 2
+    if local_score == "tpe":
+        assert model / 4 <= len(calls) <= model / 2
+    else:
+        assert model / 2 <= len(calls) <= model * 3 / 4
 
 
-def test_gp_every_0_is_plain_tpe_and_builds_no_model():
-    strat = TPEStrategy(gp_every=0)
+def test_gp_every_0_with_local_steps_by_l_over_g_is_plain_tpe_and_builds_no_model():
+    strat = TPEStrategy(gp_every=0, local_score="tpe")
     result = _run(strat)
     assert strat.gp is None
     assert result.best_value == 1.0
+    # gp_every=0 alone turns off the GP's global steps only: the local steps still use it
+    strat = TPEStrategy(gp_every=0)
+    _run(strat)
+    assert strat.gp is not None and strat.n_global == 0
 
 
 # ---- length scales fitted by marginal likelihood (fit="iso" / "ard") ----

@@ -50,6 +50,7 @@ class RandomStrategy:
 
 
 DESIGNS = ("cover", "cover-even", "random")
+LOCAL_SCORES = ("gp", "tpe")
 
 
 def design_strata(space: Space, n: int, *, extremes: bool = True) -> list[np.ndarray]:
@@ -115,6 +116,10 @@ class TPEStrategy:
             available candidates.
         local_every: every this many model proposals, search only among the one-parameter neighbours of
             the best configuration so far (exploitation). 0 turns it off. Default 3.
+        local_score: how a local step chooses among those neighbours: "gp" (default), the highest expected
+            improvement under the Gaussian process (``gp.CandidateGP``), which learns from the measurements
+            which parameters matter and so does not walk a flat axis value by value; "tpe", the highest l/g.
+            "gp" falls back to l/g before 3 successful measurements.
         stall: after this many measurements in a row without improvement, make one *far step*: propose
             among the candidates at least ``far`` parameters away from the best, scored by a density whose
             good group is drawn from the measurements in that region only (so a search stuck in one basin
@@ -166,8 +171,8 @@ class TPEStrategy:
                  gamma: float = 0.15, max_good: int = 20, bandwidth: float = 0.1, min_bandwidth: float = 1.0,
                  eps: float = 0.2,
                  prior_weight: float = 12.0, prior_gamma: float = 0.1, prior_max_good: int = 50,
-                 n_ei_candidates: int | None = None, local_every: int = 3, stall: int = 10, far: int = 3,
-                 far_rank: float = 0.15, gp_every: int = 2, gp_lengthscale: float = 0.35,
+                 n_ei_candidates: int | None = None, local_every: int = 3, local_score: str = "gp",
+                 stall: int = 10, far: int = 3, far_rank: float = 0.15, gp_every: int = 2, gp_lengthscale: float = 0.35,
                  gp_noise: float = 1e-2, gp_fit: str = "fixed", gp_failures: str = "slowest",
                  explore_after: int = 0, explore_every: int = 2,
                  restart_backoff: bool = False, far_every: int = 0, second_every: int = 0,
@@ -187,6 +192,9 @@ class TPEStrategy:
         self.prior_max_good = prior_max_good
         self.n_ei_candidates = n_ei_candidates
         self.local_every = local_every
+        if local_score not in LOCAL_SCORES:
+            raise ValueError(f"unknown local_score {local_score!r}; choose one of {LOCAL_SCORES}")
+        self.local_score = local_score
         self.stall = stall
         self.far = far
         self.far_rank = far_rank
@@ -214,7 +222,7 @@ class TPEStrategy:
         self.strata = design_strata(space, self.n_startup, extremes=self.design == "cover")
         self.gp = (CandidateGP(space, candidates, lengthscale=self.gp_lengthscale, noise=self.gp_noise,
                                fit=self.gp_fit, failures=self.gp_failures)
-                   if self.gp_every else None)
+                   if self.gp_every or (self.local_every and self.local_score == "gp") else None)
         self.n_global = 0  # model proposals that were not local steps
         self.values: list[float] = []
         self.cands: list[int] = []
@@ -313,7 +321,7 @@ class TPEStrategy:
             if row is not None:
                 return row
         local = bool(self.local_every and finite and self.n_model % self.local_every == 0)
-        if not local and self.gp is not None and len(finite) >= 3:
+        if not local and self.gp_every and len(finite) >= 3:
             self.n_global += 1
             if self.n_global % self.gp_every == 0:
                 values = np.asarray(self.values, dtype=float)
@@ -337,6 +345,10 @@ class TPEStrategy:
             near = (self.rows.candidates != self.rows.candidates[centre]).sum(axis=1) == 1
             if (near & available).any():
                 pool = near & available
+                if self.local_score == "gp" and len(finite) >= 3:
+                    rows = np.flatnonzero(pool)
+                    gain = self.gp.expected_improvement(np.asarray(self.values, dtype=float), rows, self.rng)
+                    return int(rows[np.argmax(gain)])
         rows = np.flatnonzero(pool)
         if self.n_ei_candidates:
             l = np.exp(score[rows] - score[rows].max())
