@@ -41,6 +41,21 @@ def test_expected_improvement_points_at_the_minimum_of_a_smooth_function_between
     assert 9 < best < 16, best
 
 
+@pytest.mark.parametrize("offset", [0.0, -20.0])
+def test_an_objective_that_reaches_zero_or_below_is_modelled_without_the_log(offset):
+    """tune() takes any objective, lower is better: a value of 0 or below must not turn the model's
+    log-times into -inf or NaN."""
+    space = Space({"x": list(range(30))})
+    cands = _grid(30)
+    told = [(i, (i - 12) ** 2 / 10 + offset) for i in (0, 5, 9, 12, 16, 22, 29)]
+    gp, values = _gp_told(space, cands, told)
+    rows = np.setdiff1d(np.arange(30), [i for i, _ in told])
+    with np.errstate(all="raise"):
+        gain = gp.expected_improvement(values, rows, np.random.default_rng(0))
+    assert np.isfinite(gain).all()
+    assert 9 < rows[np.argmax(gain)] < 16
+
+
 def test_expected_improvement_follows_a_trend_beyond_the_measured_range():
     """Time falls as a grows (b does not matter): measured a = 0..4 only, the next one to try is a > 4."""
     space = Space({"a": list(range(10)), "b": list(range(10))})

@@ -249,8 +249,11 @@ class CandidateGP:
 
 
 def _standardised(values: np.ndarray) -> np.ndarray:
-    """Log-times with mean 0 and standard deviation 1; failures (inf) count as the slowest success."""
+    """Log-times with mean 0 and standard deviation 1; failures (inf) count as the slowest success. An
+    objective that is not a time (a value of 0 or below) is standardised as it is, without the log."""
     finite = np.isfinite(values)
-    y = np.log(np.where(finite, values, np.nan))
+    y = np.where(finite, values, np.nan)
+    if np.nanmin(y) > 0:
+        y = np.log(y)
     y = np.where(finite, y, np.nanmax(y))
     return (y - y.mean()) / (y.std() + 1e-12)
