@@ -2,7 +2,9 @@
 
 ``benchmarks/compile_report.py`` compiles known configurations for sm_90a with the installed Triton's
 ptxas, specialised as a launch would be (``kernels.inspect``), in a child process (this one interprets).
-CI compiles a subset (130 builds, 1-3 minutes on 2 cores); the whole representative set is marked slow. The gate
+CI compiles six problems' covering configurations (``compile_report.cover``: every parameter value and each
+variant's heaviest tiles, about 50 builds); every known configuration of the whole representative set is
+marked slow. The gate
 is strict: a known configuration that spills any bytes fails, even the few bytes ptxas spends to reach
 an occupancy step (gemm_space's ``_spill_rule`` keeps those tiles out).
 """
@@ -37,17 +39,42 @@ def _assert_gate(r, doc):
 
 
 def test_known_configurations_compile_for_hopper_without_spills(tmp_path):
-    """CI's subset of the representative problems: every known configuration compiles for sm_90a
-    without spilling a single byte and within the H100's shared memory and registers."""
-    r, doc = _report(tmp_path, "--arch", "sm_90a", "--subset", "ci", "--gate", "--summary")
+    """CI's problems of the representative set: their covering known configurations (every value of every
+    parameter, each variant's largest accumulator per warp and largest pipeline) compile for sm_90a without
+    spilling a single byte and within the H100's shared memory and registers. Every known configuration:
+    test_all_representative_problems (-m slow)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from representative import CI_SUBSET, FAMILIES, REPRESENTATIVE
+
+    from torchtune_ops.kernels import inspect as kinspect
+
+    r, doc = _report(tmp_path, "--arch", "sm_90a", "--subset", "ci", "--cover", "--gate", "--summary")
     rows = _assert_gate(r, doc)
     assert {row["problem"] for row in rows} >= {"decode bf16 M=1 11008x4096", "decode bf16 M=16 11008x4096",
                                                 "odd fp16 4095x4097x511", "fp32 highest 2048^3",
                                                 "stem 7x7/2 3>64 224^2 b32"}
+    hopper = kinspect.TARGETS["sm_90a"][1]
+    for label, fam, problem in REPRESENTATIVE:
+        if label not in CI_SUBSET:
+            continue
+        known = FAMILIES[fam].known_configs(problem, hopper)
+        built = [row["config"] for row in rows if row["problem"] == label]
+        assert set(built) <= {str(c) for c in known}, (label, built)
+        values = {kv for cfg in built for kv in cfg.split()}
+        assert values == {f"{k}={v}" for c in known for k, v in c.items}, label   # every parameter value
+        for c in known:   # the largest accumulator per warp of each variant
+            heavier = [o for o in known if o["BLOCK_M"] * o["BLOCK_N"] / o["num_warps"]
+                       > c["BLOCK_M"] * c["BLOCK_N"] / c["num_warps"] and _variant(o) == _variant(c)]
+            assert heavier or str(c) in built, (label, str(c))
     assert all(row["spill_bytes"] == 0 for row in rows)
     # no 2-warp tiles on Hopper: everything at BLOCK_M >= 64 with tensor-core dtypes uses wgmma
     for row in rows:
         assert "num_warps=2" not in row["config"], row
+
+
+def _variant(c):
+    skip = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "SPLIT_K")
+    return tuple(kv for kv in c.items if kv[0] not in skip) + (c.get("SPLIT_K", 1) > 1,)
 
 
 def test_hopper_variants_compile(tmp_path):
