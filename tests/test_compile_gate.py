@@ -77,26 +77,45 @@ def _variant(c):
     return tuple(kv for kv in c.items if kv[0] not in skip) + (c.get("SPLIT_K", 1) > 1,)
 
 
-def test_hopper_variants_compile(tmp_path):
-    """The first persistent and the first warp-specialised known configurations of a large fp16 GEMM
-    compile for sm_90a without findings (the rest is in the slow test)."""
+@pytest.fixture(scope="module")
+def large_fp16(tmp_path_factory):
+    """One report (one child process) for the large fp16 GEMM's configurations that the two tests below
+    check: the first persistent and the first warp-specialised known ones, every known one with host
+    descriptors or a TMA store, and a staged persistent 128x256x64. (problem, the three lists, rows by
+    configuration)."""
     import torch  # noqa: F401  (the kernels package needs it; cheap here)
     from torchtune_ops.kernels import inspect as kinspect
+    from torchtune_ops.kernels.base import Config
     from torchtune_ops.kernels.gemm import GEMM, GemmProblem
 
     p = GemmProblem("mm", 1, 4096, 4096, 4096, "float16")
     known = GEMM.known_configs(p, kinspect.TARGETS["sm_90a"][1])
-    chosen = [next(c for c in known if c["PERSISTENT"]), next(c for c in known if c["WARP_SPEC"])]
-    args = ["--arch", "sm_90a", "--workers", "1", "--gate",
-            "--problem", "gemm:" + json.dumps(GEMM.problem_to_dict(p))]
-    for c in chosen:
+    variants = [next(c for c in known if c["PERSISTENT"]), next(c for c in known if c["WARP_SPEC"])]
+    descriptors = [c for c in known if c["HOST_DESC"] or c["TMA_STORE"]]
+    staged = Config.of(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, SPLIT_K=1,
+                       TMA=1, WARP_SPEC=0, PERSISTENT=1, HOST_DESC=1, TMA_STORE=1, EPI_SUBTILE=1)
+    args = ["--arch", "sm_90a", "--workers", "1", "--gate", "--problem", "gemm:" + json.dumps(GEMM.problem_to_dict(p))]
+    configs = list(dict.fromkeys(variants + descriptors + [staged]))
+    for c in configs:
         args += ["--config", c.to_json()]
-    r, doc = _report(tmp_path, *args)
-    rows = _assert_gate(r, doc)
+    r, doc = _report(tmp_path_factory.mktemp("large_fp16"), *args)
+    assert doc is not None and r.returncode == 0, r.stderr[-3000:]
+    rows = {row["config"]: row for row in doc["rows"]}
+    assert len(rows) == len(doc["rows"]) == len(configs), doc["rows"]
+    return p, variants, descriptors, staged, rows
+
+
+def test_hopper_variants_compile(large_fp16):
+    """The first persistent and the first warp-specialised known configurations of a large fp16 GEMM
+    compile for sm_90a without findings (the rest is in the slow test)."""
+    _p, variants, _d, _s, by_config = large_fp16
+    rows = [by_config[str(c)] for c in variants]
+    assert all(row["known"] and not row["findings"] for row in rows), rows
+    assert all(row["registers"] and row["shared_bytes"] for row in rows)
     assert len(rows) == 2 and all(row["tma"] and row["mma"] == "wgmma" for row in rows)
 
 
-def test_descriptor_store_axes_compile(tmp_path):
+def test_descriptor_store_axes_compile(large_fp16, tmp_path):
     """Every known configuration of a large fp16 GEMM with host-made descriptors or a TMA store (Triton's
     persistent tutorial's form among them), and a tf32 addmm with a fused bias and GELU through a subtiled
     TMA store, compile for sm_90a without findings; their PTX writes the output with a TMA store
@@ -104,25 +123,14 @@ def test_descriptor_store_axes_compile(tmp_path):
     program's staging buffer sits beside the pipeline's (what check() assumes): 4 stages of 128x256x64
     with a subtiled store take 192 KB + 32 KB."""
     from torchtune_ops.kernels import inspect as kinspect
-    from torchtune_ops.kernels.base import Config
     from torchtune_ops.kernels.gemm import GEMM, GemmProblem
 
     hopper = kinspect.TARGETS["sm_90a"][1]
-    p = GemmProblem("mm", 1, 4096, 4096, 4096, "float16")
-    chosen = [c for c in GEMM.known_configs(p, hopper) if c["HOST_DESC"] or c["TMA_STORE"]]
-    staged = Config.of(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, SPLIT_K=1,
-                       TMA=1, WARP_SPEC=0, PERSISTENT=1, HOST_DESC=1, TMA_STORE=1, EPI_SUBTILE=1)
+    p, _v, chosen, staged, by_config = large_fp16
     assert GEMM.check(staged, p, hopper) is None and staged not in chosen
     assert {(c["HOST_DESC"], c["EPI_SUBTILE"], c["PERSISTENT"]) for c in chosen} >= {(1, 1, 1), (0, 0, 0)}
-    args = ["--arch", "sm_90a", "--workers", "1", "--gate", "--problem", "gemm:" + json.dumps(GEMM.problem_to_dict(p))]
-    for c in chosen + [staged]:
-        args += ["--config", c.to_json()]
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    r, doc = _report(tmp_path / "a", *args)
-    assert doc is not None and r.returncode == 0, r.stderr[-3000:]
-    rows = doc["rows"]
-    assert len(rows) == len(chosen) + 1 and not any(row["findings"] for row in rows), rows
+    rows = [by_config[str(c)] for c in chosen + [staged]]
+    assert not any(row["findings"] for row in rows), rows
     for row in rows:
         assert row["tma"] and row["tma_store"] and row["mma"] == "wgmma" and row["spill_bytes"] == 0, row
         assert row["host_desc"] == ("HOST_DESC=1" in row["config"]), row
@@ -132,7 +140,7 @@ def test_descriptor_store_axes_compile(tmp_path):
                        precision="tf32")
     sub = staged.replace(BLOCK_N=128, num_stages=3, PERSISTENT=0)
     assert GEMM.check(sub, tf32, hopper) is None
-    r, doc = _report(tmp_path / "b", "--arch", "sm_90a", "--workers", "1", "--gate", "--config", sub.to_json(),
+    r, doc = _report(tmp_path, "--arch", "sm_90a", "--workers", "1", "--gate", "--config", sub.to_json(),
                      "--problem", "gemm:" + json.dumps(GEMM.problem_to_dict(tf32)))
     assert doc is not None and r.returncode == 0, r.stderr[-3000:]
     (row,) = doc["rows"]
