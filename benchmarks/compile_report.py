@@ -1,7 +1,8 @@
 """What the compiler makes of our kernels on an H100 (or A100), without a GPU: the compile gate.
 
     python benchmarks/compile_report.py --arch sm_90a --json OUT.json          # the representative set
-    python benchmarks/compile_report.py --arch sm_90a --subset ci --gate       # CI's subset; exit 1 on a finding
+    python benchmarks/compile_report.py --arch sm_90a --subset ci --gate       # CI's problems; exit 1 on a finding
+    python benchmarks/compile_report.py --arch sm_90a --subset ci --cover --gate   # what CI runs (see cover())
     python benchmarks/compile_report.py --arch sm_80 --only odd                # problems whose label has "odd"
     python benchmarks/compile_report.py --problem 'gemm:{"op":"mm","batch":1,"M":64,"N":64,"K":64,"dtype":"float16"}' \
         --config '{"BLOCK_M":64,"BLOCK_N":64,"BLOCK_K":32,"GROUP_M":8,"num_warps":4,"num_stages":3}'
@@ -67,12 +68,49 @@ def _compile_row(task: tuple) -> dict:
     return row
 
 
-def tasks_for(problems, arch: str, configs: list[Config] | None = None, max_known: int | None = None) -> list:
+_TILE = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "SPLIT_K")
+
+
+def cover(known: list) -> list:
+    """The known configurations CI's gate compiles (``--cover``), in their order: the first ones, greedily,
+    until every value of every parameter appears (each BLOCK_*, GROUP_M, num_warps, num_stages, SPLIT_K and
+    TMA / WARP_SPEC / PERSISTENT / HOST_DESC / TMA_STORE / EPI_SUBTILE value); then, per variant (the
+    descriptor axes, split-K or not), every configuration of its largest accumulator per warp (all its
+    stage counts: where the registers are most) and its largest pipeline (where the shared memory is).
+    Of the spills the gate found in its history (benchmarks/results/compile_report-sm_90a-before.json and
+    -host-desc.json), this set holds at least one on each CI problem that had any."""
+    dicts = [c.as_dict() for c in known]
+    need = {kv for d in dicts for kv in d.items()}
+    chosen = set()
+    while need:
+        i = max(range(len(dicts)), key=lambda i: (len(need & set(dicts[i].items())), -i))
+        chosen.add(i)
+        need -= set(dicts[i].items())
+    variants: dict = {}
+    for i, d in enumerate(dicts):
+        key = tuple(sorted((k, v) for k, v in d.items() if k not in _TILE)) + (d.get("SPLIT_K", 1) > 1,)
+        variants.setdefault(key, []).append(i)
+
+    def acc(i):
+        return dicts[i]["BLOCK_M"] * dicts[i]["BLOCK_N"] / dicts[i]["num_warps"]
+
+    def pipeline(i):
+        return (dicts[i]["BLOCK_M"] + dicts[i]["BLOCK_N"]) * dicts[i]["BLOCK_K"] * dicts[i]["num_stages"]
+
+    for group in variants.values():
+        top = max(acc(i) for i in group)
+        chosen.update(i for i in group if acc(i) == top)
+        chosen.add(max(group, key=lambda i: (pipeline(i), -i)))
+    return [known[i] for i in sorted(chosen)]
+
+
+def tasks_for(problems, arch: str, configs: list[Config] | None = None, max_known: int | None = None,
+              covered: bool = False) -> list:
     limits = kinspect.TARGETS[arch][1]
     out = []
     for label, fam_name, problem in problems:
         known = FAMILIES[fam_name].known_configs(problem, limits)
-        chosen = configs if configs is not None else known[:max_known]
+        chosen = configs if configs is not None else (cover(known) if covered else known[:max_known])
         for cfg in chosen:
             index = known.index(cfg) if cfg in known else None
             out.append((label, fam_name, problem, cfg.to_json(), index is not None, index, arch))
@@ -182,6 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", action="append", default=[], help="a configuration as JSON; repeatable "
                     "(default: the family's known configurations)")
     ap.add_argument("--max-known", type=int, help="only the first N known configurations per problem")
+    ap.add_argument("--cover", action="store_true", help="only the known configurations that cover every "
+                    "parameter value and each variant's heaviest tiles (see cover(); CI's gate)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--gate", action="store_true", help="exit 1 when a known configuration has a finding")
     ap.add_argument("--smoke", action="store_true", help="two tiny problems, two configurations each")
@@ -205,7 +245,7 @@ def main(argv=None) -> int:
     if args.only:
         problems = [p for p in problems if args.only in p[0]]
     configs = [Config.from_json(c) for c in args.config] or None
-    tasks = tasks_for(problems, args.arch, configs, args.max_known)
+    tasks = tasks_for(problems, args.arch, configs, args.max_known, covered=args.cover)
     t0 = time.perf_counter()
     rows = run(tasks, args.workers)
     wall = time.perf_counter() - t0

@@ -586,10 +586,10 @@ def test_cli_tune_cached_retunes_chosen_cache_entries(tmp_path, fake_timer, monk
 
 
 def test_demo_second_run_is_served_by_the_cache(tmp_path):
-    """The main job end to end (tiny models, few trials): the second process tunes nothing and is served
-    by the cache, ops whose winner is PyTorch's kernel left to Inductor at compile time included."""
+    """The main job end to end (tiny models, one trial a problem): the second process tunes nothing and is
+    served by the cache, ops whose winner is PyTorch's kernel left to Inductor at compile time included."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHTUNE_OPS_")}
-    r = subprocess.run([sys.executable, "-m", "torchtune_ops.demo", "--max-trials", "2", "--cache-dir",
+    r = subprocess.run([sys.executable, "-m", "torchtune_ops.demo", "--max-trials", "1", "--cache-dir",
                         str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     second = r.stdout.split("second run (cache only)", 1)[1]
