@@ -117,9 +117,10 @@ class TPEStrategy:
         local_every: every this many model proposals, search only among the one-parameter neighbours of
             the best configuration so far (exploitation). 0 turns it off. Default 3.
         local_score: how a local step chooses among those neighbours: "gp" (default), the highest expected
-            improvement under the Gaussian process (``gp.CandidateGP``), which learns from the measurements
-            which parameters matter and so does not walk a flat axis value by value; "tpe", the highest l/g.
-            "gp" falls back to l/g before 3 successful measurements.
+            improvement under the Gaussian process (``gp.CandidateGP``), which weighs the predicted gain
+            against what is not known yet, so it does not walk a long axis value by value next to values
+            already measured; "tpe", the highest l/g (the neighbours most like the best). "gp" falls back
+            to l/g before 3 successful measurements.
         stall: after this many measurements in a row without improvement, make one *far step*: propose
             among the candidates at least ``far`` parameters away from the best, scored by a density whose
             good group is drawn from the measurements in that region only (so a search stuck in one basin
@@ -172,9 +173,9 @@ class TPEStrategy:
                  eps: float = 0.2,
                  prior_weight: float = 12.0, prior_gamma: float = 0.1, prior_max_good: int = 50,
                  n_ei_candidates: int | None = None, local_every: int = 3, local_score: str = "gp",
-                 stall: int = 10, far: int = 3, far_rank: float = 0.15, gp_every: int = 2, gp_lengthscale: float = 0.35,
-                 gp_noise: float = 1e-2, gp_fit: str = "fixed", gp_failures: str = "slowest",
-                 explore_after: int = 0, explore_every: int = 2,
+                 stall: int = 10, far: int = 3, far_rank: float = 0.15, gp_every: int = 2,
+                 gp_lengthscale: float = 0.35, gp_noise: float = 1e-2, gp_fit: str = "fixed",
+                 gp_failures: str = "slowest", explore_after: int = 0, explore_every: int = 2,
                  restart_backoff: bool = False, far_every: int = 0, second_every: int = 0,
                  gp_far_every: int = 0):
         self.n_startup = n_startup
