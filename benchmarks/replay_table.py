@@ -10,6 +10,8 @@ column is at or above the best of every other (at 3 decimals).
 --save WHAT also writes results/replay_table-<date>.json (the summaries, the inputs, the machine).
 A column is LABEL=FILE:METHOD: a search_efficiency.py results file (its summary) or its --log file (JSON lines,
 summarised here: a run that was stopped). --kt: kernel_tuner_baseline.py results files (repeatable).
+FILE+FILE2 (in --col and --kt) pools the seeds of runs on disjoint seeds: each space in both is summarised
+over all of its seeds (the per-seed fractions of both), a space in one of them keeps its own.
 """
 from __future__ import annotations
 
@@ -19,18 +21,48 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from replay import summarize, write_results  # noqa: E402
+from replay import summarize, worst_decile, write_results  # noqa: E402
 
 CHECKPOINTS = (20, 50, 200)
 
 
 def _int_keys(s: dict) -> dict:
-    return {k: {int(c): v for c, v in s[k].items()} for k in ("fraction", "worst_decile")} | {"seeds": s["seeds"]}
+    out = {k: {int(c): v for c, v in s[k].items()} for k in ("fraction", "worst_decile")} | {"seeds": s["seeds"]}
+    if "per_seed" in s:
+        out["per_seed"] = {int(c): v for c, v in s["per_seed"].items()}
+    return out
+
+
+def pool(a: dict, b: dict) -> dict:
+    """One summary (``_int_keys`` form) over the seeds of two: the mean and the worst decile recomputed from the
+    per-seed fractions of both, at the checkpoints both have."""
+    if "per_seed" not in a or "per_seed" not in b:
+        raise ValueError("pooling seeds needs the per-seed fractions in both results files")
+    per_seed = {c: list(a["per_seed"][c]) + list(b["per_seed"][c]) for c in a["per_seed"] if c in b["per_seed"]}
+    return {"fraction": {c: sum(v) / len(v) for c, v in per_seed.items()},
+            "worst_decile": {c: worst_decile(v) for c, v in per_seed.items()},
+            "seeds": a["seeds"] + b["seeds"], "per_seed": per_seed}
+
+
+def _pooled(parts: list[dict]) -> dict:
+    """space -> summary over several loaded columns (or space -> key -> summary for Kernel Tuner files)."""
+    out: dict = {}
+    for part in parts:
+        for name, s in part.items():
+            if name not in out:
+                out[name] = s
+            elif "fraction" in s:
+                out[name] = pool(out[name], s)
+            else:
+                out[name] = {k: pool(out[name][k], r) if k in out[name] else r for k, r in s.items()}
+    return out
 
 
 def load_column(path: str, method: str, budget: int = 200) -> dict:
     """space -> {"fraction", "worst_decile", "seeds"} of ``method`` in a results file or a --log file (whose
-    runs had ``budget`` measurements: a log does not say)."""
+    runs had ``budget`` measurements: a log does not say); ``A+B`` pools the seeds of two files."""
+    if "+" in path:
+        return _pooled([load_column(part, method, budget) for part in path.split("+")])
     if path.endswith(".jsonl"):
         runs: dict = {}
         with open(path) as f:
@@ -47,12 +79,16 @@ def load_column(path: str, method: str, budget: int = 200) -> dict:
 
 
 def load_kt(paths: list[str]) -> dict:
-    """space -> strategy -> summary over every Kernel Tuner results file (a later file's space replaces)."""
+    """space -> strategy -> summary over every Kernel Tuner results file (a later file's space replaces; the
+    parts of ``A+B`` pool their seeds)."""
     out: dict = {}
     for path in paths:
-        with open(path) as f:
-            for name, by in json.load(f)["summary"].items():
-                out[name] = {s: _int_keys(r) for s, r in by.items()}
+        parts = []
+        for part in path.split("+"):
+            with open(part) as f:
+                parts.append({name: {s: _int_keys(r) for s, r in by.items()}
+                              for name, by in json.load(f)["summary"].items()})
+        out.update(_pooled(parts))
     return out
 
 

@@ -179,3 +179,33 @@ def test_replay_table_from_a_results_file_a_log_and_kernel_tuner(tmp_path):
     assert cells[3] == cells[4]  # the results file and the log of the same runs give the same cell
     assert f"{tune50 + 0.01:.3f} (above, 2)" in at50 and "mean MISS" in at50 and "worst ahead" in at50
     assert "| 200 |" not in r.stdout  # a budget of 50: no row at 200
+
+
+def test_replay_table_pools_the_seeds_of_two_files(tmp_path):
+    """A+B in --col and --kt summarises a space over the seeds of both files; a space in one keeps its own."""
+    def summary(per_seed):
+        return {"fraction": {"20": sum(per_seed) / len(per_seed)}, "worst_decile": {"20": min(per_seed)},
+                "seeds": len(per_seed), "per_seed": {"20": per_seed}}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"summary": {"s": {"tune": summary([0.5] + [0.9] * 9)},
+                                         "only_a": {"tune": summary([0.7, 0.8])}}}))
+    b.write_text(json.dumps({"summary": {"s": {"tune": summary([1.0] * 10)}}}))
+    kt_a, kt_b = tmp_path / "kt_a.json", tmp_path / "kt_b.json"
+    kt_a.write_text(json.dumps({"summary": {"s": {"bayes": summary([0.6] * 10)}}}))
+    kt_b.write_text(json.dumps({"summary": {"s": {"bayes": summary([0.8] * 10)}}}))
+    r = _run(["benchmarks/replay_table.py", "--judge", "tune", "--col", f"tune={a}+{b}:tune",
+              "--kt", f"{kt_a}+{kt_b}", "--seeds", "20", "--budget", "20"], tmp_path)
+    rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ")}
+    # 20 seeds: mean (0.5 + 9 * 0.9 + 10 * 1.0) / 20; worst decile: the lowest two, 0.5 and 0.9
+    assert "| 0.930 [0.700] |" in rows["s"]
+    # Kernel Tuner's 20 seeds: mean (10 * 0.6 + 10 * 0.8) / 20, worst decile 0.6
+    assert "| 0.700 (bayes, 20) | 0.600 (bayes) | mean ahead, worst ahead |" in rows["s"]
+    assert "0.750 [0.700] (2 seeds)" in rows["only_a"]
+    no_seeds = tmp_path / "old.json"
+    no_seeds.write_text(json.dumps({"summary": {"s": {"tune": {"fraction": {"20": 1.0}, "worst_decile": {"20": 1.0},
+                                                                "seeds": 1}}}}))
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "benchmarks/replay_table.py", "--judge", "tune", "--col",
+                        f"tune={a}+{no_seeds}:tune"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "per-seed fractions" in r.stderr
