@@ -54,7 +54,8 @@ def _pooled(parts: list[dict]) -> dict:
             elif "fraction" in s:
                 out[name] = pool(out[name], s)
             else:
-                out[name] = {k: pool(out[name][k], r) if k in out[name] else r for k, r in s.items()}
+                out[name] = dict(out[name]) | {k: pool(out[name][k], r) if k in out[name] else r
+                                               for k, r in s.items()}
     return out
 
 

@@ -193,14 +193,17 @@ def test_replay_table_pools_the_seeds_of_two_files(tmp_path):
     b.write_text(json.dumps({"summary": {"s": {"tune": summary([1.0] * 10)}}}))
     kt_a, kt_b = tmp_path / "kt_a.json", tmp_path / "kt_b.json"
     kt_a.write_text(json.dumps({"summary": {"s": {"bayes": summary([0.6] * 10)}}}))
-    kt_b.write_text(json.dumps({"summary": {"s": {"bayes": summary([0.8] * 10)}}}))
+    kt_b.write_text(json.dumps({"summary": {"s": {"bayes": summary([0.8] * 10), "ga": summary([0.1] + [0.99] * 9)}}}))
+    kt_c = tmp_path / "kt_c.json"  # a third file with a strategy the second lacks: both kept
+    kt_c.write_text(json.dumps({"summary": {"s": {"ga": summary([0.95] * 10), "pso": summary([0.5] * 10)}}}))
     r = _run(["benchmarks/replay_table.py", "--judge", "tune", "--col", f"tune={a}+{b}:tune",
-              "--kt", f"{kt_a}+{kt_b}", "--seeds", "20", "--budget", "20"], tmp_path)
+              "--kt", f"{kt_a}+{kt_b}+{kt_c}", "--seeds", "20", "--budget", "20"], tmp_path)
     rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ")}
     # 20 seeds: mean (0.5 + 9 * 0.9 + 10 * 1.0) / 20; worst decile: the lowest two, 0.5 and 0.9
     assert "| 0.930 [0.700] |" in rows["s"]
-    # Kernel Tuner's 20 seeds: mean (10 * 0.6 + 10 * 0.8) / 20, worst decile 0.6
-    assert "| 0.700 (bayes, 20) | 0.600 (bayes) | mean ahead, worst ahead |" in rows["s"]
+    # Kernel Tuner, every strategy of every file kept: bayes over 20 seeds, mean 0.7, worst decile 0.6 (the best
+    # worst decile); ga over 20, mean (0.1 + 9 * 0.99 + 10 * 0.95) / 20, worst decile (0.1 + 0.95) / 2
+    assert "| 0.925 (ga, 20) | 0.600 (bayes) | mean ahead, worst ahead |" in rows["s"]
     assert "0.750 [0.700] (2 seeds)" in rows["only_a"]
     no_seeds = tmp_path / "old.json"
     no_seeds.write_text(json.dumps({"summary": {"s": {"tune": {"fraction": {"20": 1.0}, "worst_decile": {"20": 1.0},
