@@ -26,11 +26,19 @@ from replay import summarize, worst_decile, write_results  # noqa: E402
 CHECKPOINTS = (20, 50, 200)
 
 
-def _int_keys(s: dict) -> dict:
+def _int_keys(s: dict, seed_ids: list[int] | None = None) -> dict:
+    """A summary with integer checkpoints; ``seed_ids``: which seeds it holds, when known."""
     out = {k: {int(c): v for c, v in s[k].items()} for k in ("fraction", "worst_decile")} | {"seeds": s["seeds"]}
     if "per_seed" in s:
         out["per_seed"] = {int(c): v for c, v in s["per_seed"].items()}
+    if seed_ids is not None:
+        out["seed_ids"] = list(seed_ids)
     return out
+
+
+def _file_seeds(data: dict, s: dict) -> list[int] | None:
+    """The seeds of summary ``s`` in a results file that says its first seed (all its runs finished)."""
+    return list(range(data["first_seed"], data["first_seed"] + s["seeds"])) if "first_seed" in data else None
 
 
 def pool(a: dict, b: dict) -> dict:
@@ -38,10 +46,14 @@ def pool(a: dict, b: dict) -> dict:
     per-seed fractions of both, at the checkpoints both have."""
     if "per_seed" not in a or "per_seed" not in b:
         raise ValueError("pooling seeds needs the per-seed fractions in both results files")
+    twice = sorted(set(a.get("seed_ids", ())) & set(b.get("seed_ids", ())))
+    if twice:
+        raise ValueError(f"pooling the same seeds twice ({twice[0]}..{twice[-1]}): pool runs on different seeds")
     per_seed = {c: list(a["per_seed"][c]) + list(b["per_seed"][c]) for c in a["per_seed"] if c in b["per_seed"]}
     return {"fraction": {c: sum(v) / len(v) for c, v in per_seed.items()},
             "worst_decile": {c: worst_decile(v) for c, v in per_seed.items()},
-            "seeds": a["seeds"] + b["seeds"], "per_seed": per_seed}
+            "seeds": a["seeds"] + b["seeds"], "per_seed": per_seed,
+            "seed_ids": list(a.get("seed_ids", ())) + list(b.get("seed_ids", ()))}
 
 
 def _pooled(parts: list[dict]) -> dict:
@@ -73,10 +85,12 @@ def load_column(path: str, method: str, budget: int = 200) -> dict:
                     if m == method:
                         out["fraction"] = {int(c): v for c, v in out["fraction"].items()}
                         runs.setdefault(name, {})[seed] = out  # a seed run twice counts once
-        return {name: _int_keys(summarize(list(by.values()), budget, CHECKPOINTS)) for name, by in runs.items()}
+        return {name: _int_keys(summarize(list(by.values()), budget, CHECKPOINTS), sorted(by))
+                for name, by in runs.items()}
     with open(path) as f:
-        summary = json.load(f)["summary"]
-    return {name: _int_keys(by[method]) for name, by in summary.items() if method in by}
+        data = json.load(f)
+    return {name: _int_keys(by[method], _file_seeds(data, by[method]))
+            for name, by in data["summary"].items() if method in by}
 
 
 def load_kt(paths: list[str]) -> dict:
@@ -87,8 +101,9 @@ def load_kt(paths: list[str]) -> dict:
         parts = []
         for part in path.split("+"):
             with open(part) as f:
-                parts.append({name: {s: _int_keys(r) for s, r in by.items()}
-                              for name, by in json.load(f)["summary"].items()})
+                data = json.load(f)
+            parts.append({name: {s: _int_keys(r, _file_seeds(data, r)) for s, r in by.items()}
+                          for name, by in data["summary"].items()})
         out.update(_pooled(parts))
     return out
 
@@ -150,13 +165,16 @@ def main(argv=None) -> int:
     p.add_argument("--judge", required=True, help="the column checked against every other and Kernel Tuner")
     a = p.parse_args(argv)
     cols = {}
-    for spec in a.col:
-        label, rest = spec.split("=", 1)
-        path, method = rest.rsplit(":", 1)
-        cols[label] = load_column(path, method, a.budget)
+    try:
+        for spec in a.col:
+            label, rest = spec.split("=", 1)
+            path, method = rest.rsplit(":", 1)
+            cols[label] = load_column(path, method, a.budget)
+        kt = load_kt(a.kt)
+    except ValueError as e:
+        p.error(str(e))
     if a.judge not in cols:
         p.error(f"--judge {a.judge!r} is not a column")
-    kt = load_kt(a.kt)
     text = table(cols, kt, a.judge, a.seeds, tuple(a.own))
     print(text)
     if a.save:

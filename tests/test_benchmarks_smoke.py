@@ -212,3 +212,9 @@ def test_replay_table_pools_the_seeds_of_two_files(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/replay_table.py", "--judge", "tune", "--col",
                         f"tune={a}+{no_seeds}:tune"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "per-seed fractions" in r.stderr
+    # a results file says its first seed: the same seeds pooled twice are refused
+    seeded = tmp_path / "seeded.json"
+    seeded.write_text(json.dumps({"first_seed": 1000, "summary": {"s": {"tune": summary([0.9] * 10)}}}))
+    r = subprocess.run([sys.executable, "benchmarks/replay_table.py", "--judge", "tune", "--col",
+                        f"tune={seeded}+{seeded}:tune"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "the same seeds twice (1000..1009)" in r.stderr
