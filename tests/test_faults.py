@@ -101,6 +101,15 @@ def _summary():
 
 
 @pytest.fixture(autouse=True)
+def _budget_independent_of_the_machine():
+    """A benchmark worker's start (a fresh Python importing torch) and its restart after a crash take seconds,
+    many more on a loaded machine: under the default 30 s budget an isolated search could stop before its
+    first working candidate and leave PyTorch's kernel the winner. The budget is not what these tests check."""
+    with settings.override(time_budget=600):
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _fresh_dispatch():
     dispatch.reset()
     dispatch.set_tune_options(timer=None)
@@ -226,7 +235,9 @@ def test_crashing_hanging_and_failing_candidates_are_scored_failed_in_the_worker
     assert timer.restarts == 2  # the crash and the hang
     assert "crashed" in timer.failures[_toy_cfg(BLOCK=1, MODE="crash")]
     assert "hung" in timer.failures[_toy_cfg(BLOCK=1, MODE="hang")]
-    assert elapsed < 60  # the hang was cut off after its 3 s timeout
+    # the hang was cut off after its 3 s timeout: a hang never returns, and the bound stays below the 180 s a
+    # worker's start may take, with room for two worker starts on a loaded machine
+    assert elapsed < 150
 
 
 def test_isolation_is_the_default_on_a_gpu_and_can_be_asked_for_on_cpu(tmp_path, monkeypatch):
