@@ -336,7 +336,6 @@ class TPEStrategy:
                 rows = np.flatnonzero(available)
                 gain = self.gp.expected_improvement(values, rows, self.rng)
                 return int(rows[np.argmax(gain)])
-        score = self.log_ratio()
         pool = available
         if local:
             centre = self._best_row()
@@ -350,6 +349,7 @@ class TPEStrategy:
                     rows = np.flatnonzero(pool)
                     gain = self.gp.expected_improvement(np.asarray(self.values, dtype=float), rows, self.rng)
                     return int(rows[np.argmax(gain)])
+        score = self.log_ratio()  # TPE's l/g: only where a proposal is scored by it
         rows = np.flatnonzero(pool)
         if self.n_ei_candidates:
             l = np.exp(score[rows] - score[rows].max())
