@@ -218,3 +218,23 @@ def test_replay_table_pools_the_seeds_of_two_files(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/replay_table.py", "--judge", "tune", "--col",
                         f"tune={seeded}+{seeded}:tune"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "the same seeds twice (1000..1009)" in r.stderr
+
+
+def test_local_step_screen_reproduces_the_default_and_runs_a_variant(tmp_path):
+    """Its "ei" variant is the default search: the same fractions as search_efficiency.py on the same seeds."""
+    out = tmp_path / "results"
+    out.mkdir()
+    _run(["benchmarks/search_efficiency.py", "--smoke", "--methods", "tune", "--first-seed", "7", "--out", str(out)],
+         tmp_path)
+    (data,) = _json_files(out)
+    ref = data["summary"]["convolution_kt/RTX_3090"]["tune"]
+    screen = ["benchmarks/local_step_screen.py", "--only", "convolution_kt/RTX_3090", "--seeds", "2",
+              "--first-seed", "7"]
+    line = _run([*screen[:1], "ei", *screen[1:]], tmp_path).stdout.strip()
+    expect = (f"@20 {ref['fraction']['20']:.3f} [{ref['worst_decile']['20']:.3f}]  "
+              f"@50 {ref['fraction']['50']:.3f} [{ref['worst_decile']['50']:.3f}]")
+    assert line.startswith("ei") and line.endswith(expect), (line, expect)
+    assert _run([*screen[:1], "ts", *screen[1:]], tmp_path).stdout.startswith("ts ")
+    bad = subprocess.run([sys.executable, *screen[:1], "ei", "--only", "no_such_space"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no_such_space" in bad.stderr
