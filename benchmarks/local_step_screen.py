@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import multiprocessing
 import os
 import sys
@@ -51,27 +50,6 @@ class _Tracked(TPEStrategy):
         _current[:] = [self]
 
 
-def _posterior(gp, values: np.ndarray, rows: np.ndarray, subset: np.ndarray | None = None):
-    """Mean and standard deviation at ``rows`` and the standardised values the regression saw."""
-    use = gp._regressed(values)
-    if subset is not None:
-        use = np.intersect1d(use, subset)
-    y = gp_module._standardised(values[use])
-    k_all = gp._k[:, :len(gp.measured)]
-    measured = np.asarray(gp.measured)[use]
-    chol = np.linalg.cholesky(k_all[measured][:, use].astype(np.float64) + gp.noise * np.eye(len(use)))
-    alpha = np.linalg.solve(chol.T, np.linalg.solve(chol, y))
-    k_rows = k_all[rows][:, use].astype(np.float64)
-    v = np.linalg.solve(chol, k_rows.T)
-    return k_rows @ alpha, np.sqrt(np.maximum(1.0 - (v * v).sum(axis=0), 1e-12)), y
-
-
-def _expected_improvement(gain: np.ndarray, sd: np.ndarray) -> np.ndarray:
-    z = gain / sd
-    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
-    return np.maximum(gain * cdf + sd * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi), 0.0)
-
-
 def _patched(variant: str):
     def score(self, values, rows, rng, **kw):
         if variant == "ei" or len(rows) > LOCAL_ROWS or kw.get("incumbent") is not None:
@@ -85,9 +63,9 @@ def _patched(variant: str):
             inside = np.flatnonzero(s._basin(s._best_row())[np.asarray(s.cands)])
             if len(inside) < 3:
                 return _ei(self, values, rows, rng, **kw)
-            mean, sd, y = _posterior(self, values, rows, inside)
-            return _expected_improvement(y.min() - mean, sd)
-        mean, sd, _ = _posterior(self, values, rows)
+            mean, sd, y = self.posterior(values, rows, use=inside)
+            return gp_module.improvement(y.min() - mean, sd)
+        mean, sd, _ = self.posterior(values, rows)
         if variant == "ts":
             return -(mean + sd * rng.standard_normal(len(rows)))
         return -(mean - float(variant[3:]) * sd)  # lcb<beta>

@@ -196,6 +196,21 @@ class CandidateGP:
         v = np.linalg.solve(chol, k_all[rows].astype(np.float64).T)
         return np.sqrt(np.maximum(1.0 - (v * v).sum(axis=0), 0.0))
 
+    def posterior(self, values: np.ndarray, rows: np.ndarray, *,
+                  use: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The posterior at candidate ``rows``: (mean, standard deviation, the standardised values regressed on),
+        in the units of those standardised log-times (lower is faster).
+
+        ``values``: as for ``expected_improvement``. ``use``: the positions (in ``add`` order) of the measurements
+        to regress on; default None: those the model sees (all, or the successes with
+        ``failures="feasibility"``).
+        """
+        self.fit_scales(values)
+        use = self._regressed(values) if use is None else np.asarray(use)
+        y, chol, alpha = self._regression(values, use)
+        k_rows = self._k[np.ix_(rows, use)].astype(np.float64)
+        return k_rows @ alpha, self._sd(chol, k_rows), y
+
     def expected_improvement(self, values: np.ndarray, rows: np.ndarray, rng: np.random.Generator, *,
                              max_variance_rows: int = 2000, incumbent: np.ndarray | None = None) -> np.ndarray:
         """Expected improvement of log-time below the best measured, at candidate ``rows``.
@@ -210,12 +225,8 @@ class CandidateGP:
         n = len(self.measured)
         use = self._regressed(values)
         finite = np.isfinite(values)[use]
-        y = _standardised(values[use])
-        k_all = self._k[:, :n]
-        measured = np.asarray(self.measured)[use]
-        chol = np.linalg.cholesky(k_all[measured][:, use].astype(np.float64) + self.noise * np.eye(len(use)))
-        alpha = np.linalg.solve(chol.T, np.linalg.solve(chol, y))
-        k_rows = k_all[rows][:, use].astype(np.float64)
+        y, chol, alpha = self._regression(values, use)
+        k_rows = self._k[np.ix_(rows, use)].astype(np.float64)
         mean = k_rows @ alpha
         if incumbent is not None:
             incumbent = incumbent[use]
@@ -225,19 +236,29 @@ class CandidateGP:
             half = max_variance_rows // 2
             order = np.argsort(mean, kind="stable")
             keep = np.concatenate([order[:half], rng.choice(order[half:], half, replace=False)])
-        v = np.linalg.solve(chol, k_rows[keep].T)
-        sd = np.sqrt(np.maximum(1.0 - (v * v).sum(axis=0), 1e-12))
+        sd = self._sd(chol, k_rows[keep])
         best = y.min() if incumbent is None or not (incumbent & finite).any() else y[incumbent & finite].min()
-        gain = best - mean[keep]
-        z = gain / sd
-        cdf = 0.5 * (1.0 + _erf(z / math.sqrt(2.0)).astype(float))
-        pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-        out[keep] = np.maximum(gain * cdf + sd * pdf, 0.0)
+        out[keep] = improvement(best - mean[keep], sd)
         if len(use) < n:  # weigh by the chance that the candidate runs: successes and failures nearby
             ok = np.isfinite(values).astype(np.float64)
-            near = k_all[rows[keep]].astype(np.float64)
+            near = self._k[rows[keep], :n].astype(np.float64)
             out[keep] *= (1.0 + near @ ok) / (2.0 + near.sum(axis=1))
         return out
+
+    def _regression(self, values: np.ndarray, use: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(standardised values, Cholesky factor of their kernel matrix plus noise, its weights) of the
+        measurements at positions ``use``."""
+        y = _standardised(values[use])
+        measured = np.asarray(self.measured)[use]
+        chol = np.linalg.cholesky(self._k[np.ix_(measured, use)].astype(np.float64) + self.noise * np.eye(len(use)))
+        return y, chol, np.linalg.solve(chol.T, np.linalg.solve(chol, y))
+
+    @staticmethod
+    def _sd(chol: np.ndarray, k_rows: np.ndarray) -> np.ndarray:
+        """Posterior standard deviation (prior 1) of the candidates whose kernel values to the measurements are
+        ``k_rows``."""
+        v = np.linalg.solve(chol, k_rows.T)
+        return np.sqrt(np.maximum(1.0 - (v * v).sum(axis=0), 1e-12))
 
     def _regressed(self, values: np.ndarray) -> np.ndarray:
         """Positions of the measurements the regression sees: all, or with ``failures="feasibility"`` the
@@ -246,6 +267,15 @@ class CandidateGP:
         if self.failures == "feasibility" and finite.sum() >= 2:
             return np.flatnonzero(finite)
         return np.arange(len(values))
+
+
+def improvement(gain: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """Expected improvement of a normal posterior: ``gain`` is the best value minus the mean, ``sd`` its
+    standard deviation."""
+    z = gain / sd
+    cdf = 0.5 * (1.0 + _erf(z / math.sqrt(2.0)).astype(float))
+    pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return np.maximum(gain * cdf + sd * pdf, 0.0)
 
 
 def _standardised(values: np.ndarray) -> np.ndarray:
