@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from torchtune_ops.search import Space, TPEStrategy, tune
+from torchtune_ops.search import gp as gp_module
 from torchtune_ops.search.gp import CandidateGP, feature_groups, features
 
 
@@ -261,3 +262,22 @@ def test_feasibility_mode_regresses_on_successes_and_discounts_candidates_next_t
     assert gains["feasibility"][0] > gains["slowest"][0]  # 20 is not dragged towards the failures' "slowness"
     with pytest.raises(ValueError, match="failures"):
         CandidateGP(space, _grid(30), failures="ignore")
+
+
+def test_posterior_interpolates_its_measurements_and_gives_the_expected_improvement():
+    """posterior(): near the measured values (standardised) at the measurements, certain there and uncertain far
+    away; improvement() of its mean and sd is expected_improvement(); use= regresses on a subset only."""
+    space = Space({"x": list(range(30))})
+    cands = _grid(30)
+    told = [(i, (i - 12) ** 2 + 10.0) for i in (0, 5, 9, 16, 22, 29)]
+    gp, values = _gp_told(space, cands, told)
+    rows = np.arange(30)
+    mean, sd, y = gp.posterior(values, rows)
+    measured = [i for i, _ in told]
+    assert mean[measured] == pytest.approx(y, abs=0.1) and (sd[measured] < 0.15).all()  # noise 1e-2
+    assert sd[12] > sd[9] and sd[2] > sd[0]
+    assert gp_module.improvement(y.min() - mean, sd) == pytest.approx(
+        gp.expected_improvement(values, rows, np.random.default_rng(0)))
+    near, sd_near, y_near = gp.posterior(values, rows, use=[2, 3])  # only x = 9 and x = 16
+    alone, _ = _gp_told(space, cands, told[2:4])
+    assert (near, sd_near, y_near) == tuple(pytest.approx(a) for a in alone.posterior(values[2:4], rows))
